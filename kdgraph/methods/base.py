@@ -1,0 +1,92 @@
+"""Base classes for the pieces a method contributes: losses, adapters and input transforms.
+
+The compiler binds each name in ``inputs`` to one tap of the spec and calls ``forward`` with the
+tapped tensors as keyword arguments, in that order. It asks the class, before building anything,
+whether the traced shapes fit (:meth:`DistillLoss.check_shapes`) and which constructor arguments
+follow from them (:meth:`Adapter.infer_args`).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+from torch import nn
+
+from ..errors import ShapeError
+
+Shape = tuple[int, ...]
+
+
+def _fmt(shape: Shape | None) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+class DistillLoss(nn.Module):
+    """A loss term. Subclasses set ``inputs`` (the names of ``forward``'s arguments).
+
+    Class attributes:
+
+    * ``inputs``: argument names, each bound to a tap (``losses[i].inputs`` in the spec).
+    * ``default_inputs``: taps used when the spec leaves an input out.
+    * ``same_shape``: groups of inputs whose shapes must be equal (checked at compile time).
+    * ``needs_grad_inputs``: unused by the compiler; documentation only.
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ()
+    default_inputs: ClassVar[Mapping[str, str]] = {}
+    same_shape: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    @classmethod
+    def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:
+        """Raise :class:`ShapeError` naming both taps and both shapes when a ``same_shape`` group differs."""
+        for group in cls.same_shape:
+            known = [(n, shapes.get(n)) for n in group if shapes.get(n) is not None]
+            for (n0, s0), (n1, s1) in zip(known, known[1:]):
+                if tuple(s0) != tuple(s1):
+                    raise ShapeError(
+                        f"{where}: inputs {n0!r} ({taps[n0]}, shape {_fmt(s0)}) and {n1!r} "
+                        f"({taps[n1]}, shape {_fmt(s1)}) must have the same shape for {cls.__name__}. "
+                        f"Tap layers whose outputs match, or put an adapter in between.")
+
+
+class Adapter(nn.Module):
+    """A trainable (or frozen) module between taps and losses: connectors, heads, paraphrasers.
+
+    ``inputs`` names ``forward``'s arguments, each bound to a tap. ``infer_args`` fills channel
+    arguments the spec leaves out, from the input shapes and the optional ``match`` tap's shape
+    (the shape the adapter's output must have).
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("x",)
+
+    @classmethod
+    def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
+        return dict(args)
+
+
+class InputTransform(nn.Module):
+    """Applied to the batch's images before both networks (e.g. SSKD's four rotated views).
+
+    ``forward(images) -> images``; may change the batch dimension. Targets are left as they are.
+    """
+
+
+def channels(shape: Shape, what: str) -> int:
+    """Channel count of an ``N x C x ...`` shape, with a clear error for a shape that has none."""
+    if len(shape) < 2:
+        raise ShapeError(f"{what}: expected a tensor with a channel dimension, got shape {_fmt(shape)}")
+    return int(shape[1])
+
+
+def flat_features(shape: Shape) -> int:
+    """Number of features of ``N x ...`` once flattened from dim 1."""
+    n = 1
+    for s in shape[1:]:
+        n *= int(s)
+    return n
+
+
+def require_arg(args: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``args[key] = value`` unless the spec gave it."""
+    if args.get(key) is None:
+        args[key] = value
+

@@ -1,0 +1,37 @@
+"""Cross-entropy with the labels: the hard-label term every method in the benchmark keeps.
+
+    L_CE = -1/B * sum_i log softmax(z_s)_i[y_i]
+
+Spec::
+
+    - {name: ce, type: cross_entropy, weight: 1.0}   # inputs default to student logits and targets
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..registry import register_loss
+from .base import DistillLoss
+
+
+@register_loss("cross_entropy")
+class CrossEntropy(DistillLoss):
+    """``F.cross_entropy(logits, targets)``; ``label_smoothing`` as in PyTorch.
+
+    When the logits have more rows than there are targets (an input transform such as SSKD's
+    rotations made several views per image), only the first ``len(targets)`` rows, the original
+    images, are scored.
+    """
+
+    inputs = ("logits", "targets")
+    default_inputs = {"logits": "student:@output", "targets": "batch:targets"}
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != targets.shape[0]:
+            logits = logits[: targets.shape[0]]
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)

@@ -1,0 +1,48 @@
+"""KD: knowledge distillation with softened logits.
+
+G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014
+Deep Learning Workshop, https://arxiv.org/abs/1503.02531
+
+    L_KD = T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )      (KL averaged over the batch)
+
+The reference objective ``alpha * CE + (1 - alpha) * L_KD`` is two terms in the spec, so each
+shows up in ``out.terms`` (alpha = 0.5, T = 1.0 for ImageNet; Tf-KD uses alpha = 0.9)::
+
+    losses:
+      - {name: ce, type: cross_entropy, weight: 0.5}
+      - {name: kd, type: kd, weight: 0.5, args: {temperature: 1.0},
+         inputs: {student: "student:@output", teacher: "teacher:@output"}}
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..registry import register_loss
+from .base import DistillLoss
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(p_t || p_s)`` with batchmean reduction (shared by KD, Tf-KD and SSKD)."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * (temperature ** 2)
+
+
+@register_loss("kd")
+class KDLoss(DistillLoss):
+    """Soft-target term of Hinton et al.: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``."""
+
+    inputs = ("student", "teacher")
+    default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
+    same_shape = (("student", "teacher"),)
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kd_divergence(student, teacher, self.temperature)
