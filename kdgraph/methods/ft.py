@@ -51,6 +51,9 @@ class FTEncoder(Adapter, nn.Sequential):
                                                   kernel_size, uses_bn))
         self.out_channels = factor
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Sequential.forward(self, x)
+
     @classmethod
     def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
         args = dict(args)
@@ -65,6 +68,9 @@ class FTDecoder(Adapter, nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, uses_bn: bool = False):
         nn.Sequential.__init__(self, *_conv_stack([in_channels, in_channels, out_channels, out_channels], True,
                                                   kernel_size, uses_bn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Sequential.forward(self, x)
 
     @classmethod
     def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
@@ -82,6 +88,9 @@ class FTTranslator(Adapter, nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, uses_bn: bool = False):
         nn.Sequential.__init__(self, *_conv_stack([in_channels, in_channels, out_channels, out_channels], False,
                                                   kernel_size, uses_bn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Sequential.forward(self, x)
 
     @classmethod
     def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:

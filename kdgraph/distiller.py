@@ -1,0 +1,223 @@
+"""The :class:`Distiller`: the ``nn.Module`` a user holds, trains and checkpoints.
+
+    distiller = kdgraph.compile("specs/kd_resnet18.yaml")          # or teacher=..., student=...
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1, momentum=0.9)
+    out = distiller(images, targets)        # out.loss, out.terms["kd"], out.logits
+    out.loss.backward(); optimizer.step()
+
+It owns the user's teacher and student (shared, not copied: ``distiller.student`` *is* the
+module you passed), every adapter of every stage (so adapters persist across stages) and every
+stage's losses (so loss state such as CRD's memory is in ``state_dict``). Each stage is one fused
+``torch.fx.GraphModule`` (``distiller.graph_module``), built when the stage is entered.
+
+Policy: the teacher is frozen (``requires_grad=False``) and in eval mode for good, whatever
+``train()`` is called with; an adapter the current stage does not train is frozen and in eval mode.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .compiler import Prepared, StageReport, build_stage
+from .errors import KDGraphError, ModelError
+from .models import build_model, import_object, load_weights
+from .spec import Spec, load_spec
+from .trace import TracedNetwork, propagate_shapes, trace_network
+
+
+class DistillerOutput(NamedTuple):
+    """What a forward returns: the weighted total, each weighted term by name, the student's logits."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logits: Optional[torch.Tensor]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class Distiller(nn.Module):
+    """Teacher + student + adapters + losses, run as one fused fx graph per stage."""
+
+    def __init__(self, spec: Spec, teacher: nn.Module, student: nn.Module, stage: int | str = 0):
+        super().__init__()
+        if teacher is student:
+            raise ModelError("teacher and student are the same module object; pass two instances "
+                             "(Tf-KD's self-training uses a separate, pretrained copy as teacher)")
+        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+        if shared:
+            raise ModelError(f"teacher and student share {len(shared)} parameter tensors; they must be separate "
+                             f"modules (the teacher is frozen, the student trains)")
+        self.spec = spec
+        t0 = time.perf_counter()
+        leaf_types = []
+        for i, lm in enumerate(spec.leaf_modules):
+            cls = import_object(lm.module, f"leaf_modules[{i}].module")
+            if not isinstance(cls, type):
+                raise ModelError(f"leaf_modules[{i}].module: {lm.module} is not a class")
+            leaf_types.append(cls)
+        tnet = trace_network(teacher, "teacher", leaf_types)
+        snet = trace_network(student, "student", leaf_types)
+        c, (h, w) = spec.input.channels, spec.input.size
+        batch_shape = (2, c, h, w)
+        for net in (tnet, snet):
+            propagate_shapes(net, torch.randn(batch_shape, device=_device_of(net.module)))
+        prep = Prepared(spec, tnet, snet, batch_shape)
+        self.teacher = teacher
+        self.student = student
+        self.adapters = prep.adapters.to(_device_of(student))
+        self.losses = prep.losses.to(_device_of(student))
+        self.transforms = prep.transforms
+        self._prep = prep
+        self._graphs: dict[int, tuple[fx.GraphModule, StageReport]] = {}
+        self._runner: Any = None
+        self._compile_kwargs: Optional[dict] = None
+        self._stage_index = 0
+        self.teacher.requires_grad_(False)
+        self.prepare_seconds = time.perf_counter() - t0
+        self.enter_stage(stage)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_spec(cls, spec: Any, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
+                  stage: int | str = 0) -> "Distiller":
+        """Load the spec and build the networks it names (random init) unless given."""
+        spec = load_spec(spec)
+        teacher = teacher if teacher is not None else build_model(spec.teacher, "teacher")
+        student = student if student is not None else build_model(spec.student, "student")
+        return cls(spec, teacher, student, stage)
+
+    def load_weights(self) -> dict[str, bool]:
+        """Load the weights the spec names for teacher and student (torchvision enum or local file)."""
+        return {"teacher": load_weights(self.teacher, self.spec.teacher, "teacher"),
+                "student": load_weights(self.student, self.spec.student, "student")}
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def stages(self) -> list[str]:
+        return [s.name for s in self.spec.stages]
+
+    @property
+    def stage(self) -> str:
+        return self.spec.stages[self._stage_index].name
+
+    @property
+    def stage_index(self) -> int:
+        return self._stage_index
+
+    def _index(self, key: int | str) -> int:
+        if isinstance(key, int):
+            if not -len(self.stages) <= key < len(self.stages):
+                raise KDGraphError(f"stage index {key} out of range; stages: {', '.join(self.stages)}")
+            return key % len(self.stages)
+        return self.stages.index(self.spec.stage(key).name)
+
+    def build_stage(self, key: int | str) -> tuple[fx.GraphModule, StageReport]:
+        """The fused GraphModule and the compiler's report for a stage (built once, then cached)."""
+        i = self._index(key)
+        if i not in self._graphs:
+            gm, report = build_stage(self._prep, i, self.teacher, self.student)
+            self._graphs[i] = (gm, report)
+        return self._graphs[i]
+
+    def enter_stage(self, key: int | str) -> "Distiller":
+        """Make ``key`` the current stage: build its graph, set what trains, keep adapters' weights."""
+        i = self._index(key)
+        gm, report = self.build_stage(i)
+        self._stage_index = i
+        train = set(self.spec.stages[i].train)
+        self.student.requires_grad_("student" in train)
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in train)
+        report.trainable_parameters = sum(p.numel() for p in self.trainable_parameters())
+        self._runner = None
+        self.train(self.training)
+        return self
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.build_stage(self._stage_index)[0]
+
+    @property
+    def report(self) -> StageReport:
+        return self.build_stage(self._stage_index)[1]
+
+    @property
+    def batch_inputs(self) -> list[str]:
+        """Per-batch inputs beyond images and targets that the current stage needs (e.g. CRD's indices)."""
+        return list(self.report.batch_inputs)
+
+    @property
+    def graph(self):
+        """A ``networkx.DiGraph`` view of the current stage's fused graph (see :mod:`kdgraph.graphview`)."""
+        from .graphview import to_networkx
+
+        return to_networkx(self)
+
+    @property
+    def traced(self) -> dict[str, TracedNetwork]:
+        """The traced teacher and student (node names, shapes) the stages were built from."""
+        return dict(self._prep.nets)
+
+    # ------------------------------------------------------------------ training policy
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()
+        train = set(self.spec.stages[self._stage_index].train)
+        for name, adapter in self.adapters.items():
+            if name not in train:
+                adapter.eval()
+        if "student" not in train:
+            self.student.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer needs: the student (if the stage trains it), its adapters, loss parameters."""
+        train = set(self.spec.stages[self._stage_index].train)
+        groups: list[nn.Module] = []
+        if "student" in train:
+            groups.append(self.student)
+        groups += [a for n, a in self.adapters.items() if n in train]
+        groups.append(self.losses[self.stage])
+        seen: set[int] = set()
+        out = []
+        for g in groups:
+            for p in g.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def use_torch_compile(self, enabled: bool = True, **kwargs: Any) -> "Distiller":
+        """Run the fused graphs through ``torch.compile(**kwargs)`` (per stage, compiled on first use)."""
+        self._compile_kwargs = kwargs if enabled else None
+        self._runner = None
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None, **extras: torch.Tensor
+                ) -> DistillerOutput:
+        needed = self.report.batch_inputs
+        missing = [k for k in needed if k not in extras]
+        unknown = [k for k in extras if k not in needed]
+        if missing or unknown:
+            raise KDGraphError(
+                f"stage {self.stage!r} takes per-batch inputs {needed or 'none'} beyond images and targets; "
+                + (f"missing: {missing}" if missing else f"unexpected: {unknown}")
+                + (". Wrap the dataset with the spec's data wrapper (data.wrapper) so batches carry them."
+                   if missing else ""))
+        if self._runner is None:
+            gm = self.graph_module
+            self._runner = torch.compile(gm, **self._compile_kwargs) if self._compile_kwargs is not None else gm
+        out = self._runner(images, targets, **extras)
+        return DistillerOutput(out["loss"], out["terms"], out["logits"])
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name!r}, stage={self.stage!r} ({self._stage_index + 1}/{len(self.stages)})"
