@@ -1,0 +1,69 @@
+"""DIST: parity of the relation loss with torchdistill 1.1.5's DISTLoss, and the dist_resnet18 spec."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from torchdistill.losses.mid_level import DISTLoss as TdDISTLoss
+
+from kdgraph.errors import ShapeError
+from kdgraph.registry import LOSSES
+
+REL = 1e-5
+
+
+def assert_rel(actual, expected, what, rel=REL):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert scale > 0 and torch.isfinite(actual).all(), what
+    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
+
+
+@pytest.fixture(scope="module")
+def logits():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    teacher = torchvision.models.resnet34(num_classes=100).eval()
+    student = torchvision.models.resnet18(num_classes=100).eval()
+    with torch.no_grad():
+        z_t = teacher(x)
+    return student(x), z_t
+
+
+@pytest.mark.parametrize("beta,gamma,tau", [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0), (1.0, 0.0, 2.0)])
+def test_dist_matches_torchdistill(logits, beta, gamma, tau):
+    z_s, z_t = logits
+    z_s = z_s.detach().clone().requires_grad_(True)
+    td = TdDISTLoss(".", "output", ".", "output", beta=beta, gamma=gamma, tau=tau)
+    expected = td({".": {"output": z_s}}, {".": {"output": z_t}})
+    actual = LOSSES.get("dist")(beta=beta, gamma=gamma, tau=tau)(z_s, z_t)
+    assert_rel(actual, expected, f"DIST (beta={beta}, gamma={gamma}, tau={tau})")
+    (g_exp,) = torch.autograd.grad(expected, z_s)
+    (g_act,) = torch.autograd.grad(actual, z_s)
+    assert_rel(g_act, g_exp, "DIST gradient wrt the student logits")
+
+
+def test_dist_is_zero_for_affine_related_predictions():
+    """Pearson correlation ignores scale and shift: equal probabilities give 0; the loss stays in [0, 4 tau^2]."""
+    torch.manual_seed(1)
+    z = torch.randn(6, 10)
+    dist = LOSSES.get("dist")()
+    assert dist(z, z).abs().item() < 1e-6
+    worst = dist(z, -z).item()
+    assert 0 < worst <= 4.0
+    # inter only / intra only add up to the default
+    inter = LOSSES.get("dist")(beta=1.0, gamma=0.0)(z, z.flip(0))
+    intra = LOSSES.get("dist")(beta=0.0, gamma=1.0)(z, z.flip(0))
+    assert_rel(inter + intra, dist(z, z.flip(0)), "inter + intra")
+
+
+def test_dist_shape_check_and_args():
+    cls = LOSSES.get("dist")
+    with pytest.raises(ShapeError) as e:
+        cls.check_shapes({"student": (2, 1000), "teacher": (2, 100)},
+                         {"student": "student:@output", "teacher": "teacher:@output"}, "stages[0].losses[1]")
+    assert "student:@output" in str(e.value) and "teacher:@output" in str(e.value)
+    with pytest.raises(ValueError, match="tau"):
+        cls(tau=0.0)
