@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from torchdistill.core.forward_hook import ForwardHookManager
@@ -26,21 +25,6 @@ def assert_rel(actual, expected, what, rel=REL):
     err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
     assert scale > 0 and torch.isfinite(actual).all(), what
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
-
-
-def _tap(level: str) -> str:
-    return level if level == "avgpool" else f"{level}.-1"
-
-
-def _block_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The taps kdgraph's KR spec names: output of the last block of each stage, and avgpool."""
-    feats: dict[str, torch.Tensor] = {}
-    handles = [(getattr(model, lv)[-1] if lv != "avgpool" else model.avgpool).register_forward_hook(
-        lambda m, i, o, lv=lv: feats.__setitem__(lv, o)) for lv in LEVELS]
-    model(x)
-    for h in handles:
-        h.remove()
-    return feats
 
 
 def _kdgraph_abfs(shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> dict[str, nn.Module]:
@@ -71,62 +55,70 @@ def _copy_abf(src: TdABF, dst: nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def kr_run():
-    """Run torchdistill's KR pipeline (hooks of its official config, Student4KnowledgeReview, five
-    HierarchicalContextLosses) on a random ResNet-34 / ResNet-18 pair at 64 x 64."""
+def kr():
+    """The compiled kr_resnet18 spec (64 x 64) and torchdistill's KR pipeline on the same networks: the hooks of
+    its official config, Student4KnowledgeReview around the same student, five HierarchicalContextLosses. The
+    torchdistill ABF weights are copied into the distiller's abf adapters, so both sides compute the same thing."""
+    import kdgraph
+    from conftest import small_spec
+
     torch.manual_seed(0)
-    teacher = torchvision.models.resnet34().eval()
-    student = torchvision.models.resnet18().eval()  # eval: the comparison below runs the student again
+    d = kdgraph.compile(small_spec("kr_resnet18.yaml")).train()
     abfs_cfg = [{"path": f"student_model.{lv}.-1.relu" if lv != "avgpool" else "student_model.avgpool",
                  "io": "input" if lv != "avgpool" else "output",
                  "kwargs": {"in_channels": CHANNELS[lv], "mid_channels": 512, "out_channels": CHANNELS[lv]}}
                 for lv in LEVELS]
-    x = torch.randn(2, 3, 64, 64)
-    sizes = [1, 2, 4, 8, 16]  # torchdistill's [1, 7, 14, 28, 56] at 224, scaled to 64 x 64 input
-    wrapper = Student4KnowledgeReview(student, abfs_cfg, device=torch.device("cpu"), device_ids=None,
+    sizes = [1, 2, 4, 8, 16]  # torchdistill's [1, 7, 14, 28, 56] at 224, for a 64 x 64 input
+    wrapper = Student4KnowledgeReview(d.student, abfs_cfg, device=torch.device("cpu"), device_ids=None,
                                       distributed=False, sizes=sizes)
-    wrapper.abf_modules.train()
+    wrapper.train()
+    for lv, td_abf in zip(reversed(LEVELS), wrapper.abf_modules):  # abf_modules[0] is the avgpool level
+        _copy_abf(td_abf, d.adapters[f"abf_{lv}"])
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+
+    out = d(x, y)  # kdgraph first: torchdistill's hooks go on the same modules below
 
     t_mgr, s_mgr = ForwardHookManager("cpu"), ForwardHookManager("cpu")
     for lv in LEVELS[:-1]:
-        t_mgr.add_hook(teacher, f"{lv}.-1.relu", requires_input=True, requires_output=False)
+        t_mgr.add_hook(d.teacher, f"{lv}.-1.relu", requires_input=True, requires_output=False)
         s_mgr.add_hook(wrapper, f"student_model.{lv}.-1.relu", requires_input=True, requires_output=False)
-    t_mgr.add_hook(teacher, "avgpool", requires_input=False, requires_output=True)
+    t_mgr.add_hook(d.teacher, "avgpool", requires_input=False, requires_output=True)
     s_mgr.add_hook(wrapper, "student_model.avgpool", requires_input=False, requires_output=True)
     for i in range(5):
         s_mgr.add_hook(wrapper, f"abf_modules.{i}", requires_input=False, requires_output=True)
-
-    with torch.no_grad():
-        teacher(x)
-    wrapper(x)
-    s_io = s_mgr.pop_io_dict()
-    wrapper.secondary_forward(s_io)
-    for k, v in s_mgr.pop_io_dict().items():
-        if v:
-            s_io[k] = v
-    t_io = t_mgr.pop_io_dict()
+    try:
+        with torch.no_grad():
+            d.teacher(x)
+        logits = wrapper(x)
+        s_io = s_mgr.pop_io_dict()
+        wrapper.secondary_forward(s_io)
+        for k, v in s_mgr.pop_io_dict().items():
+            if v:
+                s_io[k] = v
+        t_io = t_mgr.pop_io_dict()
+    finally:
+        t_mgr.clear(), s_mgr.clear()
 
     losses = {}
-    for i, lv in enumerate(reversed(LEVELS)):  # abf_modules.0 is the avgpool level
+    for i, lv in enumerate(reversed(LEVELS)):
         hcl = TdHCL(f"abf_modules.{i}", "output", f"{lv}.-1.relu" if lv != "avgpool" else "avgpool",
                     "input" if lv != "avgpool" else "output", reduction="mean", output_sizes=[4, 2, 1])
         losses[lv] = hcl(s_io, t_io)
-    return {"teacher": teacher, "student": student, "wrapper": wrapper, "x": x, "s_io": s_io, "t_io": t_io,
-            "losses": losses}
+    return {"d": d, "wrapper": wrapper, "s_io": s_io, "t_io": t_io, "losses": losses, "out": out,
+            "ce": nn.functional.cross_entropy(logits, y)}
 
 
-def test_abf_chain_and_hcl_match_torchdistill(kr_run):
-    teacher, student, wrapper, x = kr_run["teacher"], kr_run["student"], kr_run["wrapper"], kr_run["x"]
-    s_io = kr_run["s_io"]
-    with torch.no_grad():
-        t_feats = _block_outputs(teacher, x)
-    s_feats = _block_outputs(student, x)
+def _td_feature(io: dict, lv: str, student: bool) -> torch.Tensor:
+    prefix = "student_model." if student else ""
+    return io[f"{prefix}avgpool"]["output"] if lv == "avgpool" else io[f"{prefix}{lv}.-1.relu"]["input"]
 
-    # kdgraph's taps (block outputs) are the tensors torchdistill's relu-input hooks hold (the ReLU is in place)
-    for lv in LEVELS[:-1]:
-        assert torch.equal(s_feats[lv], s_io[f"student_model.{lv}.-1.relu"]["input"]), lv
-        assert torch.equal(t_feats[lv], kr_run["t_io"][f"{lv}.-1.relu"]["input"]), lv
 
+def test_abf_chain_and_hcl_match_torchdistill(kr):
+    """kdgraph abf adapters (built by infer_args from tap shapes) and hcl, fed torchdistill's hooked features:
+    same ABF outputs, same fused maps, same five HCL values and the same gradient for every ABF parameter."""
+    s_io, t_io, wrapper = kr["s_io"], kr["t_io"], kr["wrapper"]
+    s_feats = {lv: _td_feature(s_io, lv, True).detach() for lv in LEVELS}
+    t_feats = {lv: _td_feature(t_io, lv, False) for lv in LEVELS}
     abfs = _kdgraph_abfs({lv: tuple(f.shape) for lv, f in s_feats.items()},
                          {lv: tuple(f.shape) for lv, f in t_feats.items()})
     assert abfs["avgpool"].attention is None and all(abfs[lv].attention is not None for lv in LEVELS[:-1])
@@ -144,9 +136,9 @@ def test_abf_chain_and_hcl_match_torchdistill(kr_run):
         assert_rel(out, td_out, f"ABF {lv}: output")
         assert_rel(residual, td_res, f"ABF {lv}: fused map passed on")
         term = hcl(out, t_feats[lv])
-        assert_rel(term, kr_run["losses"][lv], f"HCL {lv}")
+        assert_rel(term, kr["losses"][lv], f"HCL {lv}")
         total_actual = total_actual + term
-    total_expected = sum(kr_run["losses"].values())
+    total_expected = sum(kr["losses"].values())
     assert_rel(total_actual, total_expected, "sum of the five HCL terms")
 
     # gradients: every ABF parameter of kdgraph gets the gradient of its torchdistill twin
@@ -158,10 +150,23 @@ def test_abf_chain_and_hcl_match_torchdistill(kr_run):
             prefix = next(o for o in rename if name.startswith(o))
             pairs.append((f"{lv}.{name}", p_td, kg_params.pop(rename[prefix] + name[len(prefix):])))
         assert not kg_params, f"kdgraph abf {lv} has parameters torchdistill's lacks: {sorted(kg_params)}"
-    grads_td = torch.autograd.grad(total_expected, [p for _, p, _ in pairs])
+    grads_td = torch.autograd.grad(total_expected, [p for _, p, _ in pairs], retain_graph=True)
     grads_kg = torch.autograd.grad(total_actual, [p for _, _, p in pairs])
     for (name, _, _), g_kg, g_td in zip(pairs, grads_kg, grads_td):
         assert_rel(g_kg, g_td, f"gradient of {name}")
+
+
+def test_kr_spec_matches_torchdistill_end_to_end(kr):
+    """The compiled spec's terms equal torchdistill's pipeline on the same networks and ABF weights; the taps
+    student/teacher:layerN.-1 are the tensors torchdistill's layerN.-1.relu input hooks hold."""
+    d, out = kr["d"], kr["out"]
+    assert [type(a).__name__ for a in d.adapters.values()] == ["AttentionBasedFusion"] * 5
+    assert d.adapters["abf_avgpool"].attention is None and d.adapters["abf_layer1"].attention is not None
+    assert set(out.terms) == {"ce", *(f"hcl_{lv}" for lv in LEVELS)}
+    assert_rel(out.terms["ce"], kr["ce"], "CE term")
+    for lv in LEVELS:
+        assert_rel(out.terms[f"hcl_{lv}"], kr["losses"][lv], f"compiled hcl_{lv} term")
+    assert_rel(out.loss, kr["ce"] + sum(kr["losses"].values()), "compiled KR total loss")
 
 
 def test_hcl_weights_halve_per_used_pooled_size():
@@ -207,3 +212,52 @@ def test_abf_and_hcl_shape_errors():
         LOSSES.get("hcl").check_shapes({"student": (2, 64, 16, 16), "teacher": (2, 128, 8, 8)},
                                        {"student": "adapter:abf_layer1.0", "teacher": "teacher:layer2.-1"}, "losses[1]")
     assert "adapter:abf_layer1.0" in str(e.value) and "teacher:layer2.-1" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The spec, compiled
+# ------------------------------------------------------------------------------------------------
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float = 1e-4) -> list[float]:
+    """A few real SGD steps in the current stage. Every parameter of what the stage trains moves;
+    teacher, frozen adapters (parameters and BN buffers) stay bit-identical."""
+    train = set(d.spec.stage(d.stage).train)
+    owners = {"student": d.student, **{f"adapter {n}": a for n, a in d.adapters.items()}}
+    trains = {k: (k == "student" and "student" in train) or (k.startswith("adapter ") and k[8:] in train)
+              for k in owners}
+    expected_params = {id(p) for k, m in owners.items() if trains[k] for p in m.parameters()}
+    assert {id(p) for p in d.trainable_parameters()} == expected_params
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+    before = {"teacher": _state(d.teacher), **{k: _state(m) for k, m in owners.items()}}
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        out = d(images, targets)
+        assert torch.isfinite(out.loss), out.terms
+        assert all(torch.isfinite(v) for v in out.terms.values()), out.terms
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    for k, m in {"teacher": d.teacher, **owners}.items():
+        now = m.state_dict()
+        if k != "teacher" and trains[k]:
+            for name, _ in m.named_parameters():
+                assert not torch.equal(now[name], before[k][name]), f"{k}: parameter {name} did not change"
+        else:
+            for name, v in now.items():
+                assert torch.equal(v, before[k][name]), f"{k}: {name} changed in stage {d.stage!r}"
+    return losses
+
+
+def test_kr_spec_trains_student_and_all_five_abfs(kr):
+    d = kr["d"].train()
+    assert d.stages == ["main"] and d.batch_inputs == []
+    torch.manual_seed(6)
+    losses = sgd_steps_change_only_trained(d, torch.randn(2, 3, 64, 64), torch.tensor([3, 4]))
+    assert len(losses) == 2
