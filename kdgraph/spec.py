@@ -109,6 +109,10 @@ class ModelRef(_Strict):
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
                           "loaded when training starts, never when compiling")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    pretrain: Optional["PretrainSpec"] = Field(
+        None, description="train this network with cross-entropy on the spec's data when its weights file does "
+                          "not exist yet, and write it there (kdgraph train; see kdgraph.train.pretrain). "
+                          "Needs weights: a local path or 'cache:NAME' (kdgraph's cache folder)")
 
     @field_validator("model")
     @classmethod
@@ -117,6 +121,13 @@ class ModelRef(_Strict):
             raise ValueError(f"{v!r} is not a model reference: write 'torchvision:resnet18' or "
                              f"'package.module:factory'")
         return v
+
+    @model_validator(mode="after")
+    def _pretrain_needs_weights(self) -> "ModelRef":
+        if self.pretrain is not None and not self.weights:
+            raise ValueError("pretrain needs weights: where the trained network is kept, e.g. "
+                             "weights: 'cache:my_teacher' (kdgraph's cache folder) or a local .pt path")
+        return self
 
 
 class LeafModule(_Strict):
@@ -198,6 +209,21 @@ class SchedulerSpec(_Strict):
     gamma: float = 0.1
 
 
+class PretrainSpec(_Strict):
+    """Plain cross-entropy training of one network (a teacher to distil from), run once and cached."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1, description="per process")
+    reference_world_size: int = Field(1, ge=1)
+    optimizer: OptimizerSpec
+    scheduler: Optional[SchedulerSpec] = None
+    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images "
+                                                                 "(default: data.train_subset)")
+
+
+ModelRef.model_rebuild()
+
+
 class StageSpec(_Strict):
     """One training stage: what trains, with which losses, for how long."""
 
@@ -254,6 +280,8 @@ class RuntimeSpec(_Strict):
     sync_bn: bool = False
     seed: int = 0
     deterministic: bool = False
+    eval_teacher: bool = Field(False, description="kdgraph train: evaluate the teacher on the validation split "
+                                                  "once before training and record its top-1/top-5")
 
 
 class Reference(_Strict):
