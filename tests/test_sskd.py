@@ -208,3 +208,97 @@ def test_losses_demand_four_views():
         SSKDTransformLoss()(torch.zeros(8, C), torch.zeros(8, C), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         SSKDSelfSupervisionLoss(ratio=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# through the compiled distiller (specs/sskd_resnet18.yaml at 32x32)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    import kdgraph
+
+    from conftest import small_spec
+
+    return kdgraph.compile(small_spec("sskd_resnet18.yaml", size=32))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def _sgd_steps(d, steps: int = 2):
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(11)
+    outs = []
+    d.train()
+    for _ in range(steps):
+        x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 1000, (2,), generator=g)
+        out = d(x, y)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        outs.append(out)
+    return outs
+
+
+def test_spec_compiles_with_reference_hyperparameters(distiller):
+    d = distiller
+    assert d.stages == ["teacher_ss", "distill"]
+    s1, s2 = d.spec.stages
+    assert (s1.epochs, s1.scheduler.milestones, s2.epochs, s2.scheduler.milestones) == (30, [10, 20], 100, [30, 60, 90])
+    for s in (s1, s2):
+        assert (s.batch_size, s.reference_world_size, s.optimizer.lr, s.optimizer.weight_decay) == (85, 3, 0.1, 5e-4)
+        assert s.transform.type == "sskd_rotations"
+    assert {ls.name: ls.weight for ls in s2.losses} == {"ce": 1.0, "kd": 0.9, "ss": 10.0, "tf": 2.7}
+    assert d.spec.reference.top1 == 70.09
+    assert d.batch_inputs == []
+    assert isinstance(d.adapters["teacher_ss"], SSKDHead) and d.adapters["teacher_ss"][0].in_features == 512
+
+
+def test_distiller_stage2_matches_torchdistill_end_to_end(distiller):
+    """The fused graph (rotations -> both nets -> heads -> four terms) equals torchdistill's SSKDLoss
+    on the same networks, fed its own row order (views stacked by image)."""
+    d = distiller.enter_stage("distill").eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    with torch.no_grad():
+        out = d(x, y)
+        views = to_torchdistill_rows(SSKDRotations()(x))
+        t_feat, s_feat = pooled(d.teacher, views), pooled(d.student, views)
+        s_io = {"model.fc": {"output": d.student.fc(torch.flatten(s_feat, 1))},
+                "ss_module": {"output": d.adapters["student_ss"](s_feat)}}
+        t_io = {"model.fc": {"output": d.teacher.fc(torch.flatten(t_feat, 1))},
+                "ss_module": {"output": d.adapters["teacher_ss"](t_feat)}}
+        ref = td_mid.SSKDLoss("model.fc", "model.fc", "ss_module", "ss_module", kl_temp=4.0, ss_temp=0.5,
+                              tf_temp=4.0, ss_ratio=0.75, tf_ratio=1.0, loss_weights=list(WEIGHTS))
+        expected = ref(s_io, t_io, y)
+    assert set(out.terms) == {"ce", "kd", "ss", "tf"}
+    assert out.logits.shape == (8, 1000)
+    assert rel_close(out.loss, expected), (out.loss.item(), expected.item())
+
+
+@pytest.mark.parametrize("stage,trains", [("teacher_ss", {"teacher_ss"}), ("distill", {"student", "student_ss"})])
+def test_sgd_steps_train_only_what_the_stage_names(distiller, stage, trains):
+    d = distiller.enter_stage(stage)
+    parts = {"teacher": d.teacher, "student": d.student, "teacher_ss": d.adapters["teacher_ss"],
+             "student_ss": d.adapters["student_ss"]}
+    before = {name: _snapshot(m) for name, m in parts.items()}
+    expected_params = {id(p) for name in trains for p in parts[name].parameters()}
+    assert {id(p) for p in d.trainable_parameters()} == expected_params
+    outs = _sgd_steps(d)
+    for out in outs:
+        assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.terms.values())
+    for name, module in parts.items():
+        changed = _changed(before[name], module)
+        params = {k for k, _ in module.named_parameters()}
+        if name in trains:
+            assert params <= changed, f"{stage}: {name} did not train: {sorted(params - changed)[:3]}"
+        else:
+            assert not (changed & params), f"{stage}: {name} changed: {sorted(changed)[:3]}"
+    assert not _changed(before["teacher"], d.teacher), "teacher params and BN buffers must stay bit-identical"
+    assert all(not p.requires_grad for p in d.teacher.parameters())
