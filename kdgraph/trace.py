@@ -264,12 +264,22 @@ def trace_network(module: nn.Module, role: str, leaf_types: Iterable[type] = ())
 
 @torch.no_grad()
 def propagate_shapes(net: TracedNetwork, example: torch.Tensor) -> None:
-    """Run the traced graph once on ``example`` (eval mode, no grad) and record every node's shape/dtype."""
+    """Record every node's shape/dtype for an input like ``example`` (eval mode, no grad).
+
+    Runs on fake tensors (no arithmetic, any input size costs the same); a network with an op that
+    fake tensors cannot run is propagated on the real example instead.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     module = net.module
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        ShapeProp(net.graph_module).propagate(example)
+        try:
+            fake = FakeTensorMode(allow_non_fake_inputs=True)
+            ShapeProp(net.graph_module, fake_mode=fake).propagate(fake.from_tensor(example))
+        except Exception:  # noqa: BLE001 - fall back to a real run, which gives the real error if any
+            ShapeProp(net.graph_module).propagate(example)
     except Exception as e:  # noqa: BLE001
         raise TraceError(f"the {net.role} fails on an input of shape {list(example.shape)}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}. Check the spec's `input` (channels, size).") from None
