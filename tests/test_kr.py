@@ -223,9 +223,9 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float = 1e-4) -> list[float]:
+def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float = 1e-4) -> dict[str, list[float]]:
     """A few real SGD steps in the current stage. Every parameter of what the stage trains moves;
-    teacher, frozen adapters (parameters and BN buffers) stay bit-identical."""
+    teacher, frozen adapters (parameters and BN buffers) stay bit-identical. Returns each term per step."""
     train = set(d.spec.stage(d.stage).train)
     owners = {"student": d.student, **{f"adapter {n}": a for n, a in d.adapters.items()}}
     trains = {k: (k == "student" and "student" in train) or (k.startswith("adapter ") and k[8:] in train)
@@ -235,7 +235,7 @@ def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float 
     assert not any(p.requires_grad for p in d.teacher.parameters())
     before = {"teacher": _state(d.teacher), **{k: _state(m) for k, m in owners.items()}}
     opt = torch.optim.SGD(d.trainable_parameters(), lr=lr, momentum=0.9)
-    losses = []
+    terms: dict[str, list[float]] = {}
     for _ in range(steps):
         out = d(images, targets)
         assert torch.isfinite(out.loss), out.terms
@@ -243,7 +243,8 @@ def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float 
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(out.loss.item())
+        for k, v in out.terms.items():
+            terms.setdefault(k, []).append(v.item())
     for k, m in {"teacher": d.teacher, **owners}.items():
         now = m.state_dict()
         if k != "teacher" and trains[k]:
@@ -252,12 +253,12 @@ def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float 
         else:
             for name, v in now.items():
                 assert torch.equal(v, before[k][name]), f"{k}: {name} changed in stage {d.stage!r}"
-    return losses
+    return terms
 
 
 def test_kr_spec_trains_student_and_all_five_abfs(kr):
     d = kr["d"].train()
     assert d.stages == ["main"] and d.batch_inputs == []
     torch.manual_seed(6)
-    losses = sgd_steps_change_only_trained(d, torch.randn(2, 3, 64, 64), torch.tensor([3, 4]))
-    assert len(losses) == 2
+    terms = sgd_steps_change_only_trained(d, torch.randn(2, 3, 64, 64), torch.tensor([3, 4]))
+    assert set(terms) == {"ce", *(f"hcl_{lv}" for lv in LEVELS)} and all(len(v) == 2 for v in terms.values())

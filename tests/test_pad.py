@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 
 from torchdistill.core.forward_hook import ForwardHookManager
 from torchdistill.losses.mid_level import PADL2Loss as TdPADL2Loss
@@ -23,35 +22,49 @@ def assert_rel(actual, expected, what, rel=REL):
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
 
 
-def _torchdistill_pad(tmp_path, batch: int = 8):
-    """torchdistill's PAD stage exactly as its official config wires it: hooks, wrapper, loss."""
+@pytest.fixture(scope="module")
+def pad(tmp_path_factory):
+    """The compiled two-stage pad_l2_resnet18 spec (64 x 64) and torchdistill's PAD stage on the same networks,
+    wired as its official config: hooks on student_model.avgpool / var_estimator / teacher avgpool,
+    VarianceBranch4PAD around the same student, PADL2Loss(eps=1e-6, mean). torchdistill's variance branch
+    weights are copied into the distiller's `variance` adapter."""
+    import kdgraph
+    from conftest import small_spec
+
     torch.manual_seed(0)
-    teacher = torchvision.models.resnet34().eval()
-    wrapper = VarianceBranch4PAD(torchvision.models.resnet18(),
-                                 input_module={"path": "student_model.avgpool", "io": "output"}, feat_dim=512,
-                                 var_estimator_ckpt=str(tmp_path / "absent_var_estimator.pt"),
+    d = kdgraph.compile(small_spec("pad_l2_resnet18.yaml"), stage="pad").train()
+    wrapper = VarianceBranch4PAD(d.student, input_module={"path": "student_model.avgpool", "io": "output"},
+                                 feat_dim=512, var_estimator_ckpt=str(tmp_path_factory.mktemp("pad") / "absent.pt"),
                                  device=torch.device("cpu"), device_ids=None, distributed=False)
     wrapper.train()
+    d.adapters["variance"].load_state_dict(wrapper.var_estimator.state_dict(), strict=True)
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([5, 6, 7, 8])
+
+    out = d(x, y)  # kdgraph first: torchdistill's hooks go on the same modules below
+
     t_mgr, s_mgr = ForwardHookManager("cpu"), ForwardHookManager("cpu")
-    t_mgr.add_hook(teacher, "avgpool", requires_input=False, requires_output=True)
+    t_mgr.add_hook(d.teacher, "avgpool", requires_input=False, requires_output=True)
     s_mgr.add_hook(wrapper, "student_model.avgpool", requires_input=False, requires_output=True)
     s_mgr.add_hook(wrapper, "var_estimator", requires_input=False, requires_output=True)
-    x = torch.randn(batch, 3, 64, 64)
-    with torch.no_grad():
-        teacher(x)
-    wrapper(x)
-    s_io = s_mgr.pop_io_dict()
-    wrapper.secondary_forward(s_io)
-    for k, v in s_mgr.pop_io_dict().items():
-        if v:
-            s_io[k] = v
-    t_io = t_mgr.pop_io_dict()
+    try:
+        with torch.no_grad():
+            d.teacher(x)
+        logits = wrapper(x)
+        s_io = s_mgr.pop_io_dict()
+        wrapper.secondary_forward(s_io)
+        for k, v in s_mgr.pop_io_dict().items():
+            if v:
+                s_io[k] = v
+        t_io = t_mgr.pop_io_dict()
+    finally:
+        t_mgr.clear(), s_mgr.clear()
     loss = TdPADL2Loss("student_model.avgpool", "avgpool", module_path="var_estimator", eps=1e-6, reduction="mean")
-    return wrapper, s_io, t_io, loss(s_io, t_io)
+    return {"d": d, "wrapper": wrapper, "s_io": s_io, "t_io": t_io, "expected": loss(s_io, t_io), "out": out,
+            "ce": torch.nn.functional.cross_entropy(logits, y), "x": x, "y": y}
 
 
-def test_pad_variance_branch_and_loss_match_torchdistill(tmp_path):
-    wrapper, s_io, t_io, expected = _torchdistill_pad(tmp_path)
+def test_pad_variance_branch_and_loss_match_torchdistill(pad):
+    wrapper, s_io, t_io, expected = pad["wrapper"], pad["s_io"], pad["t_io"], pad["expected"]
     s_feat = s_io["student_model.avgpool"]["output"]  # B x 512 x 1 x 1 (unflattened, as tapped)
     t_feat = t_io["avgpool"]["output"]
 
@@ -70,10 +83,18 @@ def test_pad_variance_branch_and_loss_match_torchdistill(tmp_path):
     assert_rel(actual, expected, "PAD-L2 loss")
 
     # gradients: wrt the variance branch's Linear and the student embedding
-    g_exp_w, g_exp_s = torch.autograd.grad(expected, [wrapper.var_estimator[0].weight, s_feat])
+    g_exp_w, g_exp_s = torch.autograd.grad(expected, [wrapper.var_estimator[0].weight, s_feat], retain_graph=True)
     g_act_w, g_act_s = torch.autograd.grad(actual, [branch[0].weight, s_detached])
     assert_rel(g_act_w, g_exp_w, "PAD-L2 gradient wrt the variance Linear weight")
     assert_rel(g_act_s, g_exp_s, "PAD-L2 gradient wrt the student embedding")
+
+
+def test_pad_stage_of_the_spec_matches_torchdistill_end_to_end(pad):
+    out = pad["out"]
+    assert pad["d"].stage == "pad" and set(out.terms) == {"ce", "pad_l2"}
+    assert_rel(out.terms["ce"], pad["ce"], "compiled CE term")
+    assert_rel(out.terms["pad_l2"], pad["expected"], "compiled pad_l2 term")
+    assert_rel(out.loss, pad["ce"] + pad["expected"], "compiled PAD total loss")
 
 
 def test_pad_loss_formula_and_sum_reduction():
@@ -102,3 +123,80 @@ def test_pad_shape_errors_name_both_taps():
     cls.check_shapes({"student": (2, 512, 1, 1), "teacher": (2, 512, 1, 1), "log_variance": (2, 512)}, taps, "x")
     adapter = ADAPTERS.get("pad_variance")
     assert adapter.infer_args({}, {"x": (2, 512, 1, 1)}, (2, 256)) == {"in_features": 512, "out_features": 256}
+
+
+# ------------------------------------------------------------------------------------------------
+# The specs, compiled and trained
+# ------------------------------------------------------------------------------------------------
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float = 1e-4) -> dict[str, list[float]]:
+    """A few real SGD steps in the current stage. Every parameter of what the stage trains moves;
+    teacher, frozen adapters (parameters and BN buffers) stay bit-identical. Returns each term per step."""
+    train = set(d.spec.stage(d.stage).train)
+    owners = {"student": d.student, **{f"adapter {n}": a for n, a in d.adapters.items()}}
+    trains = {k: (k == "student" and "student" in train) or (k.startswith("adapter ") and k[8:] in train)
+              for k in owners}
+    expected_params = {id(p) for k, m in owners.items() if trains[k] for p in m.parameters()}
+    assert {id(p) for p in d.trainable_parameters()} == expected_params
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+    before = {"teacher": _state(d.teacher), **{k: _state(m) for k, m in owners.items()}}
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=lr, momentum=0.9)
+    terms: dict[str, list[float]] = {}
+    for _ in range(steps):
+        out = d(images, targets)
+        assert torch.isfinite(out.loss), out.terms
+        assert all(torch.isfinite(v) for v in out.terms.values()), out.terms
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        for k, v in out.terms.items():
+            terms.setdefault(k, []).append(v.item())
+    for k, m in {"teacher": d.teacher, **owners}.items():
+        now = m.state_dict()
+        if k != "teacher" and trains[k]:
+            for name, _ in m.named_parameters():
+                assert not torch.equal(now[name], before[k][name]), f"{k}: parameter {name} did not change"
+        else:
+            for name, v in now.items():
+                assert torch.equal(v, before[k][name]), f"{k}: {name} changed in stage {d.stage!r}"
+    return terms
+
+
+def test_pad_l2_spec_trains_both_stages_and_keeps_the_variance_branch(pad):
+    d = pad["d"]
+    assert d.stages == ["l2", "pad"]
+    variance = d.adapters["variance"]
+    x, y = pad["x"][:2], pad["y"][:2]
+
+    d.enter_stage("l2").train()
+    # stage l2 trains the student only; the variance branch (not in the graph) stays as it was
+    assert set(sgd_steps_change_only_trained(d, x, y)) == {"ce", "l2"}
+    assert not variance.training
+
+    d.enter_stage(1).train()
+    assert d.stage == "pad" and d.adapters["variance"] is variance  # adapters persist across stages
+    assert variance.training and not d.teacher.training
+    assert set(sgd_steps_change_only_trained(d, x, y)) == {"ce", "pad_l2"}
+
+
+def test_pad_from_l2_checkpoint_spec(pad):
+    import kdgraph
+    from conftest import SPECS, small_spec
+
+    spec = small_spec("pad_from_l2_checkpoint.yaml")
+    # init_from is relative to the spec's folder, not the working directory
+    assert spec.init_from == str((SPECS / "checkpoints" / "l2_resnet18" / "best.pt").resolve())
+    two_stage = kdgraph.load_spec(SPECS / "pad_l2_resnet18.yaml")
+    assert spec.stages[0].model_dump() == two_stage.stage("pad").model_dump()
+    assert spec.adapters == two_stage.adapters
+
+    torch.manual_seed(1)
+    d = kdgraph.compile(spec).train()
+    assert d.stages == ["pad"] and sorted(d.adapters) == ["variance"]
+    terms = sgd_steps_change_only_trained(d, pad["x"][:2], pad["y"][:2])
+    assert set(terms) == {"ce", "pad_l2"}
