@@ -7,8 +7,10 @@ import torchvision
 
 from torchdistill.losses.mid_level import DISTLoss as TdDISTLoss
 
+import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import LOSSES
+from conftest import small_spec
 
 REL = 1e-5
 
@@ -82,9 +84,6 @@ def test_dist_spec_matches_torchdistill_and_trains():
     """specs/dist_resnet18.yaml: CE + 2 * DIST equals torchdistill's weighted sum on the same networks, and
     real SGD steps move every student parameter and nothing of the teacher. No compiler change was needed:
     the method is one file under kdgraph/methods."""
-    import kdgraph
-    from conftest import small_spec
-
     torch.manual_seed(0)
     d = kdgraph.compile(small_spec("dist_resnet18.yaml")).train()
     assert d.stages == ["main"] and len(d.adapters) == 0

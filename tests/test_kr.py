@@ -11,8 +11,10 @@ from torchdistill.losses.mid_level import HierarchicalContextLoss as TdHCL
 from torchdistill.models.wrapper import AttentionBasedFusion as TdABF
 from torchdistill.models.wrapper import Student4KnowledgeReview
 
+import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import ADAPTERS, LOSSES
+from conftest import small_spec
 
 REL = 1e-5
 LEVELS = ["layer1", "layer2", "layer3", "layer4", "avgpool"]  # fine to coarse, as torchdistill lists them
@@ -59,9 +61,6 @@ def kr():
     """The compiled kr_resnet18 spec (64 x 64) and torchdistill's KR pipeline on the same networks: the hooks of
     its official config, Student4KnowledgeReview around the same student, five HierarchicalContextLosses. The
     torchdistill ABF weights are copied into the distiller's abf adapters, so both sides compute the same thing."""
-    import kdgraph
-    from conftest import small_spec
-
     torch.manual_seed(0)
     d = kdgraph.compile(small_spec("kr_resnet18.yaml")).train()
     abfs_cfg = [{"path": f"student_model.{lv}.-1.relu" if lv != "avgpool" else "student_model.avgpool",

@@ -8,8 +8,10 @@ from torchdistill.core.forward_hook import ForwardHookManager
 from torchdistill.losses.mid_level import PADL2Loss as TdPADL2Loss
 from torchdistill.models.wrapper import VarianceBranch4PAD
 
+import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import ADAPTERS, LOSSES
+from conftest import SPECS, small_spec
 
 REL = 1e-5
 
@@ -28,9 +30,6 @@ def pad(tmp_path_factory):
     wired as its official config: hooks on student_model.avgpool / var_estimator / teacher avgpool,
     VarianceBranch4PAD around the same student, PADL2Loss(eps=1e-6, mean). torchdistill's variance branch
     weights are copied into the distiller's `variance` adapter."""
-    import kdgraph
-    from conftest import small_spec
-
     torch.manual_seed(0)
     d = kdgraph.compile(small_spec("pad_l2_resnet18.yaml"), stage="pad").train()
     wrapper = VarianceBranch4PAD(d.student, input_module={"path": "student_model.avgpool", "io": "output"},
@@ -185,9 +184,6 @@ def test_pad_l2_spec_trains_both_stages_and_keeps_the_variance_branch(pad):
 
 
 def test_pad_from_l2_checkpoint_spec(pad):
-    import kdgraph
-    from conftest import SPECS, small_spec
-
     spec = small_spec("pad_from_l2_checkpoint.yaml")
     # init_from is relative to the spec's folder, not the working directory
     assert spec.init_from == str((SPECS / "checkpoints" / "l2_resnet18" / "best.pt").resolve())

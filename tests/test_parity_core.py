@@ -8,8 +8,6 @@ weights. Gradients are compared too where a term trains something.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
@@ -22,10 +20,12 @@ from torchdistill.losses.mid_level import KDLoss as TdKDLoss
 from torchdistill.losses.mid_level import SimpleLossWrapper
 from torchdistill.models.wrapper import Paraphraser4FactorTransfer, Translator4FactorTransfer
 
+import kdgraph
+from kdgraph.errors import ModelError
 from kdgraph.registry import ADAPTERS, LOSSES
+from conftest import small_spec
 
 REL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = REL) -> None:
@@ -209,3 +209,53 @@ def test_ft_translator_and_ft_loss_match_torchdistill(io_dicts, uses_bn):
         g_exp = torch.autograd.grad(expected, td_translator[0].weight, retain_graph=True)[0]
         g_act = torch.autograd.grad(actual, translator[0].weight, retain_graph=True)[0]
         assert_rel(g_act, g_exp, f"FT loss p={p}: gradient wrt the translator's first conv")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tf-KD: teacher and student of the same architecture
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tfkd_spec_compiles_two_separate_resnet18s_and_trains():
+    spec = small_spec("tfkd_resnet18.yaml")
+    assert spec.teacher.model == spec.student.model == "torchvision:resnet18"
+    assert spec.teacher.weights == "IMAGENET1K_V1" and spec.student.weights is None
+    torch.manual_seed(0)
+    d = kdgraph.compile(spec).train()
+
+    t_modules, s_modules = {id(m) for m in d.teacher.modules()}, {id(m) for m in d.student.modules()}
+    assert not t_modules & s_modules, "teacher and student share modules"
+    t_tensors = {id(t) for t in [*d.teacher.parameters(), *d.teacher.buffers()]}
+    s_tensors = {id(t) for t in [*d.student.parameters(), *d.student.buffers()]}
+    assert not t_tensors & s_tensors, "teacher and student share parameters or buffers"
+    assert not any(p.requires_grad for p in d.teacher.parameters())
+    assert all(p.requires_grad for p in d.student.parameters())
+    assert {id(p) for p in d.trainable_parameters()} == {id(p) for p in d.student.parameters()}
+
+    # the loss equals torchdistill's KDLoss(alpha=0.9, T=1) on the same two networks and batch
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([7, 70])
+    out = d(x, y)
+    with torch.no_grad():
+        z_t = d.teacher(x)
+    z_s = d.student(x)
+    expected = TdKDLoss("fc", "output", "fc", "output", temperature=1.0, alpha=0.9)(
+        {"fc": {"output": z_s}}, {"fc": {"output": z_t}}, y)
+    assert_rel(out.loss, expected, "compiled Tf-KD loss vs torchdistill KDLoss(alpha 0.9, T 1)")
+    assert_rel(out.logits, z_s, "student logits")
+
+    teacher0 = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    student0 = {k: v.clone() for k, v in d.student.named_parameters()}
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(2):
+        out = d(x, y)
+        assert torch.isfinite(out.loss) and set(out.terms) == {"ce", "kd"}
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert all(torch.equal(v, teacher0[k]) for k, v in d.teacher.state_dict().items()), "teacher changed"
+    assert all(not torch.equal(p, student0[n]) for n, p in d.student.named_parameters())
+
+    # one module object as both teacher and student is refused (self-training needs a separate copy)
+    same = torchvision.models.resnet18()
+    with pytest.raises(ModelError, match="same module"):
+        kdgraph.compile(spec, teacher=same, student=same)
