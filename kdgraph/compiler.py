@@ -413,7 +413,7 @@ class _StageBuilder:
         inputs = {"images": g.placeholder("images"),
                   "targets": g.placeholder("targets", default_value=None)}
         for k in batch_keys:
-            inputs[k] = g.placeholder(k)
+            inputs[k] = g.placeholder(k, default_value=None)
         for n in inputs.values():
             n.meta["kdgraph"] = {"role": "input", "name": f"batch:{n.name}"}
         self.report.batch_inputs = batch_keys
