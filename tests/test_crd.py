@@ -253,3 +253,101 @@ def test_wrapper_errors():
         crd_wrapper(Labelled(LABELS), FakeSpec, num_negative_samples=K)
     FakeSpec._Stage._Loss.args = {"num_samples": N}
     assert len(crd_wrapper(Labelled(LABELS), FakeSpec, num_negative_samples=K)) == N
+
+
+# --------------------------------------------------------------------------------------------
+# through the compiled distiller (specs/crd_resnet18.yaml at 32x32, N = 64, K = 16)
+# --------------------------------------------------------------------------------------------
+
+
+class Images(Labelled):
+    """64 random 32x32 images, 4 classes: the whole pipeline (wrapper -> DataLoader -> distiller)."""
+
+    def __init__(self):
+        super().__init__(LABELS)
+        self.images = torch.randn(N, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+
+    def __getitem__(self, i):
+        return self.images[i], self._labels[i]
+
+
+@pytest.fixture(scope="module")
+def crd_distiller():
+    import kdgraph
+
+    from conftest import small_spec
+
+    spec = small_spec("crd_resnet18.yaml", size=32)
+    (crd,) = [ls for ls in spec.stages[0].losses if ls.type == "crd"]
+    crd.args["num_samples"] = N
+    return kdgraph.compile(spec)
+
+
+def test_spec_compiles_with_reference_hyperparameters(crd_distiller):
+    d = crd_distiller
+    stage = d.spec.stages[0]
+    assert (stage.epochs, stage.batch_size, stage.reference_world_size) == (100, 85, 3)
+    assert (stage.optimizer.lr, stage.optimizer.weight_decay, stage.scheduler.milestones) == (0.1, 1e-4, [30, 60, 90])
+    assert {ls.name: ls.weight for ls in stage.losses} == {"ce": 1.0, "crd": 0.8}
+    assert d.spec.data.wrapper.type == "crd" and d.spec.data.wrapper.args["num_negative_samples"] == 16384
+    assert d.spec.reference.top1 == 70.93
+    assert sorted(d.batch_inputs) == ["contrast_index", "index"]
+    assert d.adapters["teacher_head"].linear.in_features == 512
+    loss = d.losses["main"]["crd"]
+    assert loss.memory_student.shape == (N, D)
+    state = d.state_dict()
+    assert {"losses.main.crd.memory_student", "losses.main.crd.memory_teacher", "losses.main.crd.z"} <= set(state)
+
+
+def test_sgd_steps_through_the_distiller(crd_distiller):
+    d = crd_distiller.train()
+    loader = DataLoader(crd_wrapper(Images(), d.spec, num_negative_samples=K), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(13))
+    trains = {"student": d.student, "student_head": d.adapters["student_head"],
+              "teacher_head": d.adapters["teacher_head"]}
+    assert {id(p) for p in d.trainable_parameters()} == {id(p) for m in trains.values() for p in m.parameters()}
+    teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in trains.items()}
+    loss_module = d.losses["main"]["crd"]
+    memory_before = loss_module.memory_student.clone(), loss_module.memory_teacher.clone()
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    seen = []
+    ref = td_mid.CRDLoss("normalizer", "empty", "normalizer", input_size=D, output_size=N,
+                         num_negative_samples=K, num_samples=N)
+    with torch.no_grad():
+        ref.memory_v1.copy_(loss_module.memory_student)
+        ref.memory_v2.copy_(loss_module.memory_teacher)
+    for step, batch in zip(range(3), loader):
+        out = d(batch["images"], batch["targets"], index=batch["index"], contrast_index=batch["contrast_index"])
+        if step == 0:  # end to end: the fused graph's term is torchdistill's CRDLoss on the same nets
+            with torch.no_grad():
+                x = batch["images"]
+                s = d.adapters["student_head"](d.student.avgpool(_trunk(d.student, x)))
+                t = d.adapters["teacher_head"](d.teacher.avgpool(_trunk(d.teacher, x)))
+                expected = ref({"normalizer": {"output": s}, "empty": {"input": {
+                    "pos_idx": batch["index"], "contrast_idx": batch["contrast_index"]}}},
+                    {"normalizer": {"output": t}})
+            assert rel_close(out.terms["crd"].detach(), 0.8 * expected), (out.terms["crd"].item(), expected.item())
+            torch.testing.assert_close(loss_module.memory_student, ref.memory_v1, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(loss_module.memory_teacher, ref.memory_v2, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(out.loss) and set(out.terms) == {"ce", "crd"}
+        assert torch.isfinite(out.terms["crd"]) and out.terms["crd"] > 0
+        opt.zero_grad()
+        out.loss.backward()
+        assert d.adapters["teacher_head"].linear.weight.grad.abs().sum() > 0
+        opt.step()
+        seen += batch["index"].tolist()
+        if step == 0:
+            z = loss_module.z.clone()
+            assert (z > 0).all()
+    assert torch.equal(loss_module.z, z)
+    for name, m in trains.items():
+        assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), before[name])), f"{name} did not train"
+    after = d.teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in teacher_before.items()), "teacher must stay bit-identical"
+    # the banks changed exactly at the rows of the samples seen
+    rows = torch.zeros(N, dtype=torch.bool)
+    rows[seen] = True
+    for bank, old in zip((loss_module.memory_student, loss_module.memory_teacher), memory_before):
+        diff = (bank != old).any(1)
+        assert torch.equal(diff, rows)
