@@ -12,7 +12,7 @@ only asks the student to preserve their *relations*, measured by the Pearson cor
     L_intra = tau^2 * (1 - 1/C * sum_c rho(P_s[:, c], P_t[:, c]))      each class across the batch
     L_DIST  = beta * L_inter + gamma * L_intra
 
-The cosine similarity clamps each norm at ``eps`` (1e-8). ImageNet (ResNet-34 -> ResNet-18, as in
+``eps`` (1e-8) is the cosine similarity's guard against a zero-variance row. ImageNet (ResNet-34 -> ResNet-18, as in
 torchdistill's sample configuration): ``CE + 2 * DIST`` with beta = gamma = tau = 1::
 
     - {name: ce, type: cross_entropy, weight: 1.0}
