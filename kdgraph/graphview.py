@@ -40,7 +40,10 @@ Edge attributes: ``taps`` (the taps read along this edge: the tap's node -> the 
 that reads it), ``shape`` (the source's shape), ``pruned``. Graph attributes: ``spec``, ``stage``,
 ``stage_index``, ``train``, ``batch_inputs``, ``transform``, ``batch_size`` (the traced batch),
 ``loss_node`` (the node whose value is ``out.loss``), ``logits_node``, ``terms`` (loss name ->
-the node of its weighted term), ``taps`` (tap -> node).
+the node of its weighted term), ``taps`` (tap -> node), ``batch_factor`` (rows the input transform
+makes of each image, e.g. 4 for SSKD's rotations: shapes downstream of it are traced without it, so
+their batch dimension is really ``batch_factor`` times larger; the transform node's own shape is
+its real output shape).
 """
 from __future__ import annotations
 
@@ -88,6 +91,25 @@ def _param_count(root: torch.nn.Module, node: fx.Node) -> tuple[int, Optional[st
     return 0, None
 
 
+@torch.no_grad()
+def _probe_transform(gm: fx.GraphModule, node: fx.Node, images_shape) -> Optional[tuple[int, ...]]:
+    """Output shape of the stage's input transform on a zero batch (SSKD's rotations: B -> 4B)."""
+    if images_shape is None or node.op != "call_module":
+        return None
+    mod = _module(gm, str(node.target))
+    if mod is None:
+        return None
+    was = mod.training
+    try:
+        mod.eval()
+        out = mod(torch.zeros(images_shape))
+        return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    except Exception:  # noqa: BLE001 - a view must not fail because a transform needs other inputs
+        return None
+    finally:
+        mod.train(was)
+
+
 def _traced_batch(distiller) -> int:
     for net in distiller.traced.values():
         node = net.input_node
@@ -123,6 +145,7 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
     adapter_params = {a.name: a.parameters for a in report.adapters}
 
     graph_nodes = list(gm.graph.nodes)
+    batch_factor = 1.0
     owner_of: dict[fx.Node, str] = {}
     loss_node: Optional[str] = None
     logits_node: Optional[str] = None
@@ -174,6 +197,9 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
             trainable = False
         elif role == "transform":
             owner, trainable = "transform", False
+            shape = _probe_transform(gm, node, images_shape)
+            if shape and images_shape:
+                batch_factor = shape[0] / images_shape[0]
         else:
             owner, trainable = role, False
         owner_of[node] = owner
@@ -206,7 +232,7 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
     G.graph.update(spec=distiller.spec.name, stage=report.stage, stage_index=report.index,
                    train=list(stage_spec.train), batch_inputs=list(report.batch_inputs),
                    transform=report.transform, batch_size=batch, loss_node=loss_node, logits_node=logits_node,
-                   terms=terms, taps={t.tap: t.node for t in report.taps})
+                   terms=terms, taps={t.tap: t.node for t in report.taps}, batch_factor=batch_factor)
     return G
 
 

@@ -1,0 +1,240 @@
+"""Drawing the fused graph: every shipped spec renders with Graphviz and shows every tap, adapter and loss;
+the self-contained HTML page renders in headless Chromium; .dot and .html need no Graphviz."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kdgraph
+from kdgraph import viz
+from kdgraph.cli import main
+from kdgraph.models import build_model
+from conftest import SPECS, small_spec
+
+SPEC_FILES = sorted(p.name for p in SPECS.glob("*.yaml"))
+_MODELS: dict[tuple, torch.nn.Module] = {}
+
+
+def _model(ref):
+    """Random-init networks are built once per reference and copied (building dominates compile time)."""
+    key = (ref.model, repr(sorted(ref.kwargs.items())))
+    if key not in _MODELS:
+        _MODELS[key] = build_model(ref)
+    return copy.deepcopy(_MODELS[key])
+
+
+def compile_small(name: str):
+    spec = small_spec(name)
+    return kdgraph.compile(spec, teacher=_model(spec.teacher), student=_model(spec.student))
+
+
+@pytest.fixture(scope="module")
+def kr():
+    return compile_small("kr_resnet18.yaml")
+
+
+@pytest.fixture(scope="module")
+def ft():
+    return compile_small("ft_resnet18.yaml")
+
+
+def _svg_texts(svg: str) -> str:
+    root = ET.fromstring(svg)  # well-formed XML
+    return "\n".join("".join(el.itertext()) for el in root.iter("{http://www.w3.org/2000/svg}text"))
+
+
+def test_shipped_specs_exist():
+    assert len(SPEC_FILES) >= 9 and "kr_resnet18.yaml" in SPEC_FILES and "ft_resnet18.yaml" in SPEC_FILES
+
+
+@pytest.mark.parametrize("name", SPEC_FILES)
+def test_svg_of_every_shipped_spec_names_every_tap_adapter_and_loss(name, tmp_path):
+    d = compile_small(name)
+    out = tmp_path / f"{name}.svg"
+    drawn = viz.render(d, out)  # every stage
+    assert [v.stage for v in drawn] == d.stages
+    svg = out.read_text()
+    texts = _svg_texts(svg)
+    for i, stage in enumerate(d.stages):
+        report = d.build_stage(i)[1]
+        for t in report.taps:
+            if not t.tap.startswith("batch:") or t.tap == "batch:targets" or t.used_by:
+                assert t.tap in texts, f"{name}/{stage}: tap {t.tap} not drawn"
+        for a in report.adapters:
+            assert a.name in texts, f"{name}/{stage}: adapter {a.name} not drawn"
+        for lo in report.losses:
+            assert lo.name in texts, f"{name}/{stage}: loss {lo.name} not drawn"
+        assert f"{stage}" in texts
+        # the clusters of the networks the stage runs
+        if report.uses_teacher:
+            assert f"teacher: {d.spec.teacher.model}" in texts
+        if report.uses_student:
+            assert f"student: {d.spec.student.model}" in texts
+    # every tap label sits on an edge into the adapter / loss reading it (Graphviz titles edges "a->b")
+    for v in drawn:
+        factor = v.graph.graph["batch_factor"]  # SSKD's rotations make 4 rows of each image
+        lead = "B×" if factor == 1 else f"{int(factor)}B×"
+        for n in v.nodes.values():
+            if n.kind in ("teacher", "student") and not n.pruned:
+                assert any(ln.startswith(lead) for ln in n.lines), (name, n.title, n.lines)
+        for e in v.edges:
+            if e.taps:
+                assert v.nodes[e.dst].kind in ("adapter", "loss", "total")
+                assert f"s{v.index}_{e.src}&#45;&gt;s{v.index}_{e.dst}" in svg
+
+
+def test_kr_picture_collapses_blocks_marks_pruned_and_trainable(kr, tmp_path):
+    (v,) = viz.views(kr, "main", depth=1)
+    teacher = {n.title for n in v.nodes.values() if n.kind == "teacher"}
+    assert {"conv1", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"} <= teacher
+    assert not any("." in t for t in teacher)  # blocks collapsed at depth 1
+    assert sum(n.kind == "adapter" for n in v.nodes.values()) == 5
+    assert sum(n.kind == "loss" for n in v.nodes.values()) == 6
+    assert sum(n.kind == "total" for n in v.nodes.values()) == 1
+    pruned = {n.title for n in v.nodes.values() if n.pruned}
+    assert pruned == {"fc", "/flatten"}  # the teacher's head: no loss reads the teacher's logits
+    assert all(n.kind == "teacher" for n in v.nodes.values() if n.pruned)
+    assert all(n.trainable for n in v.nodes.values() if n.kind in ("student", "adapter"))
+    assert not any(n.trainable for n in v.nodes.values() if n.kind == "teacher")
+    layer4 = v.nodes["student:layer4"]
+    assert "B×512×2×2" in layer4.lines and "2× BasicBlock" in layer4.lines
+    dot = viz.to_dot([v])
+    fill = viz.PRUNED[0]
+    assert re.search(rf'"s0_teacher:fc" \[.*fillcolor="{fill}".*dashed', dot) or \
+        re.search(rf'"s0_teacher:fc" \[.*dashed.*fillcolor="{fill}"', dot)
+    assert 'label="teacher: torchvision:resnet34  (frozen)"' in dot
+    assert 'label="student: torchvision:resnet18  (trains)"' in dot
+    assert "rankdir=LR" in dot
+    # a tap edge carries its tap name and shape
+    edge = next(e for e in v.edges if "student:layer4.-1" in dict(e.taps))
+    assert (edge.src, edge.dst) == ("student:layer4", "adapter:abf_layer4")
+    assert dict(edge.taps)["student:layer4.-1"] == "B×512×2×2"
+    png = tmp_path / "kr.png"
+    viz.render(kr, png, depth=1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+
+
+def test_depth_expands_blocks(kr):
+    G = kr.graph
+    net_nodes = {n for n, a in G.nodes(data=True) if a["role"] in ("teacher", "student")}
+    (d0,) = viz.views(kr, None, depth=0)
+    assert sorted(n.title for n in d0.nodes.values() if n.kind in ("teacher", "student")) == \
+        sorted([kr.spec.teacher.model, kr.spec.student.model])
+    (d2,) = viz.views(kr, None, depth=2)
+    titles = {n.title for n in d2.nodes.values() if n.kind == "student"}
+    assert {"layer1.0", "layer1.1", "layer4.1"} <= titles and "layer1" not in titles
+    (full,) = viz.views(kr, None, depth=99)  # every fx node its own box, edges = the graph's edges
+    boxes = [n for n in full.nodes.values() if n.kind in ("teacher", "student")]
+    assert len(boxes) == len(net_nodes) and all(len(n.members) == 1 for n in boxes)
+    member = {n.members[0]: n.id for n in boxes}
+    net_edges = {(u, v) for u, v in G.edges if u in net_nodes and v in net_nodes}
+    assert {(member[u], member[v]) for u, v in net_edges} == \
+        {(e.src, e.dst) for e in full.edges if e.src in member.values() and e.dst in member.values()}
+
+
+def test_two_stage_ft_shows_frozen_and_trainable_adapters(ft, tmp_path):
+    para, main_ = viz.views(ft, "all", depth=1)
+    assert para.nodes["adapter:paraphraser_encoder"].trainable
+    assert "trainable" in para.nodes["adapter:paraphraser_encoder"].lines
+    enc = main_.nodes["adapter:paraphraser_encoder"]
+    assert not enc.trainable and "frozen" in enc.lines
+    assert main_.nodes["adapter:translator"].trainable
+    assert "adapter:paraphraser_decoder" not in main_.nodes  # stage 2 runs only the encoder
+    assert not any(n.kind == "student" for n in para.nodes.values())  # stage 1 never runs the student
+    dot = viz.to_dot([para, main_])
+    assert dot.count("subgraph \"cluster_s") == 5  # 2 stages, teacher in both, student in the second
+    enc_line = next(ln for ln in dot.splitlines() if ln.strip().startswith('"s1_adapter:paraphraser_encoder" ['))
+    assert "dashed" in enc_line and "penwidth=1.0" in enc_line
+    tr_line = next(ln for ln in dot.splitlines() if ln.strip().startswith('"s1_adapter:translator" ['))
+    assert "dashed" not in tr_line and "penwidth=2.2" in tr_line
+
+
+def test_dot_and_html_need_no_graphviz(ft, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert shutil.which("dot") is None
+    viz.render(ft, tmp_path / "g.dot")
+    viz.render(ft, tmp_path / "g.html")
+    assert (tmp_path / "g.dot").read_text().startswith("digraph kdgraph {")
+    with pytest.raises(viz.GraphvizMissing, match="apt-get install graphviz"):
+        viz.render(ft, tmp_path / "g.svg")
+    with pytest.raises(kdgraph.KDGraphError, match="unknown format"):
+        viz.render(ft, tmp_path / "g.jpeg")
+
+
+def _chromium(*args: str, tmp: Path) -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert exe, "headless Chromium is needed for this test: apt-get install chromium (.ci/run installs it)"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+           f"--user-data-dir={tmp / 'chromium-profile'}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_html_renders_in_headless_chromium(kr, ft, tmp_path):
+    for d, name in ((kr, "kr"), (ft, "ft")):
+        page = tmp_path / f"{name}.html"
+        drawn = viz.render(d, page, depth=1)
+        text = page.read_text()
+        # self-contained: nothing is fetched (the only URL is the SVG namespace)
+        assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", text)
+        assert set(re.findall(r"https?://[^\s\"'<>]+", text)) <= {"http://www.w3.org/2000/svg"}
+        dom = _chromium("--virtual-time-budget=5000", "--dump-dom", page.as_uri(), tmp=tmp_path)
+        expected = sum(len(v.nodes) for v in drawn)
+        assert f'data-rendered-nodes="{expected}"' in dom
+        assert len(re.findall(r'<g class="node" data-id=', dom)) == expected
+        assert len(re.findall(r'<g class="edge"', dom)) == sum(len(v.edges) for v in drawn)
+        assert len(re.findall(r'<g class="tap"', dom)) == sum(1 for v in drawn for e in v.edges if e.taps)
+        assert f"rendered {expected} nodes in {len(drawn)} stage(s)" in dom
+    shot = tmp_path / "kr.png"
+    _chromium("--window-size=1400,800", f"--screenshot={shot}", (tmp_path / "kr.html").as_uri(), tmp=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_layout_keeps_clusters_and_labels_apart(kr):
+    (v,) = viz.views(kr, None, depth=1)
+    lay = viz.layout(v)
+    boxes = {n["id"]: (n["x"], n["y"], n["w"], n["h"]) for n in lay["nodes"]}
+    ids = list(boxes)
+    for i, a in enumerate(ids):  # no two boxes overlap
+        for b in ids[i + 1:]:
+            assert not viz._overlap(boxes[a], boxes[b]), (a, b)
+    labels = [(e["label"]["x"], e["label"]["y"], e["label"]["w"], e["label"]["h"]) for e in lay["edges"] if e["label"]]
+    for i, a in enumerate(labels):  # no two tap labels overlap, and none covers a box
+        assert not any(viz._overlap(a, b) for b in labels[i + 1:])
+        assert not any(viz._overlap(a, b) for b in boxes.values())
+    t, s = ({c["role"]: c for c in lay["clusters"]}[r] for r in ("teacher", "student"))
+    assert t["y"] + t["h"] < s["y"]  # teacher band above the student band
+    for n in lay["nodes"]:
+        if n["kind"] in ("teacher", "student"):
+            c = t if n["kind"] == "teacher" else s
+            assert c["x"] <= n["x"] and n["x"] + n["w"] <= c["x"] + c["w"]
+            assert c["y"] <= n["y"] and n["y"] + n["h"] <= c["y"] + c["h"]
+        else:  # nothing else inside a network's cluster
+            assert not viz._overlap(boxes[n["id"]], (t["x"], t["y"], t["w"], t["h"]))
+            assert not viz._overlap(boxes[n["id"]], (s["x"], s["y"], s["w"], s["h"]))
+
+
+def test_cli_viz(tmp_path):
+    out = tmp_path / "ft.dot"
+    r = CliRunner().invoke(main, ["viz", str(SPECS / "ft_resnet18.yaml"), "-o", str(out), "--stage", "main",
+                                  "--depth", "2", "--input-size", "64", "64"])
+    assert r.exit_code == 0, r.output
+    assert "stage main:" in r.output and f"wrote {out}" in r.output
+    dot = out.read_text()
+    assert "s1_student:layer1.0" in dot and "paraphraser_decoder" not in dot
+    r = CliRunner().invoke(main, ["viz", str(SPECS / "ft_resnet18.yaml"), "-o", str(tmp_path / "x.pdf")])
+    assert r.exit_code == 2 and "--format" in r.output
+    r = CliRunner().invoke(main, ["viz", str(SPECS / "ft_resnet18.yaml"), "-o", str(tmp_path / "x.svg"),
+                                  "--stage", "mian"])
+    assert r.exit_code == 2 and "main" in r.output
