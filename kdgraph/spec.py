@@ -283,6 +283,12 @@ class RuntimeSpec(_Strict):
     eval_teacher: bool = Field(False, description="kdgraph train: evaluate the teacher on the validation split "
                                                   "once before training and record its top-1/top-5")
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as False
+        return "off" if v is False else v
+
 
 class Reference(_Strict):
     """The published figure this spec reproduces (documentation, printed beside results)."""
