@@ -152,6 +152,7 @@ def test_eval_mode_leaves_memory_alone(features):
         value = loss(head(fs), head(ft), index, _contrast(index, torch.Generator().manual_seed(6)))
     assert torch.isfinite(value)
     assert torch.equal(loss.memory_student, before[0]) and torch.equal(loss.memory_teacher, before[1])
+    assert (loss.z < 0).all(), "an eval batch must not fix Z"
 
 
 def test_shape_errors_are_clear():

@@ -95,8 +95,8 @@ class CRDLoss(DistillLoss):
 
     Buffers: ``memory_student`` and ``memory_teacher`` (``num_samples x feature_dim`` each, one
     contiguous tensor, initialised uniform in +-1/sqrt(feature_dim/3) like the reference code) and
-    ``z`` = [Z_s, Z_t] (negative until the first training batch sets them). The banks are updated
-    in place (``index_copy_``) under ``no_grad``, only in training mode. The number of negatives
+    ``z`` = [Z_s, Z_t] (negative until the first training batch sets them). The banks and Z are
+    updated in place (``index_copy_``) under ``no_grad``, only in training mode. The number of negatives
     K is ``contrast_index.shape[1] - 1``; column 0 of ``contrast_index`` is the positive.
     """
 
@@ -178,10 +178,12 @@ class CRDLoss(DistillLoss):
         t = teacher.float()
         p_s = self._scores(self.memory_teacher, s, contrast_index)  # student vs teacher memory
         p_t = self._scores(self.memory_student, t, contrast_index)  # teacher vs student memory
-        with torch.no_grad():  # Z: fixed once, from the first batch (no graph break, no host sync)
+        with torch.no_grad():  # Z: fixed once, by the first training batch (no host sync)
             first = torch.stack([p_s.mean(), p_t.mean()]) * self.num_samples
-            self.z.copy_(torch.where(self.z < 0, first, self.z))
-        loss = self._nce(p_s / self.z[0]) + self._nce(p_t / self.z[1])
+            z = torch.where(self.z < 0, first, self.z)
+            if self.training:
+                self.z.copy_(z)
+        loss = self._nce(p_s / z[0]) + self._nce(p_t / z[1])
         if self.training:
             self._update(self.memory_student, s.detach(), index)
             self._update(self.memory_teacher, t.detach(), index)
