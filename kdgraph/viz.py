@@ -63,6 +63,7 @@ COLOURS = {
     "transform": ("#e5dbf3", "#6f4a9e", "#35204f"),
 }
 PRUNED = ("#f5f5f5", "#c4c4c4", "#a8a8a8")
+TAP = ("#fffbe0", "#8a7a2a", "#3a3310")  # a tapped value, on the edge to its readers
 CLUSTER_FILL = {"teacher": "#f3f7fc", "student": "#f3faf2"}
 
 
@@ -115,7 +116,7 @@ class VNode:
     members: list[str]
     trainable: bool
     pruned: bool
-    order: int  # position of its first member in the fused graph (stable layouts)
+    order: float  # position of its first member in the fused graph (stable layouts)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -153,6 +154,39 @@ class StageView:
     def title(self) -> str:
         return (f"stage {self.index + 1}/{self.n_stages}: {self.stage}  —  trains "
                 f"{', '.join(self.train) or 'nothing'}")
+
+    def drawing(self) -> tuple[dict[str, VNode], list[DEdge]]:
+        """What is drawn: the boxes plus one small *tap* node per tapped value, sitting on the edges
+        from the value to the adapters / losses that read it (so tap names never collide with lines)."""
+        nodes: dict[str, VNode] = dict(self.nodes)
+        edges: list[DEdge] = []
+        tap_ids: dict[tuple[str, str], str] = {}
+        for e in self.edges:
+            if not e.taps:
+                edges.append(DEdge(e.src, e.dst, "flow", e.pruned, e.dst_kind))
+                continue
+            for tap, shape in e.taps:
+                key = (e.src, tap)
+                if key not in tap_ids:
+                    tid = tap_ids[key] = f"tap{len(tap_ids)}"
+                    nodes[tid] = VNode(tid, "tap", tap, [shape], [], False, False, self.nodes[e.src].order + 0.5,
+                                       {"tap": tap, "shape": shape, "reads": e.src, "read_by": []})
+                    edges.append(DEdge(e.src, tid, "tap_in", False, e.dst_kind))
+                tid = tap_ids[key]
+                nodes[tid].details["read_by"].append(e.dst)
+                edges.append(DEdge(tid, e.dst, "tap_out", False, e.dst_kind))
+        return nodes, edges
+
+
+@dataclass
+class DEdge:
+    """A drawn edge: ``flow`` (data between boxes), ``tap_in`` (value -> tap), ``tap_out`` (tap -> reader)."""
+
+    src: str
+    dst: str
+    kind: str
+    pruned: bool
+    dst_kind: str
 
 
 def _network_key(n: str, a: dict[str, Any], depth: int) -> str:
@@ -307,7 +341,7 @@ def stage_view(distiller, stage: int | str | None = None, depth: int = 1) -> Sta
             kind, title = "transform", str(first["name"])
             lines = ["input transform", shape]
         nodes[gid] = VNode(gid, kind, title, [ln for ln in lines if ln], members, trainable, pruned,
-                           min(order[m] for m in members), details)
+                           float(min(order[m] for m in members)), details)
     edges: list[VEdge] = []
     for u, v, ea in H.edges(data=True):
         taps = [(t, shape_of(G.graph["taps"][t], s) if t in G.graph["taps"] else fmt_shape(s, batch))
@@ -357,35 +391,41 @@ def _node_colours(n: VNode) -> tuple[str, str, str]:
 
 
 def _dot_node(prefix: str, n: VNode) -> str:
+    if n.kind == "tap":
+        fill, border, font = TAP
+        label = f'<<FONT POINT-SIZE="10">{_h(n.title)}</FONT><BR/><FONT POINT-SIZE="8">{_h(n.lines[0])}</FONT>>'
+        return (f"{_q(prefix + n.id)} [label={label}, shape=box, style=\"rounded,filled\", fillcolor={_q(fill)}, "
+                f"color={_q(border)}, fontcolor={_q(font)}, penwidth=0.8, margin=\"0.05,0.02\", height=0.3, "
+                f"tooltip={_q('tap ' + n.title + ' ' + n.lines[0])}];")
     fill, border, font = _node_colours(n)
     frozen = n.kind in ("teacher", "student", "adapter") and not n.trainable
     style = "rounded,filled" + (",dashed" if frozen or n.pruned else "")
     pen = "2.2" if n.trainable else "1.0"
     sub = "".join(f'<BR/><FONT POINT-SIZE="9">{_h(ln)}</FONT>' for ln in n.lines)
     label = f"<<B>{_h(n.title)}</B>{sub}>"
-    shape = "box"
-    if n.kind == "input":
-        shape = "cds"
-    elif n.kind in ("loss", "total"):
-        shape = "box"
+    shape = "cds" if n.kind == "input" else "box"
     tip = f"{n.kind} {n.title}: " + "; ".join(n.lines)
     return (f"{_q(prefix + n.id)} [label={label}, shape={shape}, style={_q(style)}, fillcolor={_q(fill)}, "
             f"color={_q(border)}, fontcolor={_q(font)}, penwidth={pen}, tooltip={_q(tip)}];")
 
 
-def _dot_edge(prefix: str, e: VEdge) -> str:
-    attrs: dict[str, str] = {}
+def _edge_colour(e: DEdge) -> str:
     if e.pruned:
-        attrs.update(color=PRUNED[1], style="dashed", arrowhead="onormal")
-    elif e.kind == "tap":
-        colour = COLOURS.get(e.dst_kind, COLOURS["loss"])[1]
-        lines = "".join(f'<FONT COLOR="{colour}">{_h(t)}</FONT><BR/><FONT POINT-SIZE="8">{_h(s)}</FONT><BR/>'
-                        for t, s in e.taps)
-        attrs.update(color=colour, penwidth="1.5", fontcolor=colour)
-        attrs["label"] = f"<{lines}>"
-    else:
-        attrs.update(color="#8c8c8c")
-    body = ", ".join(f"{k}={v if k == 'label' else _q(v)}" for k, v in attrs.items())
+        return PRUNED[1]
+    if e.kind == "flow":
+        return "#8c8c8c"
+    return COLOURS.get(e.dst_kind, COLOURS["loss"])[1]
+
+
+def _dot_edge(prefix: str, e: DEdge) -> str:
+    attrs = {"color": _edge_colour(e)}
+    if e.pruned:
+        attrs.update(style="dashed", arrowhead="onormal")
+    elif e.kind == "tap_in":
+        attrs.update(arrowhead="none", penwidth="1.5")
+    elif e.kind == "tap_out":
+        attrs.update(penwidth="1.5")
+    body = ", ".join(f"{k}={_q(v)}" for k, v in attrs.items())
     return f"{_q(prefix + e.src)} -> {_q(prefix + e.dst)} [{body}];"
 
 
@@ -396,19 +436,22 @@ def _legend_cells() -> str:
         return (f'<TD BGCOLOR="{fill}" COLOR="{border}" BORDER="{2 if bold else 1}"{style}><FONT COLOR="{font}" '
                 f'POINT-SIZE="9">{_h(text)}</FONT></TD>')
 
+    tap = (f'<TD BGCOLOR="{TAP[0]}" COLOR="{TAP[1]}" BORDER="1"><FONT COLOR="{TAP[2]}" POINT-SIZE="9">tap '
+           f'(tapped value, shape)</FONT></TD>')
     return "".join([cell("teacher", "teacher"), cell("student", "student"), cell("adapter", "adapter"),
                     cell("loss", "loss term"), cell("total", "total loss"), cell("input", "batch input"),
-                    cell("transform", "input transform"), cell("adapter", "frozen: dashed", dashed=True),
+                    cell("transform", "input transform"), tap, cell("adapter", "frozen: dashed", dashed=True),
                     cell("student", "trains: bold", bold=True), cell("teacher", "pruned by DCE", fade=True)])
 
 
 def _graph_label(title: str, legend: bool) -> str:
-    rows = f'<TR><TD ALIGN="LEFT" COLSPAN="10"><FONT POINT-SIZE="15"><B>{_h(title)}</B></FONT></TD></TR>'
+    rows = f'<TR><TD ALIGN="LEFT"><FONT POINT-SIZE="15"><B>{_h(title)}</B></FONT></TD></TR>'
     if legend:
-        rows += (f"<TR>{_legend_cells()}</TR>"
-                 f'<TR><TD ALIGN="LEFT" COLSPAN="10"><FONT POINT-SIZE="9">edge labels: the taps each adapter or loss '
-                 f'reads, with their shapes (B = batch). Boxes: module, output shape, parameters.</FONT></TD></TR>')
-    return f'<<TABLE BORDER="0" CELLSPACING="3" CELLPADDING="3">{rows}</TABLE>>'
+        rows += (f'<TR><TD ALIGN="LEFT"><TABLE BORDER="0" CELLSPACING="3" CELLPADDING="3"><TR>{_legend_cells()}'
+                 f'</TR></TABLE></TD></TR>'
+                 f'<TR><TD ALIGN="LEFT"><FONT POINT-SIZE="9">Boxes: module, output shape (B = batch), parameters. '
+                 f'Yellow tags: the taps adapters and losses read, on the edges they read.</FONT></TD></TR>')
+    return f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="2">{rows}</TABLE>>'
 
 
 def to_dot(stage_views: list[StageView], legend: bool = True) -> str:
@@ -445,8 +488,9 @@ def to_dot(stage_views: list[StageView], legend: bool = True) -> str:
                        f"penwidth={'1.0' if v.frozen[role] else '2.0'}; fontsize=12;")
             out.extend(f"{ind}  {_dot_node(p, n)}" for n in members)
             out.append(f"{ind}}}")
-        out.extend(f"{ind}{_dot_node(p, n)}" for n in v.nodes.values() if n.cluster is None)
-        out.extend(f"{ind}{_dot_edge(p, e)}" for e in v.edges)
+        nodes, edges = v.drawing()
+        out.extend(f"{ind}{_dot_node(p, n)}" for n in nodes.values() if n.cluster is None)
+        out.extend(f"{ind}{_dot_edge(p, e)}" for e in edges)
         if multi:
             out.append("  }")
     out.append("}")
@@ -489,66 +533,72 @@ _BANDS = {"teacher": 0, "student": 2}
 
 
 def _size(n: VNode) -> tuple[float, float]:
+    if n.kind == "tap":
+        return max(len(n.title) * 6.0, len(n.lines[0]) * 5.2) + 12, 30.0
     w = max([len(n.title) * _CHAR_W["title"]] + [len(ln) * _CHAR_W["line"] for ln in n.lines]) + 20
     h = (1 + len(n.lines)) * _LINE_H + 12
     return max(w, 60.0), float(h)
 
 
-def _layers(v: StageView) -> dict[str, int]:
+def _layers(nodes: dict[str, VNode], edges: list[DEdge]) -> dict[str, int]:
     """Longest-path layering; an edge against the fused graph's order (a cycle after collapsing) is ignored."""
-    order = {k: n.order for k, n in v.nodes.items()}
-    preds: dict[str, list[str]] = {k: [] for k in v.nodes}
-    for e in v.edges:
-        if e.src in v.nodes and e.dst in v.nodes and order[e.src] < order[e.dst]:
+    order = {k: n.order for k, n in nodes.items()}
+    preds: dict[str, list[str]] = {k: [] for k in nodes}
+    for e in edges:
+        if order[e.src] < order[e.dst]:
             preds[e.dst].append(e.src)
     layer: dict[str, int] = {}
-    for k in sorted(v.nodes, key=order.get):
+    for k in sorted(nodes, key=order.get):
         layer[k] = 1 + max((layer[p] for p in preds[k] if p in layer), default=-1)
     return layer
 
 
-def layout(v: StageView, gap_x: float = 70.0, gap_y: float = 16.0, band_gap: float = 56.0) -> dict[str, Any]:
-    """Positions for the HTML drawing: nodes in columns (layers), teacher on top, student at the bottom.
+def layout(v: StageView, gap_x: float = 46.0, gap_y: float = 14.0, band_gap: float = 56.0) -> dict[str, Any]:
+    """Positions for the HTML drawing: boxes in columns (longest-path layers), the teacher's boxes in a
+    band on top, the student's at the bottom, inputs, taps, adapters and losses in between; each
+    column's boxes ordered by the barycentre of their neighbours. Boxes never overlap.
 
     Returns ``{"nodes": [...], "edges": [...], "clusters": [...], "width", "height"}`` in pixels.
     """
-    layer = _layers(v)
-    band = {k: _BANDS.get(n.kind, 1) for k, n in v.nodes.items()}
-    size = {k: _size(n) for k, n in v.nodes.items()}
+    nodes, edges = v.drawing()
+    layer = _layers(nodes, edges)
+    band = {k: _BANDS.get(n.kind, 1) for k, n in nodes.items()}
+    size = {k: _size(n) for k, n in nodes.items()}
     n_layers = max(layer.values(), default=-1) + 1
     cells: dict[tuple[int, int], list[str]] = {}
-    for k in sorted(v.nodes, key=lambda k: v.nodes[k].order):
+    for k in sorted(nodes, key=lambda k: nodes[k].order):
         cells.setdefault((layer[k], band[k]), []).append(k)
-    preds: dict[str, list[str]] = {k: [] for k in v.nodes}
-    succs: dict[str, list[str]] = {k: [] for k in v.nodes}
-    for e in v.edges:
+    preds: dict[str, list[str]] = {k: [] for k in nodes}
+    succs: dict[str, list[str]] = {k: [] for k in nodes}
+    for e in edges:
         preds[e.dst].append(e.src)
         succs[e.src].append(e.dst)
     # barycentre ordering inside each cell (a few sweeps both ways)
     pos = {k: float(i) for cell in cells.values() for i, k in enumerate(cell)}
     for sweep in range(4):
         neigh = preds if sweep % 2 == 0 else succs
-        layer_range = range(n_layers) if sweep % 2 == 0 else range(n_layers - 1, -1, -1)
-        for li in layer_range:
+        for li in (range(n_layers) if sweep % 2 == 0 else range(n_layers - 1, -1, -1)):
             for b in range(3):
                 cell = cells.get((li, b))
                 if not cell or len(cell) < 2:
                     continue
+
                 def bary(k: str) -> float:
                     ns = [pos[n] + 1000 * band[n] for n in neigh[k]]
                     return sum(ns) / len(ns) if ns else pos[k] + 1000 * band[k]
+
                 cell.sort(key=bary)
                 for i, k in enumerate(cell):
                     pos[k] = float(i)
     # x: columns
-    col_w = [max((size[k][0] for (li, _), cell in cells.items() if li == c for k in cell), default=0)
-             for c in range(n_layers)]
+    col_w = [0.0] * n_layers
+    for (li, _), cell in cells.items():
+        col_w[li] = max([col_w[li]] + [size[k][0] for k in cell])
     col_x, x = [], 30.0
     for w in col_w:
         col_x.append(x + w / 2)
         x += w + gap_x
-    width = x
-    # y: bands of fixed height (so the teacher and student clusters never overlap)
+    # y: bands of fixed height (so the teacher and student clusters never overlap anything else)
     band_h = [0.0, 0.0, 0.0]
     for (li, b), cell in cells.items():
         band_h[b] = max(band_h[b], sum(size[k][1] for k in cell) + gap_y * (len(cell) - 1))
@@ -556,7 +606,6 @@ def layout(v: StageView, gap_x: float = 70.0, gap_y: float = 16.0, band_gap: flo
     for b in range(3):
         band_top.append(y)
         y += band_h[b] + (band_gap if band_h[b] else 0)
-    height = y
     xy: dict[str, tuple[float, float]] = {}
     for (li, b), cell in cells.items():
         total = sum(size[k][1] for k in cell) + gap_y * (len(cell) - 1)
@@ -565,16 +614,13 @@ def layout(v: StageView, gap_x: float = 70.0, gap_y: float = 16.0, band_gap: flo
             xy[k] = (col_x[li], cy + size[k][1] / 2)
             cy += size[k][1] + gap_y
     nodes_out = []
-    for k, n in v.nodes.items():
+    for k, n in nodes.items():
         (cx, cy), (w, h) = xy[k], size[k]
         nodes_out.append({"id": k, "kind": n.kind, "title": n.title, "lines": n.lines, "x": cx - w / 2,
                           "y": cy - h / 2, "w": w, "h": h, "trainable": n.trainable, "pruned": n.pruned,
                           "details": _jsonable(n.details)})
-    # edges: cubic curves right side -> left side; tap labels placed greedily without overlaps
-    boxes = [(xy[k][0] - size[k][0] / 2, xy[k][1] - size[k][1] / 2, size[k][0], size[k][1]) for k in v.nodes]
-    placed: list[tuple[float, float, float, float]] = []
     edges_out = []
-    for e in v.edges:
+    for e in edges:  # cubic curves from the right side of one box to the left side of the next
         (x1, y1), (x2, y2) = xy[e.src], xy[e.dst]
         x1 += size[e.src][0] / 2
         x2 -= size[e.dst][0] / 2
@@ -583,21 +629,12 @@ def layout(v: StageView, gap_x: float = 70.0, gap_y: float = 16.0, band_gap: flo
             path = f"M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
         else:  # against the flow: loop below
             low = max(y1, y2) + 40
-            path = (f"M{x1:.1f},{y1:.1f} C{x1 + 60:.1f},{low:.1f} {x2 - 60:.1f},{low:.1f} {x2:.1f},{y2:.1f}")
-        label = None
-        if e.taps:
-            text = [f"{t}  {s}" for t, s in e.taps]
-            lw = max(len(t) for t in text) * 5.6 + 8
-            lh = len(text) * 12 + 4
-            # near the target end (where the reader looks); else the nearest free spot to its left / above / below
-            lx, ly = _free_spot(x2 - lw - 8, y2 - lh - 2, lw, lh, placed + boxes, width)
-            placed.append((lx, ly, lw, lh))
-            label = {"x": lx, "y": ly, "w": lw, "h": lh, "lines": text}
-        edges_out.append({"src": e.src, "dst": e.dst, "path": path, "kind": e.kind, "dst_kind": e.dst_kind,
-                          "pruned": e.pruned, "taps": [t for t, _ in e.taps], "label": label})
+            path = f"M{x1:.1f},{y1:.1f} C{x1 + 60:.1f},{low:.1f} {x2 - 60:.1f},{low:.1f} {x2:.1f},{y2:.1f}"
+        edges_out.append({"src": e.src, "dst": e.dst, "path": path, "kind": e.kind, "colour": _edge_colour(e),
+                          "pruned": e.pruned})
     clusters = []
     for role in ("teacher", "student"):
-        ks = [k for k, n in v.nodes.items() if n.kind == role]
+        ks = [k for k, n in nodes.items() if n.kind == role]
         if not ks:
             continue
         x0 = min(xy[k][0] - size[k][0] / 2 for k in ks) - 14
@@ -606,28 +643,8 @@ def layout(v: StageView, gap_x: float = 70.0, gap_y: float = 16.0, band_gap: flo
         y1_ = band_top[_BANDS[role]] + band_h[_BANDS[role]] + 10
         clusters.append({"role": role, "x": x0, "y": y0, "w": x1_ - x0, "h": y1_ - y0, "frozen": v.frozen[role],
                          "label": f"{role}: {v.networks[role]}  ({'frozen' if v.frozen[role] else 'trains'})"})
-    label_right = max([lb["label"]["x"] + lb["label"]["w"] for lb in edges_out if lb["label"]], default=0)
-    label_bottom = max([lb["label"]["y"] + lb["label"]["h"] for lb in edges_out if lb["label"]], default=0)
     return {"stage": v.stage, "title": v.title, "nodes": nodes_out, "edges": edges_out, "clusters": clusters,
-            "width": max(width, label_right + 20), "height": max(height, label_bottom + 20)}
-
-
-def _free_spot(x: float, y: float, w: float, h: float, taken: list[tuple[float, float, float, float]],
-               right: float) -> tuple[float, float]:
-    """The first position near (x, y) where a w x h label overlaps nothing in ``taken``."""
-    for step in range(40):
-        cx = x - 30 * step
-        if cx < 4:
-            break
-        for k in range(61):
-            cy = y + (k + 1) // 2 * 12 * (1 if k % 2 else -1)
-            if cy < 30:
-                continue
-            r = (cx, cy, w, h)
-            if not any(_overlap(r, o) for o in taken):
-                return cx, cy
-    bottom = max((o[1] + o[3] for o in taken), default=0.0)  # nothing free nearby: below everything
-    return min(x, right - w), bottom + 8
+            "width": x, "height": y}
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
@@ -652,7 +669,6 @@ header h1{font-size:16px;margin:0}
 .stage{display:none;width:100vw;height:calc(100vh - 52px);overflow:hidden;cursor:grab}
 .stage.on{display:block}
 svg text{pointer-events:none}
-.node rect{rx:6;ry:6}
 .edge path{fill:none}
 .dim{opacity:.15}
 .hl path{stroke-width:3px !important}
@@ -672,14 +688,15 @@ var C = DATA.colours, P = DATA.pruned, NS = "http://www.w3.org/2000/svg";
 function el(tag, attrs, parent){ var e = document.createElementNS(NS, tag);
   for (var k in attrs) e.setAttribute(k, attrs[k]); if (parent) parent.appendChild(e); return e; }
 function colours(n){ return n.pruned ? P : (C[n.kind] || C.input); }
+C.tap = DATA.tap;
 var tip = document.getElementById("tip");
 var legend = document.getElementById("legend");
 [["teacher","teacher"],["student","student"],["adapter","adapter"],["loss","loss term"],["total","total loss"],
- ["input","input"]].forEach(function(p){ var s = document.createElement("span"); var c = C[p[0]];
+ ["input","input"],["tap","tap"]].forEach(function(p){ var s = document.createElement("span"); var c = C[p[0]];
   s.style.background = c[0]; s.style.borderColor = c[1]; s.style.color = c[2]; s.textContent = p[1]; legend.appendChild(s); });
 var extra = document.createElement("span"); extra.textContent = "dashed = frozen, bold = trains, grey = pruned";
 extra.style.border = "none"; legend.appendChild(extra);
-var total = 0, tabs = document.getElementById("tabs"), host = document.getElementById("stages"), views = [];
+var total = 0, taps = 0, tabs = document.getElementById("tabs"), host = document.getElementById("stages"), views = [];
 DATA.stages.forEach(function(st, si){
   var div = document.createElement("div"); div.className = "stage"; div.dataset.stage = st.stage; host.appendChild(div);
   var b = document.createElement("button"); b.textContent = st.stage; b.title = st.title;
@@ -697,41 +714,36 @@ DATA.stages.forEach(function(st, si){
                 stroke: C[c.role][1], "stroke-width": c.frozen ? 1 : 2, "stroke-dasharray": c.frozen ? "6 4" : ""}, g);
     var lt = el("text", {x: c.x + 10, y: c.y + 16, "font-size": 12, fill: C[c.role][1]}, g); lt.textContent = c.label;
   });
-  var edgeLayer = el("g", {}, root), labelLayer = el("g", {}, root), nodeLayer = el("g", {}, root);
+  var edgeLayer = el("g", {}, root), nodeLayer = el("g", {}, root);
   var byId = {}, eds = [];
   st.edges.forEach(function(e){
-    var col = e.pruned ? P[1] : (e.kind === "tap" ? (C[e.dst_kind] || C.loss)[1] : "#8c8c8c");
-    var g = el("g", {"class": "edge", "data-src": e.src, "data-dst": e.dst}, edgeLayer);
-    el("path", {d: e.path, stroke: col, "stroke-width": e.kind === "tap" ? 1.6 : 1,
-                "stroke-dasharray": e.pruned ? "5 4" : "", "marker-end": "url(#arr" + si + ")"}, g);
-    var lg = null;
-    if (e.label){
-      lg = el("g", {"class": "tap"}, labelLayer);
-      el("rect", {x: e.label.x, y: e.label.y, width: e.label.w, height: e.label.h, fill: "#fff",
-                  "fill-opacity": .9, stroke: col, "stroke-width": .5, rx: 3}, lg);
-      e.label.lines.forEach(function(ln, i){
-        var tt = el("text", {x: e.label.x + 4, y: e.label.y + 12 + 12 * i, "font-size": 10, fill: col}, lg);
-        tt.textContent = ln; });
-    }
-    eds.push({e: e, g: g, lg: lg});
+    var g = el("g", {"class": "edge", "data-src": e.src, "data-dst": e.dst, "data-kind": e.kind}, edgeLayer);
+    var a = {d: e.path, stroke: e.colour, "stroke-width": e.kind === "flow" ? 1 : 1.6,
+             "stroke-dasharray": e.pruned ? "5 4" : ""};
+    if (e.kind !== "tap_in") a["marker-end"] = "url(#arr" + si + ")";
+    el("path", a, g);
+    eds.push({e: e, g: g});
   });
   st.nodes.forEach(function(n){
-    var c = colours(n), frozen = (n.kind === "teacher" || n.kind === "student" || n.kind === "adapter") && !n.trainable;
-    var g = el("g", {"class": "node", "data-id": n.id, "data-kind": n.kind}, nodeLayer);
-    el("rect", {x: n.x, y: n.y, width: n.w, height: n.h, fill: c[0], stroke: c[1],
+    var isTap = n.kind === "tap", c = isTap ? DATA.tap : colours(n);
+    var frozen = (n.kind === "teacher" || n.kind === "student" || n.kind === "adapter") && !n.trainable;
+    var g = el("g", {"class": isTap ? "tap" : "node", "data-id": n.id, "data-kind": n.kind}, nodeLayer);
+    el("rect", {x: n.x, y: n.y, width: n.w, height: n.h, fill: c[0], stroke: c[1], rx: isTap ? 3 : 6,
                 "stroke-width": n.trainable ? 2.2 : 1, "stroke-dasharray": (frozen || n.pruned) ? "5 3" : ""}, g);
-    var tt = el("text", {x: n.x + n.w / 2, y: n.y + 17, "text-anchor": "middle", "font-weight": "bold",
-                         "font-size": 12, fill: c[2]}, g); tt.textContent = n.title;
+    var tt = el("text", {x: n.x + n.w / 2, y: n.y + (isTap ? 13 : 17), "text-anchor": "middle",
+                         "font-weight": isTap ? "normal" : "bold", "font-size": isTap ? 10 : 12, fill: c[2]}, g);
+    tt.textContent = n.title;
     n.lines.forEach(function(ln, i){
-      var s = el("text", {x: n.x + n.w / 2, y: n.y + 31 + 14 * i, "text-anchor": "middle", "font-size": 10,
-                          fill: c[2]}, g); s.textContent = ln; });
+      var s = el("text", {x: n.x + n.w / 2, y: n.y + (isTap ? 25 : 31 + 14 * i), "text-anchor": "middle",
+                          "font-size": isTap ? 9 : 10, fill: c[2]}, g); s.textContent = ln; });
     g.addEventListener("mousemove", function(ev){
       tip.style.display = "block"; tip.style.left = (ev.clientX + 14) + "px"; tip.style.top = (ev.clientY + 10) + "px";
       tip.textContent = n.kind + " " + n.title + "\\n" + n.lines.join("\\n") + "\\n" + JSON.stringify(n.details, null, 1);
     });
     g.addEventListener("mouseleave", function(){ tip.style.display = "none"; });
     g.addEventListener("click", function(ev){ ev.stopPropagation(); highlight(n.id); });
-    byId[n.id] = g; total += 1;
+    byId[n.id] = g;
+    if (isTap) taps += 1; else total += 1;
   });
   function reach(start, fwd){
     var seen = {}; seen[start] = 1; var todo = [start];
@@ -744,10 +756,10 @@ DATA.stages.forEach(function(st, si){
     var up = reach(id, false), down = reach(id, true);
     Object.keys(byId).forEach(function(k){ byId[k].classList.toggle("dim", !(up[k] || down[k])); });
     eds.forEach(function(x){ var on = (up[x.e.src] && up[x.e.dst]) || (down[x.e.src] && down[x.e.dst]);
-      x.g.classList.toggle("dim", !on); x.g.classList.toggle("hl", !!on); if (x.lg) x.lg.classList.toggle("dim", !on); });
+      x.g.classList.toggle("dim", !on); x.g.classList.toggle("hl", !!on); });
   }
   svg.addEventListener("click", function(){ Object.keys(byId).forEach(function(k){ byId[k].classList.remove("dim"); });
-    eds.forEach(function(x){ x.g.classList.remove("dim", "hl"); if (x.lg) x.lg.classList.remove("dim"); }); });
+    eds.forEach(function(x){ x.g.classList.remove("dim", "hl"); }); });
   // pan and zoom on the viewBox
   var vb = [0, 0, st.width, st.height], drag = null;
   function setVB(){ svg.setAttribute("viewBox", vb.join(" ")); }
@@ -765,7 +777,9 @@ DATA.stages.forEach(function(st, si){
 function show(i){ views.forEach(function(v, j){ v.div.classList.toggle("on", i === j); v.button.classList.toggle("on", i === j); }); }
 show(0);
 document.documentElement.setAttribute("data-rendered-nodes", String(total));
-document.getElementById("kd-status").textContent = "rendered " + total + " nodes in " + DATA.stages.length + " stage(s)";
+document.documentElement.setAttribute("data-rendered-taps", String(taps));
+document.getElementById("kd-status").textContent = "rendered " + total + " nodes and " + taps + " taps in " +
+  DATA.stages.length + " stage(s)";
 })();
 </script>
 </body></html>
@@ -776,7 +790,7 @@ def to_html(stage_views: list[StageView]) -> str:
     """A self-contained HTML page (inline CSS and script, no network) drawing the stage views."""
     if not stage_views:
         raise KDGraphError("nothing to draw: no stage")
-    data = {"spec": stage_views[0].spec, "colours": COLOURS, "pruned": PRUNED, "cluster_fill": CLUSTER_FILL,
+    data = {"spec": stage_views[0].spec, "colours": COLOURS, "pruned": PRUNED, "tap": TAP, "cluster_fill": CLUSTER_FILL,
             "stages": [layout(v) for v in stage_views]}
     text = json.dumps(data, separators=(",", ":"))
     # keep the JSON inert inside <script>: no "</script>" or "<!--" can end or open anything

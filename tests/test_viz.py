@@ -47,9 +47,23 @@ def ft():
     return compile_small("ft_resnet18.yaml")
 
 
-def _svg_texts(svg: str) -> str:
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg_parts(svg: str) -> tuple[str, dict[str, str], set[str]]:
+    """(all text, node title -> its text, edge titles) of a Graphviz SVG."""
     root = ET.fromstring(svg)  # well-formed XML
-    return "\n".join("".join(el.itertext()) for el in root.iter("{http://www.w3.org/2000/svg}text"))
+    texts = "\n".join("".join(el.itertext()) for el in root.iter(f"{SVG}text"))
+    nodes, edges = {}, set()
+    for g in root.iter(f"{SVG}g"):
+        title = g.find(f"{SVG}title")
+        if title is None:
+            continue
+        if g.get("class") == "node":
+            nodes[title.text] = " ".join("".join(t.itertext()) for t in g.iter(f"{SVG}text"))
+        elif g.get("class") == "edge":
+            edges.add(title.text)
+    return texts, nodes, edges
 
 
 def test_shipped_specs_exist():
@@ -63,7 +77,7 @@ def test_svg_of_every_shipped_spec_names_every_tap_adapter_and_loss(name, tmp_pa
     drawn = viz.render(d, out)  # every stage
     assert [v.stage for v in drawn] == d.stages
     svg = out.read_text()
-    texts = _svg_texts(svg)
+    texts, svg_nodes, svg_edges = _svg_parts(svg)
     for i, stage in enumerate(d.stages):
         report = d.build_stage(i)[1]
         for t in report.taps:
@@ -79,17 +93,25 @@ def test_svg_of_every_shipped_spec_names_every_tap_adapter_and_loss(name, tmp_pa
             assert f"teacher: {d.spec.teacher.model}" in texts
         if report.uses_student:
             assert f"student: {d.spec.student.model}" in texts
-    # every tap label sits on an edge into the adapter / loss reading it (Graphviz titles edges "a->b")
+    # every tap is a tag on the edges from the tapped value to the adapters / losses reading it
+    # (Graphviz titles nodes by id and edges "a->b")
     for v in drawn:
+        nodes, edges = v.drawing()
+        p = f"s{v.index}_"
+        for e in v.edges:
+            for tap, shape in e.taps:
+                tid = next(k for k, n in nodes.items() if n.kind == "tap" and n.title == tap
+                           and n.details["reads"] == e.src)
+                assert tap in svg_nodes[p + tid] and shape in svg_nodes[p + tid]
+                assert f"{p}{e.src}->{p}{tid}" in svg_edges and f"{p}{tid}->{p}{e.dst}" in svg_edges
+                assert v.nodes[e.dst].kind in ("adapter", "loss", "total")
+        assert {f"{p}{e.src}->{p}{e.dst}" for e in edges} <= svg_edges
+        assert {p + k for k in nodes} <= set(svg_nodes)
         factor = v.graph.graph["batch_factor"]  # SSKD's rotations make 4 rows of each image
         lead = "B×" if factor == 1 else f"{int(factor)}B×"
         for n in v.nodes.values():
             if n.kind in ("teacher", "student") and not n.pruned:
                 assert any(ln.startswith(lead) for ln in n.lines), (name, n.title, n.lines)
-        for e in v.edges:
-            if e.taps:
-                assert v.nodes[e.dst].kind in ("adapter", "loss", "total")
-                assert f"s{v.index}_{e.src}&#45;&gt;s{v.index}_{e.dst}" in svg
 
 
 def test_kr_picture_collapses_blocks_marks_pruned_and_trainable(kr, tmp_path):
@@ -191,38 +213,42 @@ def test_html_renders_in_headless_chromium(kr, ft, tmp_path):
         assert set(re.findall(r"https?://[^\s\"'<>]+", text)) <= {"http://www.w3.org/2000/svg"}
         dom = _chromium("--virtual-time-budget=5000", "--dump-dom", page.as_uri(), tmp=tmp_path)
         expected = sum(len(v.nodes) for v in drawn)
-        assert f'data-rendered-nodes="{expected}"' in dom
+        taps = sum(1 for v in drawn for n in v.drawing()[0].values() if n.kind == "tap")
+        assert taps == sum(len({(e.src, t) for e in v.edges for t, _ in e.taps}) for v in drawn)
+        assert f'data-rendered-nodes="{expected}"' in dom and f'data-rendered-taps="{taps}"' in dom
         assert len(re.findall(r'<g class="node" data-id=', dom)) == expected
-        assert len(re.findall(r'<g class="edge"', dom)) == sum(len(v.edges) for v in drawn)
-        assert len(re.findall(r'<g class="tap"', dom)) == sum(1 for v in drawn for e in v.edges if e.taps)
-        assert f"rendered {expected} nodes in {len(drawn)} stage(s)" in dom
+        assert len(re.findall(r'<g class="tap" data-id=', dom)) == taps
+        assert len(re.findall(r'<g class="edge"', dom)) == sum(len(v.drawing()[1]) for v in drawn)
+        assert f"rendered {expected} nodes and {taps} taps in {len(drawn)} stage(s)" in dom
     shot = tmp_path / "kr.png"
     _chromium("--window-size=1400,800", f"--screenshot={shot}", (tmp_path / "kr.html").as_uri(), tmp=tmp_path)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_html_layout_keeps_clusters_and_labels_apart(kr):
-    (v,) = viz.views(kr, None, depth=1)
-    lay = viz.layout(v)
-    boxes = {n["id"]: (n["x"], n["y"], n["w"], n["h"]) for n in lay["nodes"]}
-    ids = list(boxes)
-    for i, a in enumerate(ids):  # no two boxes overlap
-        for b in ids[i + 1:]:
-            assert not viz._overlap(boxes[a], boxes[b]), (a, b)
-    labels = [(e["label"]["x"], e["label"]["y"], e["label"]["w"], e["label"]["h"]) for e in lay["edges"] if e["label"]]
-    for i, a in enumerate(labels):  # no two tap labels overlap, and none covers a box
-        assert not any(viz._overlap(a, b) for b in labels[i + 1:])
-        assert not any(viz._overlap(a, b) for b in boxes.values())
-    t, s = ({c["role"]: c for c in lay["clusters"]}[r] for r in ("teacher", "student"))
-    assert t["y"] + t["h"] < s["y"]  # teacher band above the student band
-    for n in lay["nodes"]:
-        if n["kind"] in ("teacher", "student"):
-            c = t if n["kind"] == "teacher" else s
-            assert c["x"] <= n["x"] and n["x"] + n["w"] <= c["x"] + c["w"]
-            assert c["y"] <= n["y"] and n["y"] + n["h"] <= c["y"] + c["h"]
-        else:  # nothing else inside a network's cluster
-            assert not viz._overlap(boxes[n["id"]], (t["x"], t["y"], t["w"], t["h"]))
-            assert not viz._overlap(boxes[n["id"]], (s["x"], s["y"], s["w"], s["h"]))
+def test_html_layout_keeps_boxes_and_clusters_apart(kr, ft):
+    for v in viz.views(kr, None, depth=1) + viz.views(ft, "all", depth=1):
+        lay = viz.layout(v)
+        assert len(lay["nodes"]) == len(v.drawing()[0]) and len(lay["edges"]) == len(v.drawing()[1])
+        boxes = {n["id"]: (n["x"], n["y"], n["w"], n["h"]) for n in lay["nodes"]}
+        ids = list(boxes)
+        for i, a in enumerate(ids):  # no two boxes (or tap tags) overlap
+            for b in ids[i + 1:]:
+                assert not viz._overlap(boxes[a], boxes[b]), (a, b)
+        for n in lay["nodes"]:  # everything inside the drawing
+            assert n["x"] >= 0 and n["y"] >= 0
+            assert n["x"] + n["w"] <= lay["width"] and n["y"] + n["h"] <= lay["height"]
+        clusters = {c["role"]: c for c in lay["clusters"]}
+        if "teacher" in clusters and "student" in clusters:
+            t, s = clusters["teacher"], clusters["student"]
+            assert t["y"] + t["h"] < s["y"]  # teacher band above the student band
+        for n in lay["nodes"]:
+            for role, c in clusters.items():
+                rect = (c["x"], c["y"], c["w"], c["h"])
+                if n["kind"] == role:  # a network's boxes inside its cluster, nothing else there
+                    assert c["x"] <= n["x"] and n["x"] + n["w"] <= c["x"] + c["w"]
+                    assert c["y"] <= n["y"] and n["y"] + n["h"] <= c["y"] + c["h"]
+                else:
+                    assert not viz._overlap(boxes[n["id"]], rect), (n["id"], role)
 
 
 def test_cli_viz(tmp_path):
