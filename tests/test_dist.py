@@ -10,17 +10,8 @@ from torchdistill.losses.mid_level import DISTLoss as TdDISTLoss
 import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import LOSSES
-from conftest import small_spec
+from conftest import REL, assert_rel, small_spec
 
-REL = 1e-5
-
-
-def assert_rel(actual, expected, what, rel=REL):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert scale > 0 and torch.isfinite(actual).all(), what
-    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
 
 
 @pytest.fixture(scope="module")

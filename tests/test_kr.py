@@ -14,7 +14,7 @@ from torchdistill.models.wrapper import Student4KnowledgeReview
 import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import ADAPTERS, LOSSES
-from conftest import small_spec
+from conftest import REL, assert_rel, sgd_steps_change_only_trained, small_spec
 
 REL = 1e-5
 LEVELS = ["layer1", "layer2", "layer3", "layer4", "avgpool"]  # fine to coarse, as torchdistill lists them
@@ -216,43 +216,6 @@ def test_abf_and_hcl_shape_errors():
 # ------------------------------------------------------------------------------------------------
 # The spec, compiled
 # ------------------------------------------------------------------------------------------------
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float = 1e-4) -> dict[str, list[float]]:
-    """A few real SGD steps in the current stage. Every parameter of what the stage trains moves;
-    teacher, frozen adapters (parameters and BN buffers) stay bit-identical. Returns each term per step."""
-    train = set(d.spec.stage(d.stage).train)
-    owners = {"student": d.student, **{f"adapter {n}": a for n, a in d.adapters.items()}}
-    trains = {k: (k == "student" and "student" in train) or (k.startswith("adapter ") and k[8:] in train)
-              for k in owners}
-    expected_params = {id(p) for k, m in owners.items() if trains[k] for p in m.parameters()}
-    assert {id(p) for p in d.trainable_parameters()} == expected_params
-    assert not any(p.requires_grad for p in d.teacher.parameters())
-    before = {"teacher": _state(d.teacher), **{k: _state(m) for k, m in owners.items()}}
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=lr, momentum=0.9)
-    terms: dict[str, list[float]] = {}
-    for _ in range(steps):
-        out = d(images, targets)
-        assert torch.isfinite(out.loss), out.terms
-        assert all(torch.isfinite(v) for v in out.terms.values()), out.terms
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        for k, v in out.terms.items():
-            terms.setdefault(k, []).append(v.item())
-    for k, m in {"teacher": d.teacher, **owners}.items():
-        now = m.state_dict()
-        if k != "teacher" and trains[k]:
-            for name, _ in m.named_parameters():
-                assert not torch.equal(now[name], before[k][name]), f"{k}: parameter {name} did not change"
-        else:
-            for name, v in now.items():
-                assert torch.equal(v, before[k][name]), f"{k}: {name} changed in stage {d.stage!r}"
-    return terms
 
 
 def test_kr_spec_trains_student_and_all_five_abfs(kr):

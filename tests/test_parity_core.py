@@ -23,19 +23,8 @@ from torchdistill.models.wrapper import Paraphraser4FactorTransfer, Translator4F
 import kdgraph
 from kdgraph.errors import ModelError
 from kdgraph.registry import ADAPTERS, LOSSES
-from conftest import small_spec
+from conftest import REL, assert_rel, small_spec
 
-REL = 1e-5
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = REL) -> None:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert scale > 0, f"{what}: the reference is identically zero, nothing is compared"
-    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
 
 
 def _io(mgr: ForwardHookManager) -> dict:
