@@ -10,7 +10,7 @@ from torchdistill.losses.mid_level import DISTLoss as TdDISTLoss
 import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import LOSSES
-from conftest import REL, assert_rel, small_spec
+from conftest import assert_rel, small_spec
 
 
 

@@ -11,7 +11,7 @@ from torchdistill.models.wrapper import VarianceBranch4PAD
 import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import ADAPTERS, LOSSES
-from conftest import REL, SPECS, assert_rel, sgd_steps_change_only_trained, small_spec
+from conftest import SPECS, assert_rel, sgd_steps_change_only_trained, small_spec
 
 
 
