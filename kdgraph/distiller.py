@@ -215,7 +215,10 @@ class Distiller(nn.Module):
                    if missing else ""))
         if self._runner is None:
             gm = self.graph_module
-            self._runner = torch.compile(gm, **self._compile_kwargs) if self._compile_kwargs is not None else gm
+            runner = torch.compile(gm, **self._compile_kwargs) if self._compile_kwargs is not None else gm
+            # a plain attribute, not a registered submodule: state_dict() must not grow "_runner.*" keys
+            # after the first forward (a checkpoint must load into a freshly compiled distiller)
+            object.__setattr__(self, "_runner", runner)
         out = self._runner(images, targets, **extras)
         return DistillerOutput(out["loss"], out["terms"], out["logits"])
 
