@@ -1,0 +1,106 @@
+"""``kdgraph export`` and ``kdgraph eval``: the student out of a checkpoint, and its accuracy.
+
+The exported file is a plain ``state_dict`` of the student (contiguous CPU tensors, no prefixes),
+so it loads with the network's own class::
+
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load("student.pt", weights_only=True), strict=True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import CheckpointError, KDGraphError, ModelError
+from ..spec import Spec, validate_spec
+from .checkpoint import atomic_save, brief, clean_state_dict, load_file, student_state_dict
+
+
+def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Write the student's weights of ``ckpt`` (a kdgraph checkpoint or a plain state_dict) to ``out``.
+
+    With ``verify``, the weights are loaded (strict) into a fresh student built from the spec the
+    checkpoint holds. Returns ``{"out", "tensors", "parameters", "model", "verified"}``.
+    """
+    obj = load_file(ckpt)
+    sd = clean_state_dict(student_state_dict(obj, str(ckpt)))
+    model_name, verified = None, False
+    if verify and isinstance(obj, dict) and isinstance(obj.get("spec"), dict):
+        from ..models import build_model
+
+        spec = validate_spec(obj["spec"], f"{ckpt} (its spec)")
+        model_name = spec.student.model
+        try:
+            model = build_model(spec.student, "student")
+        except ModelError:
+            model = None  # a user factory that is not importable here: nothing to check against
+        if model is not None:
+            try:
+                model.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{ckpt}: the student weights do not fit {spec.student.model}: "
+                                      f"{brief(e)}") from None
+            verified = True
+    atomic_save(sd, out)
+    n = sum(v.numel() for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and "running_" not in k)
+    return {"out": str(out), "tensors": len(sd), "parameters": n, "model": model_name, "verified": verified}
+
+
+def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", data: Optional[str] = None,
+                        device: Optional[str] = None, batch_size: Optional[int] = None) -> dict[str, Any]:
+    """Top-1 / top-5 of the spec's student (weights from ``ckpt``) or teacher (weights the spec names,
+    or the teacher in ``ckpt``) on the validation split. Works under torchrun (each image counted once)."""
+    import torch.distributed as dist
+
+    from ..models import build_model, load_weights
+    from . import pretrain as pretrain_mod
+    from .data import build_datasets, check_data, make_loader
+    from .distributed import setup, teardown
+    from .loop import evaluate_model
+
+    if role not in ("student", "teacher"):
+        raise KDGraphError(f"--model must be student or teacher, got {role!r}")
+    spec = spec.model_copy(deep=True)
+    root = data if data is not None else spec.data.root
+    check_data(spec, root)
+    owned = not dist.is_initialized()
+    env = setup(device)
+    try:
+        bundle = build_datasets(spec, root, need_train=False)
+        ref = getattr(spec, role)
+        model = build_model(ref, role).to(env.device)
+        source = None
+        if ckpt:
+            obj = load_file(ckpt)
+            if role == "student":
+                sd = student_state_dict(obj, str(ckpt))
+            else:
+                dist_sd = obj.get("distiller") if isinstance(obj, dict) else None
+                sd = {k[len("teacher."):]: v for k, v in (dist_sd or {}).items() if k.startswith("teacher.")}
+                if not sd:
+                    sd = student_state_dict(obj, str(ckpt))
+            try:
+                model.load_state_dict(clean_state_dict(sd), strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{ckpt}: weights do not fit the spec's {role} {ref.model}: "
+                                      f"{brief(e)}") from None
+            source = str(ckpt)
+        else:
+            pretrain_mod.resolve(spec, role, require=True)
+            if not load_weights(model, ref, role):
+                raise KDGraphError(f"no weights to evaluate: pass --ckpt, or name {role}.weights in the spec")
+            source = ref.weights
+        if spec.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loader = make_loader(bundle.val, batch_size=batch_size or max(s.batch_size for s in spec.stages), train=False,
+                             workers=spec.data.workers, seed=spec.runtime.seed, world_size=env.world_size,
+                             rank=env.rank, pin_memory=env.device.type == "cuda")
+        res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last)
+        res.update(role=role, model=ref.model, weights=source, data=bundle.description, rank=env.rank)
+        return res
+    finally:
+        if owned:
+            teardown(env)
