@@ -140,10 +140,11 @@ def build(short: str, args, device):
     batch = make_batch(spec, d, args.batch, device)
     if args.channels_last:
         batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext)
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
     def step_compiled():
-        with (amp() if callable(amp) else amp):
+        with amp():
             out = d(**batch)
         opt_c.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -151,7 +152,7 @@ def build(short: str, args, device):
         return out.loss
 
     def step_hand():
-        with (amp() if callable(amp) else amp):
+        with amp():
             loss = hand(**batch)
         opt_h.zero_grad(set_to_none=True)
         loss.backward()

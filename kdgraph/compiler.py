@@ -461,6 +461,7 @@ class _StageBuilder:
         gm = fx.GraphModule(self.root, g, class_name=f"Distill_{stage.name}")
         self.g = gm.graph
         self._prune()
+        self._teacher_no_grad()
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
@@ -506,6 +507,23 @@ class _StageBuilder:
                                      "target": str(n.target), "shape": _shape(n)}
                                     for n in pruned]
 
+    def _teacher_no_grad(self) -> None:
+        """Run the teacher's nodes with autograd off (``torch.no_grad`` semantics, inside the graph).
+
+        The teacher's parameters are frozen already, so no graph would be recorded; switching grad
+        mode off also skips autograd's per-op bookkeeping, as a hand-written ``with torch.no_grad()``
+        does. The previous mode is restored right after the teacher's last node.
+        """
+        nodes = [n for n in self.g.nodes if n.meta.get("kdgraph", {}).get("role") == "teacher"]
+        if not nodes:
+            return
+        with self.g.inserting_before(nodes[0]):
+            prev = self.g.call_function(teacher_grad_off, ())
+            prev.meta["kdgraph"] = {"role": "grad_mode", "name": "teacher_grad_off"}
+        with self.g.inserting_after(nodes[-1]):
+            end = self.g.call_function(teacher_grad_restore, (prev,))
+            end.meta["kdgraph"] = {"role": "grad_mode", "name": "teacher_grad_restore"}
+
     def _fill_report(self, taps: list[str], adapters: list[str]) -> None:
         prep = self.prep
         for text in taps:
@@ -524,6 +542,18 @@ class _StageBuilder:
                 name, self.spec.adapters[name].type, dict(prep.adapter_args[name]),
                 dict(prep.adapter_inputs[name]), sum(p.numel() for p in module.parameters()),
                 name in self.stage.train, side, out if not isinstance(out, list) else tuple(out)))
+
+
+def teacher_grad_off() -> bool:
+    """Switch autograd off for the teacher's nodes; return the mode to restore."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    return prev
+
+
+def teacher_grad_restore(prev: bool) -> None:
+    """Restore the grad mode saved by :func:`teacher_grad_off`."""
+    torch._C._set_grad_enabled(prev)
 
 
 def _shape(n: fx.Node) -> Shape:

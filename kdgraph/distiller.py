@@ -219,7 +219,9 @@ class Distiller(nn.Module):
             # a plain attribute, not a registered submodule: state_dict() must not grow "_runner.*" keys
             # after the first forward (a checkpoint must load into a freshly compiled distiller)
             object.__setattr__(self, "_runner", runner)
-        out = self._runner(images, targets, **extras)
+        # the graph switches grad mode off around the teacher; restore it even if a module raises
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            out = self._runner(images, targets, **extras)
         return DistillerOutput(out["loss"], out["terms"], out["logits"])
 
     def extra_repr(self) -> str:

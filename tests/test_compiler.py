@@ -165,8 +165,11 @@ def test_teacher_stays_in_eval_mode_and_records_no_autograd_graph(batch):
     running = d.teacher.bn1.running_mean.clone()
     seen = {}
     d.teacher.fc.register_forward_hook(lambda m, i, o: seen.__setitem__("t", o))
+    d.teacher.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("t_grad", torch.is_grad_enabled()))
+    d.student.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("s_grad", torch.is_grad_enabled()))
     d(x, y)
     assert seen["t"].grad_fn is None and not seen["t"].requires_grad
+    assert seen["t_grad"] is False and seen["s_grad"] is True and torch.is_grad_enabled()
     assert torch.equal(running, d.teacher.bn1.running_mean)
 
 
