@@ -17,6 +17,13 @@ stem           layers                                     layer1..4 (28x28 in)  
 ``s1``         conv 3x3 stride 1, no max-pool (CIFAR)      28, 14, 7, 4           ~20
 =============  =========================================  =====================  ===========
 
+With the ``imagenet`` stem, layer4 sees 1x1 feature maps, where a 3x3 convolution with padding 1 is
+a 1x1 convolution by its centre tap (the other taps only ever meet the zero padding). oneDNN's
+backward pass is pathologically slow for that case on CPUs (~45% of a ResNet-18 training step), so
+``center_tap=True`` (the default) replaces those convolutions by :class:`CenterTapConv2d`, which
+computes exactly that: same parameters and ``state_dict`` keys, same outputs and gradients (the
+non-centre taps get zero gradient either way), 2.2x faster ResNet-18 training steps on 2 CPU cores.
+
 ``tiny_cnn`` is a four-layer network for tests (``norm: batch | group | none``).
 """
 from __future__ import annotations
@@ -25,19 +32,56 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import resnet
+
+from .trace import register_leaf_module
 
 Stem = Literal["imagenet", "s2", "s1"]
 _STEMS = ("imagenet", "s2", "s1")
 
 
-def _small_resnet(arch: str, in_channels: int, num_classes: int, stem: str) -> resnet.ResNet:
+class CenterTapConv2d(nn.Conv2d):
+    """A 3x3, padding-1 ``nn.Conv2d`` that runs as a 1x1 convolution of its centre tap on 1x1 inputs.
+
+    On a 1x1 input every output is ``sum_c w[o, c, 1, 1] * x[c] + b[o]`` (the other taps only meet
+    padding), so this is the same function with the same gradients; it just avoids oneDNN's slow
+    backward kernel for that shape. Any other input size runs the ordinary convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 1 and x.shape[-2] == 1:
+            return F.conv2d(x, self.weight[:, :, 1:2, 1:2], self.bias, self.stride, 0, self.dilation, self.groups)
+        return super().forward(x)
+
+
+register_leaf_module(CenterTapConv2d, "branches on the input's spatial size (a 1x1 input uses the centre tap); "
+                                      "one node, like nn.Conv2d")
+
+
+def use_center_tap(model: nn.Module) -> nn.Module:
+    """Swap every 3x3 / padding-1 / dilation-1 ``nn.Conv2d`` of ``model`` for :class:`CenterTapConv2d`,
+    keeping its parameter tensors (so ``state_dict`` and any optimizer state are unchanged)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Conv2d and child.kernel_size == (3, 3) and child.padding == (1, 1)
+                    and child.dilation == (1, 1) and child.padding_mode == "zeros"):
+                new = CenterTapConv2d(child.in_channels, child.out_channels, 3, child.stride, 1, child.dilation,
+                                      child.groups, child.bias is not None, device="meta")
+                new.weight = child.weight
+                new.bias = child.bias
+                setattr(parent, name, new)
+    return model
+
+
+def _small_resnet(arch: str, in_channels: int, num_classes: int, stem: str, center_tap: bool = True,
+                  zero_init_residual: bool = False) -> resnet.ResNet:
     if stem not in _STEMS:
         raise ValueError(f"stem must be one of {', '.join(_STEMS)}, got {stem!r}")
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
     factory = getattr(resnet, arch)
-    model: resnet.ResNet = factory(weights=None, num_classes=num_classes)
+    model: resnet.ResNet = factory(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
     if stem == "imagenet":
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     else:
@@ -45,17 +89,19 @@ def _small_resnet(arch: str, in_channels: int, num_classes: int, stem: str) -> r
                                 bias=False)
         model.maxpool = nn.Identity()
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model
+    return use_center_tap(model) if center_tap else model
 
 
-def resnet18_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet") -> resnet.ResNet:
+def resnet18_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet",
+                   center_tap: bool = True, zero_init_residual: bool = False) -> resnet.ResNet:
     """torchvision ResNet-18 with an ``in_channels`` stem (see the module docstring) and ``num_classes`` outputs."""
-    return _small_resnet("resnet18", in_channels, num_classes, stem)
+    return _small_resnet("resnet18", in_channels, num_classes, stem, center_tap, zero_init_residual)
 
 
-def resnet34_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet") -> resnet.ResNet:
+def resnet34_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet",
+                   center_tap: bool = True, zero_init_residual: bool = False) -> resnet.ResNet:
     """torchvision ResNet-34 with an ``in_channels`` stem (see the module docstring) and ``num_classes`` outputs."""
-    return _small_resnet("resnet34", in_channels, num_classes, stem)
+    return _small_resnet("resnet34", in_channels, num_classes, stem, center_tap, zero_init_residual)
 
 
 class TinyCNN(nn.Module):

@@ -384,7 +384,9 @@ class Trainer:
         task.train()
         run = self._make_run(stage.name, -1, stage, task, model, train_set, save=False, evaluate="last",
                              batch_inputs=[])
+        outer_step, self.global_step = self.global_step, 0
         self._epochs(run, val_loader, 0, 0)
+        self.global_step = outer_step  # the run's own steps count from 0
         if env.is_main:
             atomic_save(clean_state_dict(model.state_dict()), path)
             pretrain_mod.write_info(path, {"model": ref.model, "kwargs": ref.kwargs, "spec": spec.name,
@@ -517,8 +519,9 @@ class Trainer:
                 improved = run.best_top1 is None or ev["top1"] > run.best_top1
                 if improved:
                     run.best_top1 = ev["top1"]
-                self.history.append(ev)
-                self.monitor.record("eval", **ev)
+                if run.save:
+                    self.history.append(ev)
+                self.monitor.record("eval", **ev, **({} if run.save else {"pretrain": True}))
                 self.say(f"{run.name} epoch {epoch + 1}/{st.epochs}: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%"
                          f"  (best {run.best_top1:.2f}%, {ev['images']} images, {ev['seconds']:.1f} s)")
                 if run.save:
@@ -570,9 +573,10 @@ class Trainer:
         self.monitor.update(pending[-1][0], {"img/s": epoch_rate, "loss": mean[0], **(terms if len(terms) > 1 else {}),
                                              "lr": lr})
         self.monitor.record("train", stage=run.name, epoch=epoch, step=pending[-1][0], global_step=self.global_step,
-                            loss=mean[0], terms=terms, lr=lr, images_per_s=round(rate, 1))
+                            loss=mean[0], terms=terms, lr=lr, images_per_s=round(rate, 1),
+                            **({} if run.save else {"pretrain": True}))
         pending.clear()
-        return time_due
+        return flags[1] > 0  # agreed by every process (a checkpoint is a collective)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, loader: Any, restore: Optional[nn.Module] = None) -> dict[str, Any]:

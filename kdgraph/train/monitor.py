@@ -4,7 +4,8 @@ Files written into the run folder:
 
 * ``metrics.jsonl``: one JSON object per line; ``event`` is ``start``, ``train`` (averages over a
   logging interval: loss, each term, lr, images/s), ``eval`` (top-1/top-5 after an epoch),
-  ``stage`` (a stage's settings: effective batch, lr used) or ``end``;
+  ``stage`` (a stage's settings: effective batch, lr used), ``teacher_eval`` or ``end``; records of
+  a cached network's pretraining carry ``"pretrain": true`` (and stay out of the plot);
 * ``tb/``: TensorBoard event files (``tensorboard --logdir OUT/tb``), if tensorboard is installed;
 * ``curves.png``: loss (and terms) per step and top-1/top-5 per epoch, redrawn after every epoch.
 
@@ -71,12 +72,15 @@ class Monitor:
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(rec, default=str) + "\n")
+        prefix = "pretrain" if fields.get("pretrain") else ""
         if event == "train":
-            self.train_records.append(rec)
-            self._tensorboard(rec, rec["global_step"], prefix="train")
+            if not prefix:
+                self.train_records.append(rec)
+            self._tensorboard(rec, rec["global_step"], prefix=prefix or "train")
         elif event == "eval":
-            self.eval_records.append(rec)
-            self._tensorboard(rec, rec.get("global_step", 0), prefix="eval")
+            if not prefix:
+                self.eval_records.append(rec)
+            self._tensorboard(rec, rec.get("global_step", 0), prefix=prefix or "eval")
 
     def load_history(self) -> None:
         """Read earlier records of this run folder (a resumed run keeps drawing the whole curve)."""
@@ -86,6 +90,8 @@ class Monitor:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if rec.get("pretrain"):
                 continue
             if rec.get("event") == "train":
                 self.train_records.append(rec)
