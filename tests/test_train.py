@@ -232,6 +232,8 @@ def test_teacher_pretrained_once_then_cached(tmp_path, monkeypatch, capsys):
     res2 = train(spec, out=tmp_path / "b", **QUIET)
     assert "training it once" not in capsys.readouterr().out and files[0].stat().st_mtime == mtime
     assert res2["teacher"]["top1"] == pytest.approx(res1["teacher"]["top1"])
+    ev = kdgraph.train.evaluate_checkpoint(kdgraph.load_spec(spec), None, role="teacher", device="cpu")
+    assert ev["weights"] == str(files[0]) and ev["top1"] == pytest.approx(res1["teacher"]["top1"])
     spec["teacher"]["pretrain"]["epochs"] = 2  # other settings -> another cache entry, not the stale one
     assert pretrain.weights_path(kdgraph.load_spec(spec).teacher, kdgraph.load_spec(spec), "teacher") != files[0]
 
@@ -267,3 +269,29 @@ def test_two_stages_with_adapters_then_init_from(tmp_path):
     res2 = train(dict(spec, init_from=str(tmp_path / "plain.pt")), out=tmp_path / "init", only_stages=["main"],
                  **QUIET)
     assert [s["name"] for s in res2["stages"]] == ["main"]
+
+
+def test_crd_data_wrapper_extras_reach_the_loss_and_its_memory_is_checkpointed(tmp_path):
+    spec = tiny_spec(
+        name="tiny_crd", train_subset=96, val_subset=32,
+        adapters={"s_head": {"type": "crd_head", "inputs": {"x": "student:avgpool"}, "args": {"feature_dim": 16}},
+                  "t_head": {"type": "crd_head", "inputs": {"x": "teacher:avgpool"}, "args": {"feature_dim": 16}}},
+        losses=[{"name": "ce", "type": "cross_entropy"},
+                {"name": "crd", "type": "crd", "weight": 0.8,
+                 "args": {"num_samples": 96, "feature_dim": 16},
+                 "inputs": {"student": "adapter:s_head", "teacher": "adapter:t_head"}}])
+    spec["stages"][0]["train"] = ["student", "s_head", "t_head"]
+    spec["data"]["wrapper"] = {"type": "crd", "args": {"num_negative_samples": 16}}
+    res = train(spec, out=tmp_path / "a", **QUIET)
+    assert res["stages"][0]["last"]["images"] == 32
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["distiller"]
+    mem = [k for k in a if k.startswith("losses.main.crd.")]
+    assert mem and any(a[k].numel() >= 96 * 16 for k in mem)  # the memory banks are in the checkpoint
+    d0 = kdgraph.compile(spec).state_dict()
+    assert any(not torch.equal(a[k], d0[k]) for k in mem)  # and were updated by training
+    train(spec, out=tmp_path / "b", **QUIET)  # negatives are drawn from per-sample seeds: a rerun is identical
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["distiller"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    missing = dict(spec, data=dict(spec["data"], wrapper=None))
+    with pytest.raises(kdgraph.errors.DataError, match="data.wrapper"):
+        train(missing, out=tmp_path / "c", **QUIET)

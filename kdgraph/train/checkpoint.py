@@ -30,7 +30,8 @@ FORMAT = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary file in the same folder, fsync it, then ``os.replace`` it over ``path``:
+    readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -43,14 +44,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def load_file(path: str | Path, what: str = "checkpoint") -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -296,6 +297,8 @@ class Trainer:
                 for name in ("last.pt", "best.pt", "results.json", "metrics.jsonl", "curves.png"):
                     if (self.out / name).exists():
                         (self.out / name).unlink()
+                if (self.out / "tb").is_dir():
+                    shutil.rmtree(self.out / "tb")
             barrier(self.env)
             return None
         if not exists:
