@@ -134,7 +134,7 @@ def wrap(module: nn.Module, env: DistEnv, synced: nn.Module | None = None) -> nn
     if not any(p.requires_grad for p in module.parameters()):
         raise KDGraphError("nothing trains in this stage (no parameter requires grad); check the stage's `train` list")
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignored_names(module, synced))
-    kwargs: dict[str, Any] = {"broadcast_buffers": True, "gradient_as_bucket_view": True}
+    kwargs: dict[str, Any] = {"gradient_as_bucket_view": True}  # buffers of what trains: broadcast from rank 0
     if env.device.type == "cuda":
         kwargs["device_ids"] = [env.device.index]
     return DDP(module, **kwargs)
