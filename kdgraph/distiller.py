@@ -96,6 +96,10 @@ class Distiller(nn.Module):
 
     def load_weights(self) -> dict[str, bool]:
         """Load the weights the spec names for teacher and student (torchvision enum or local file)."""
+        from .train.pretrain import resolve  # 'cache:NAME' -> the cached file (kdgraph train makes it)
+
+        for role in ("teacher", "student"):
+            resolve(self.spec, role, require=True)
         return {"teacher": load_weights(self.teacher, self.spec.teacher, "teacher"),
                 "student": load_weights(self.student, self.spec.student, "student")}
 
