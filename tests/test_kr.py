@@ -14,19 +14,10 @@ from torchdistill.models.wrapper import Student4KnowledgeReview
 import kdgraph
 from kdgraph.errors import ShapeError
 from kdgraph.registry import ADAPTERS, LOSSES
-from conftest import REL, assert_rel, sgd_steps_change_only_trained, small_spec
+from conftest import assert_rel, sgd_steps_change_only_trained, small_spec
 
-REL = 1e-5
 LEVELS = ["layer1", "layer2", "layer3", "layer4", "avgpool"]  # fine to coarse, as torchdistill lists them
 CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512, "avgpool": 512}
-
-
-def assert_rel(actual, expected, what, rel=REL):
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert scale > 0 and torch.isfinite(actual).all(), what
-    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.4e}"
 
 
 def _kdgraph_abfs(shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> dict[str, nn.Module]:
