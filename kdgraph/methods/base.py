@@ -63,6 +63,16 @@ class Adapter(nn.Module):
         return dict(args)
 
 
+class FlatInputAdapter(Adapter):
+    """An adapter that flattens its input ``x`` from dim 1: ``in_features`` follows from the tap's shape."""
+
+    @classmethod
+    def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
+        args = dict(args)
+        require_arg(args, "in_features", flat_features(input_shapes["x"]))
+        return args
+
+
 class InputTransform(nn.Module):
     """Applied to the batch's images before both networks (e.g. SSKD's four rotated views).
 

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..errors import DataError, ShapeError
 from ..registry import register_adapter, register_data_wrapper, register_loss
-from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg
+from .base import DistillLoss, FlatInputAdapter, Shape, _fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg
 
 
 @register_adapter("crd_head")
-class CRDHead(Adapter):
+class CRDHead(FlatInputAdapter):
     """flatten -> Linear(in_features, feature_dim) -> divide by the L_p norm (p = ``power``, 2).
 
     The state_dict keys (``linear.weight``, ``linear.bias``) are those of torchdistill's
@@ -71,12 +71,6 @@ class CRDHead(Adapter):
         super().__init__()
         self.linear = nn.Linear(in_features, feature_dim, bias=bias)
         self.power = power
-
-    @classmethod
-    def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
-        args = dict(args)
-        require_arg(args, "in_features", flat_features(input_shapes["x"]))
-        return args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.linear(torch.flatten(x, 1))

@@ -53,7 +53,6 @@ select exactly the rows torchdistill selects. ImageNet reference (torchdistill 1
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -61,7 +60,7 @@ from torch.nn import functional as F
 
 from ..errors import ShapeError
 from ..registry import register_adapter, register_loss, register_transform
-from .base import Adapter, DistillLoss, InputTransform, Shape, flat_features, require_arg
+from .base import DistillLoss, FlatInputAdapter, InputTransform
 
 NUM_VIEWS = 4
 
@@ -150,7 +149,7 @@ def _check_ratio(ratio: float) -> float:
 
 
 @register_adapter("sskd_head")
-class SSKDHead(Adapter, nn.Sequential):
+class SSKDHead(FlatInputAdapter, nn.Sequential):
     """flatten -> Linear(in, hidden) -> ReLU -> Linear(hidden, out); hidden = out = in by default.
 
     The state_dict keys (``0.weight`` ... ``2.bias``) are those of torchdistill's ``ss_module``.
@@ -162,12 +161,6 @@ class SSKDHead(Adapter, nn.Sequential):
         hidden = hidden_features or in_features
         nn.Sequential.__init__(self, nn.Linear(in_features, hidden), nn.ReLU(),
                                nn.Linear(hidden, out_features or in_features))
-
-    @classmethod
-    def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
-        args = dict(args)
-        require_arg(args, "in_features", flat_features(input_shapes["x"]))
-        return args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.Sequential.forward(self, torch.flatten(x, 1))
