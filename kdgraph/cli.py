@@ -237,7 +237,7 @@ def _register_optional_commands() -> None:
     import importlib
 
     for module, names in (("kdgraph.train.cli", ("train_cmd", "eval_cmd", "export_cmd")),
-                          ("kdgraph.viz_cli", ("viz_cmd",))):
+                          ("kdgraph.viz_cli", ("viz_cmd",)), ("kdgraph.bench.cli", ("bench_cmd",))):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

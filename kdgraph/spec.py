@@ -219,6 +219,10 @@ class PretrainSpec(_Strict):
     scheduler: Optional[SchedulerSpec] = None
     train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images "
                                                                  "(default: data.train_subset)")
+    augment: bool = Field(True, description="augment the training images as for the students (in-memory data sets: "
+                                            "random translation and flip); off converges faster in few epochs")
+    seed: int = Field(0, description="seed of this pretraining run (initialisation and data order); independent "
+                                     "of runtime.seed, so students trained with several seeds share one network")
 
 
 ModelRef.model_rebuild()
@@ -280,6 +284,8 @@ class RuntimeSpec(_Strict):
     sync_bn: bool = False
     seed: int = 0
     deterministic: bool = False
+    eval_every: int = Field(1, ge=1, description="kdgraph train: evaluate every N epochs of a stage (and always "
+                                                 "after its last epoch)")
     eval_teacher: bool = Field(False, description="kdgraph train: evaluate the teacher on the validation split "
                                                   "once before training and record its top-1/top-5")
 
@@ -415,9 +421,9 @@ def _unwrap(ann: Any) -> list[Any]:
     return [ann]
 
 
-def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> Optional[type[BaseModel]]:
     """The pydantic model class that holds the field at ``loc`` (to list the allowed keys)."""
-    current: list[Any] = [Spec]
+    current: list[Any] = [root or Spec]
     for part in loc[:-1]:
         nxt: list[Any] = []
         for c in current:
@@ -432,14 +438,16 @@ def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     return models[0] if models else None
 
 
-def _describe(err: dict, lines: dict[tuple, int]) -> str:
+def _describe(err: dict, lines: dict[tuple, int], root: type[BaseModel] | None = None) -> str:
+    """One line for one pydantic error: field path, YAML line, what was wrong, what is allowed.
+    ``root`` is the model validated (default :class:`Spec`), to list the keys allowed where one is unknown."""
     loc = tuple(err["loc"])
     where = _fmt_loc(loc)
     line = lines.get(loc) or lines.get(loc[:-1])
     at = f" (line {line})" if line else ""
     kind = err["type"]
     if kind == "extra_forbidden":
-        model = _model_at(loc)
+        model = _model_at(loc, root)
         allowed = sorted(model.model_fields) if model else []
         key = str(loc[-1])
         hint = did_you_mean(key, allowed)

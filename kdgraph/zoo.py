@@ -74,18 +74,46 @@ def use_center_tap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _widen(model: resnet.ResNet, block: type, layers: list[int], width: int) -> None:
+    """Rebuild ``model``'s stages with ``width, 2*width, 4*width, 8*width`` channels (torchvision: 64)."""
+    model.inplanes = width
+    model.layer1 = model._make_layer(block, width, layers[0])
+    model.layer2 = model._make_layer(block, 2 * width, layers[1], stride=2)
+    model.layer3 = model._make_layer(block, 4 * width, layers[2], stride=2)
+    model.layer4 = model._make_layer(block, 8 * width, layers[3], stride=2)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.fc = nn.Linear(8 * width, model.fc.out_features)
+    for m in model.modules():  # torchvision's own initialisation, for the new modules
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+
+
 def _small_resnet(arch: str, in_channels: int, num_classes: int, stem: str, center_tap: bool = True,
-                  zero_init_residual: bool = False) -> resnet.ResNet:
+                  zero_init_residual: bool = False, width: int = 64) -> resnet.ResNet:
     if stem not in _STEMS:
         raise ValueError(f"stem must be one of {', '.join(_STEMS)}, got {stem!r}")
     if in_channels < 1 or num_classes < 1:
         raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= 1024:
+        raise ValueError(f"width must be an integer in 1..1024 (channels of layer1; torchvision's is 64), got {width!r}")
     factory = getattr(resnet, arch)
     model: resnet.ResNet = factory(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if width != 64:
+        _widen(model, resnet.BasicBlock, _LAYERS[arch], width)
+        if zero_init_residual:
+            for m in model.modules():
+                if isinstance(m, resnet.BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
     if stem == "imagenet":
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        model.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
     else:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=2 if stem == "s2" else 1, padding=1,
+        model.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=2 if stem == "s2" else 1, padding=1,
                                 bias=False)
         model.maxpool = nn.Identity()
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -93,15 +121,17 @@ def _small_resnet(arch: str, in_channels: int, num_classes: int, stem: str, cent
 
 
 def resnet18_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet",
-                   center_tap: bool = True, zero_init_residual: bool = False) -> resnet.ResNet:
-    """torchvision ResNet-18 with an ``in_channels`` stem (see the module docstring) and ``num_classes`` outputs."""
-    return _small_resnet("resnet18", in_channels, num_classes, stem, center_tap, zero_init_residual)
+                   center_tap: bool = True, zero_init_residual: bool = False, width: int = 64) -> resnet.ResNet:
+    """torchvision ResNet-18 with an ``in_channels`` stem (see the module docstring), ``num_classes`` outputs
+    and ``width`` channels in layer1 (doubling per stage; torchvision's is 64)."""
+    return _small_resnet("resnet18", in_channels, num_classes, stem, center_tap, zero_init_residual, width)
 
 
 def resnet34_small(in_channels: int = 1, num_classes: int = 10, stem: Stem = "imagenet",
-                   center_tap: bool = True, zero_init_residual: bool = False) -> resnet.ResNet:
-    """torchvision ResNet-34 with an ``in_channels`` stem (see the module docstring) and ``num_classes`` outputs."""
-    return _small_resnet("resnet34", in_channels, num_classes, stem, center_tap, zero_init_residual)
+                   center_tap: bool = True, zero_init_residual: bool = False, width: int = 64) -> resnet.ResNet:
+    """torchvision ResNet-34 with an ``in_channels`` stem (see the module docstring), ``num_classes`` outputs
+    and ``width`` channels in layer1 (doubling per stage; torchvision's is 64)."""
+    return _small_resnet("resnet34", in_channels, num_classes, stem, center_tap, zero_init_residual, width)
 
 
 class TinyCNN(nn.Module):

@@ -51,7 +51,7 @@ def pretrain_key(ref: ModelRef, spec: Spec) -> str:
     assert ref.pretrain is not None
     ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": ref.pretrain.model_dump(mode="json"),
              "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
-             "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": spec.runtime.seed}
+             "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
 
 

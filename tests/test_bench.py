@@ -1,0 +1,144 @@
+"""kdgraph bench: suites run through the training runtime, tables computed from the runs' own results."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdgraph.bench import bench, load_suite
+from kdgraph.errors import SpecError
+
+TINY = """
+name: {name}
+input: {{channels: 1, size: [12, 12], num_classes: 4}}
+teacher: {{model: "kdgraph.zoo:tiny_cnn", kwargs: {{in_channels: 1, num_classes: 4, width: 4}}}}
+student: {{model: "kdgraph.zoo:tiny_cnn", kwargs: {{in_channels: 1, num_classes: 4, width: 4}}}}
+stages:
+  - name: main
+    epochs: 1
+    batch_size: 16
+    optimizer: {{type: sgd, lr: 0.05}}
+    losses:
+{losses}
+data: {{dataset: synthetic, workers: 0, train_subset: 64, val_subset: 32}}
+"""
+CE = "      - {name: ce, type: cross_entropy}"
+KD = CE + "\n      - {name: kd, type: kd, weight: 0.5, inputs: {student: 'student:@output', teacher: 'teacher:@output'}}"
+
+
+def _write_suite(tmp: Path, entries: str, extra: str = "") -> Path:
+    (tmp / "base.yaml").write_text(TINY.format(name="tiny_base", losses=CE))
+    (tmp / "kd.yaml").write_text(TINY.format(name="tiny_kd", losses=KD))
+    suite = tmp / "suite.yaml"
+    suite.write_text(f"title: tiny\nseeds: 2\nbaseline: base\n{extra}entries:\n{entries}")
+    return suite
+
+
+ENTRIES = ("  - {label: base, spec: base.yaml}\n"
+           "  - {label: KD, spec: kd.yaml, reference: {torchdistill: 71.37}}\n")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdgraph", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_suite_runs_every_entry_and_seed_and_table_matches_runs(tmp_path: Path) -> None:
+    suite = _write_suite(tmp_path, ENTRIES)
+    out = tmp_path / "out"
+    res = bench(suite, out=out, device="cpu", progress=False)
+    folders = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/seed*/results.json"))
+    assert folders == ["KD/seed0", "KD/seed1", "base/seed0", "base/seed1"]
+    for f in ("results.tsv", "results.md", "results.json", "results.png", "results.svg"):
+        assert (out / f).stat().st_size > 0, f
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {r["label"]: r for r in csv.DictReader((out / "results.tsv").open(), delimiter="\t")}
+    assert set(rows) == {"base", "KD"}
+    means = {}
+    for label in ("base", "KD"):
+        tops = [json.loads((out / label / f"seed{s}" / "results.json").read_text())["student"]["top1"] for s in (0, 1)]
+        means[label] = statistics.fmean(tops)
+        assert float(rows[label]["top1_mean"]) == pytest.approx(means[label], abs=0.006)
+        assert float(rows[label]["top1_std"]) == pytest.approx(statistics.stdev(tops), abs=0.006)
+        assert rows[label]["n_seeds"] == "2"
+        assert res.row(label).mean == pytest.approx(means[label])
+    assert float(rows["KD"]["delta_vs_baseline"]) == pytest.approx(means["KD"] - means["base"], abs=0.006)
+    assert rows["KD"]["reference_top1"] == "71.37"
+    assert rows["base"]["verdict"] == "baseline"
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["rows"][0]["runs"]) == 2 and data["seeds"] == [0, 1]
+    # seeds differ: the two runs of a row are not the same run twice
+    s0 = json.loads((out / "KD/seed0/spec.json").read_text())["runtime"]["seed"]
+    s1 = json.loads((out / "KD/seed1/spec.json").read_text())["runtime"]["seed"]
+    assert (s0, s1) == (0, 1)
+
+    # a rerun trains nothing: every checkpoint stays as it was, every run is reused
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pt")}
+    assert len(stamps) == 4
+    again = bench(suite, out=out, device="cpu", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pt")} == stamps
+    assert all(r["reused"] for row in again.rows for r in row.runs)
+    assert again.row("KD").mean == pytest.approx(res.row("KD").mean)
+
+
+def test_changed_spec_is_run_again(tmp_path: Path) -> None:
+    suite = _write_suite(tmp_path, "  - {label: base, spec: base.yaml}\n")
+    out = tmp_path / "out"
+    bench(suite, out=out, seeds=1, device="cpu", progress=False)
+    suite.write_text(suite.read_text().replace("spec: base.yaml}", "spec: base.yaml, set: ['stages.main.epochs=2']}"))
+    res = bench(suite, out=out, seeds=1, device="cpu", progress=False)
+    assert not res.row("base").runs[0]["reused"]
+    assert json.loads((out / "base/seed0/spec.json").read_text())["stages"][0]["epochs"] == 2
+
+
+def test_broken_entry_is_reported_and_the_rest_runs(tmp_path: Path) -> None:
+    entries = ENTRIES + ("  - {label: diverges, spec: kd.yaml, set: ['stages.main.optimizer.lr=1.0e+30']}\n"
+                         "  - {label: badspec, spec: kd.yaml, set: ['stages.main.losses.kd.inputs.student=student:nope']}\n")
+    suite = _write_suite(tmp_path, entries)
+    p = _cli("bench", str(suite), "--out", str(tmp_path / "out"), "--seeds", "1", "--device", "cpu",
+             "--no-progress", cwd=tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    rows = {r["label"]: r for r in csv.DictReader((tmp_path / "out/results.tsv").open(), delimiter="\t")}
+    assert rows["base"]["n_seeds"] == "1" and rows["KD"]["n_seeds"] == "1"
+    assert rows["diverges"]["verdict"] == "failed" and rows["badspec"]["verdict"] == "failed"
+    md = (tmp_path / "out/results.md").read_text()
+    assert "non-finite" in md.lower() or "nan" in md.lower()
+    assert "nope" in md  # the tap error names the bad tap
+    failed = json.loads((tmp_path / "out/diverges/seed0/failed.json").read_text())
+    assert failed["error"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("title: t\nbaseline: a\nentries:\n  - {label: a, spec: base.yaml}\ncolour: red\n", "unknown key 'colour'"),
+    ("title: t\nbaseline: a\nentries:\n  - {label: a, spec: missing.yaml}\n", "does not exist"),
+    ("title: t\nbaseline: a\nentries:\n  - {label: a, spec: base.yaml}\n  - {label: a, spec: base.yaml}\n",
+     "labels must be distinct"),
+    ("title: t\nbaseline: zzz\nentries:\n  - {label: a, spec: base.yaml}\n", "'zzz' is not the label of an entry"),
+    ("title: t\nseeds: true\nbaseline: a\nentries:\n  - {label: a, spec: base.yaml}\n", "not a boolean"),
+])
+def test_suite_validation_errors(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "base.yaml").write_text(TINY.format(name="tiny_base", losses=CE))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text)
+    with pytest.raises(SpecError, match=expected.replace("(", r"\(")):
+        load_suite(suite)
+    p = _cli("bench", str(suite), "--dry-run", cwd=tmp_path)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert expected in p.stderr and "Traceback" not in p.stderr
+
+
+def test_shipped_fashion_suite_dry_run_compiles_every_spec(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    p = _cli("bench", str(repo / "benchmarks/suites/fashion_mnist.yaml"), "--dry-run", "--out", str(tmp_path),
+             cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for label in ("baseline", "KD", "AT", "FT", "CRD", "Tf-KD", "SSKD", "L2", "PAD-L2", "KR", "DIST"):
+        assert f"\n {label} " in "\n" + p.stdout.replace("│", " ") or f"{label} " in p.stdout, label
+    assert "33 run(s)" in p.stdout and "every spec compiled" in p.stdout
+    assert not any(tmp_path.iterdir())  # a dry run trains and writes nothing
