@@ -8,8 +8,8 @@
 - ``off``: today's Distiller, ``distiller(images, targets)``;
 - ``on``: today's Distiller, ``distiller(images, targets, return_taps=True)``.
 
-All three wrap the same teacher and student modules (the same weights) and run A, B, C, A, B, C, ...
-after warm-up; the table reports each median step time and the ratios off/before and on/off.
+All three wrap the same teacher and student modules (the same weights) and run interleaved after
+warm-up, the order rotated every round (A B C, B C A, C A B, ...) so no variant always runs first; the table reports each median step time and the ratios off/before and on/off.
 """
 from __future__ import annotations
 
@@ -68,13 +68,16 @@ def main() -> None:
     opts = {k: torch.optim.SGD(d.trainable_parameters(), lr=0.0) for k, (d, _) in variants.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.warmup + args.rounds):
-        for name, (d, kw) in variants.items():
+        names = list(variants)
+        for name in names[r % 3:] + names[:r % 3]:
+            d, kw = variants[name]
             t0 = time.perf_counter()
             out = d(images, targets, **kw)
             opts[name].zero_grad(set_to_none=True)
             out.loss.backward()
             opts[name].step()
             dt = time.perf_counter() - t0
+            del out  # the taps keep activations alive: release them before the next variant runs
             if r >= args.warmup:
                 times[name].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}
