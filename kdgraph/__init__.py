@@ -3,6 +3,8 @@ from .errors import KDGraphError, SpecError, TapError, ShapeError, ModelError, T
 from .registry import register_adapter, register_loss, register_transform, register_data_wrapper
 from .methods.base import Adapter, DistillLoss, InputTransform
 from .spec import Spec, load_spec
+from .overrides import apply_overrides
+from . import data
 
 __version__ = "0.1.0"
 
@@ -14,6 +16,6 @@ def compile(spec, teacher=None, student=None, stage=0):  # noqa: A001 - the libr
     return Distiller.from_spec(spec, teacher=teacher, student=student, stage=stage)
 
 
-__all__ = ["compile", "load_spec", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
+__all__ = ["compile", "load_spec", "apply_overrides", "data", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
            "TraceError", "register_adapter", "register_loss", "register_transform", "register_data_wrapper",
            "Adapter", "DistillLoss", "InputTransform"]

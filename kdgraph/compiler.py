@@ -561,6 +561,21 @@ def _shape(n: fx.Node) -> Shape:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def with_tap_outputs(gm: fx.GraphModule, report: StageReport) -> fx.GraphModule:
+    """A copy of a stage's graph whose output also holds every tap's value: ``out["taps"][text]``.
+
+    The stage's own GraphModule is not changed (its output and its generated code stay as they
+    are), so asking for tap values costs nothing unless this variant runs. Modules are shared."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, env)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    taps = {t.tap: env[by_name[t.node]] for t in report.taps if t.node in by_name}
+    node = g.output({**out, "taps": taps})
+    node.meta["kdgraph"] = {"role": "output", "name": "output"}
+    return fx.GraphModule(gm, g, class_name=f"{type(gm).__name__}_taps")
+
+
 def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module, student: nn.Module) -> tuple[fx.GraphModule, StageReport]:
     """Build the fused GraphModule of one stage. Modules are shared with the caller, not copied."""
     root = nn.Module()

@@ -3,6 +3,7 @@
     distiller = kdgraph.compile("specs/kd_resnet18.yaml")          # or teacher=..., student=...
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1, momentum=0.9)
     out = distiller(images, targets)        # out.loss, out.terms["kd"], out.logits
+    out = distiller(images, targets, return_taps=True)  # + out.taps["teacher:layer4"], ...
     out.loss.backward(); optimizer.step()
 
 It owns the user's teacher and student (shared, not copied: ``distiller.student`` *is* the
@@ -22,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .compiler import Prepared, StageReport, build_stage
+from .compiler import Prepared, StageReport, build_stage, with_tap_outputs
 from .errors import KDGraphError, ModelError
 from .models import build_model, import_object, load_weights
 from .spec import Spec, load_spec
@@ -30,11 +31,13 @@ from .trace import TracedNetwork, propagate_shapes, trace_network
 
 
 class DistillerOutput(NamedTuple):
-    """What a forward returns: the weighted total, each weighted term by name, the student's logits."""
+    """What a forward returns: the weighted total, each weighted term by name, the student's logits,
+    and (``return_taps=True`` only) every tap's value by its spec text."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     logits: Optional[torch.Tensor]
+    taps: Optional[dict[str, Any]] = None
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -78,6 +81,7 @@ class Distiller(nn.Module):
         self._prep = prep
         self._graphs: dict[int, tuple[fx.GraphModule, StageReport]] = {}
         self._runner: Any = None
+        self._taps_runner: Any = None
         self._compile_kwargs: Optional[dict] = None
         self._stage_index = 0
         self.teacher.requires_grad_(False)
@@ -141,7 +145,7 @@ class Distiller(nn.Module):
         for name, adapter in self.adapters.items():
             adapter.requires_grad_(name in train)
         report.trainable_parameters = sum(p.numel() for p in self.trainable_parameters())
-        self._runner = None
+        self._runner = self._taps_runner = None
         self.train(self.training)
         return self
 
@@ -202,12 +206,16 @@ class Distiller(nn.Module):
     def use_torch_compile(self, enabled: bool = True, **kwargs: Any) -> "Distiller":
         """Run the fused graphs through ``torch.compile(**kwargs)`` (per stage, compiled on first use)."""
         self._compile_kwargs = kwargs if enabled else None
-        self._runner = None
+        self._runner = self._taps_runner = None
         return self
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None, **extras: torch.Tensor
-                ) -> DistillerOutput:
+    def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None, *, return_taps: bool = False,
+                **extras: torch.Tensor) -> DistillerOutput:
+        """Run the current stage. ``extras``: the per-batch inputs it reads (``batch_inputs``, e.g.
+        CRD's ``index``; see :mod:`kdgraph.data`). ``return_taps=True`` also returns ``out.taps``, each
+        tap's value keyed by its spec text (``"teacher:layer4"``, ``"adapter:translator"``), from a
+        second graph built on first use; the default graph is never changed."""
         needed = self.report.batch_inputs
         missing = [k for k in needed if k not in extras]
         unknown = [k for k in extras if k not in needed]
@@ -215,18 +223,21 @@ class Distiller(nn.Module):
             raise KDGraphError(
                 f"stage {self.stage!r} takes per-batch inputs {needed or 'none'} beyond images and targets; "
                 + (f"missing: {missing}" if missing else f"unexpected: {unknown}")
-                + (". Wrap the dataset with the spec's data wrapper (data.wrapper) so batches carry them."
+                + (". Wrap the dataset with the spec's data wrapper (kdgraph.data.wrap) so batches carry them."
                    if missing else ""))
-        if self._runner is None:
+        runner = self._taps_runner if return_taps else self._runner
+        if runner is None:
             gm = self.graph_module
+            if return_taps:
+                gm = with_tap_outputs(gm, self.report)
             runner = torch.compile(gm, **self._compile_kwargs) if self._compile_kwargs is not None else gm
             # a plain attribute, not a registered submodule: state_dict() must not grow "_runner.*" keys
             # after the first forward (a checkpoint must load into a freshly compiled distiller)
-            object.__setattr__(self, "_runner", runner)
+            object.__setattr__(self, "_taps_runner" if return_taps else "_runner", runner)
         # the graph switches grad mode off around the teacher; restore it even if a module raises
         with torch.set_grad_enabled(torch.is_grad_enabled()):
-            out = self._runner(images, targets, **extras)
-        return DistillerOutput(out["loss"], out["terms"], out["logits"])
+            out = runner(images, targets, **extras)
+        return DistillerOutput(out["loss"], out["terms"], out["logits"], out.get("taps"))
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, stage={self.stage!r} ({self._stage_index + 1}/{len(self.stages)})"

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -476,12 +476,18 @@ def validate_spec(data: Any, source: str = "<spec>", text: str | None = None) ->
                         + "\n  - ".join(problems)) from None
 
 
-def load_spec(source: str | Path | dict | Spec) -> Spec:
+def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] = ()) -> Spec:
     """Load a spec from a YAML path, a YAML string, a dict or a :class:`Spec` (returned as is).
 
     Relative paths inside the spec (``init_from``, local weight files) are resolved against the
-    spec file's folder.
+    spec file's folder. ``overrides``: ``KEY=VALUE`` strings applied after loading, with the
+    grammar and errors of the CLI's ``--set`` (see :mod:`kdgraph.overrides`), e.g.
+    ``["stages.main.losses.crd.args.num_samples=50"]``; the result is a new, validated spec.
     """
+    if overrides:
+        from .overrides import apply_overrides
+
+        return apply_overrides(load_spec(source), overrides)
     if isinstance(source, Spec):
         return source
     if isinstance(source, dict):

@@ -16,12 +16,14 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from ..data import Batch, unpack_batch  # noqa: F401 - part of this module's API
+from ..data import wrap as wrap_train_dataset  # noqa: F401 - the spec's data wrapper
 from ..errors import DataError
 from ..spec import Spec
 
@@ -142,14 +144,6 @@ class ShardSampler(Sampler):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Batch:
-    """An already collated batch (the in-memory datasets build whole batches at once)."""
-
-    images: torch.Tensor
-    targets: torch.Tensor
-
-
 class SeededView(Dataset):
     """Reads ``(index, epoch)`` keys; seeds each sample's augmentation by ``(seed, epoch, index)``.
 
@@ -193,21 +187,6 @@ def has_batch_reader(dataset: Any) -> bool:
 
 def collate(items: Any) -> Any:
     return items if isinstance(items, Batch) else default_collate(items)
-
-
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """``(images, targets, extras)`` from a collated batch: a :class:`Batch`, a pair, or a dict."""
-    if isinstance(batch, Batch):
-        return batch.images, batch.targets, {}
-    if isinstance(batch, Mapping):
-        if "images" not in batch or "targets" not in batch:
-            raise DataError(f"a batch dict needs 'images' and 'targets' keys, got {sorted(batch)}; a data wrapper "
-                            f"returns items as {{'images': x, 'targets': y, '<extra>': ...}}")
-        extras = {k: v for k, v in batch.items() if k not in ("images", "targets")}
-        return batch["images"], batch["targets"], extras
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1], {}
-    raise DataError(f"cannot read a batch of type {type(batch).__name__}: expected (images, targets) or a dict")
 
 
 class TensorImages(Dataset):
@@ -539,17 +518,6 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
     if len(train) == 0 or len(val) == 0:  # type: ignore[arg-type]
         raise DataError(f"{desc}: empty training or validation split")
     return DataBundle(train, val, k, desc, full)
-
-
-def wrap_train_dataset(dataset: Dataset, spec: Spec) -> Dataset:
-    """Apply the spec's data wrapper (``data.wrapper``, e.g. CRD's indices) to the training set."""
-    w = spec.data.wrapper
-    if w is None:
-        return dataset
-    from ..registry import DATA_WRAPPERS
-
-    fn = DATA_WRAPPERS.get(w.type, "data.wrapper.type")
-    return fn(dataset, spec, **w.args)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, seed: int, world_size: int = 1,
