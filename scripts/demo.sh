@@ -2,23 +2,24 @@
 # kdgraph's main command: a real distillation run on real data, offline, on a CPU, in minutes.
 #
 #   scripts/demo.sh                    # from a fresh checkout: installs, then trains and prints the table
-#   scripts/demo.sh --set stages.main.epochs=3     # extra arguments go to `kdgraph train`
+#   scripts/demo.sh --fresh            # extra arguments go to `kdgraph bench` (e.g. --fresh, --no-progress)
 #
 # 1. creates .venv (if missing) and pip-installs kdgraph with its [train] extra (on a machine without an
 #    NVIDIA GPU, the CPU build of torch first, when download.pytorch.org is reachable: the default wheel
 #    carries ~3 GB of CUDA libraries);
 # 2. installs Debian's dataset-fashion-mnist package if no Fashion-MNIST copy is found;
-# 3. runs `kdgraph train` on specs/fashion_mnist_baseline.yaml (ResNet-18, cross-entropy only) and
-#    specs/fashion_mnist_kd.yaml (ResNet-34 -> ResNet-18 KD; the teacher is trained on first use and
-#    cached in ~/.cache/kdgraph), then prints the teacher's, the baseline student's and the distilled
-#    student's test accuracy. Runs land in runs/fashion_mnist/<spec>/ (checkpoints, metrics.jsonl,
-#    curves.png, tb/).
+# 3. runs `kdgraph bench` on the baseline and KD rows of benchmarks/suites/fashion_mnist.yaml with 3 seeds: the
+#    ResNet-34-shaped teacher is trained once on all 60,000 images and cached in ~/.cache/kdgraph, then 3 students
+#    without distillation and 3 distilled ones train on 5,000 labelled images (--jobs at a time), and the table
+#    (mean, std, delta vs the baseline) is printed and written to runs/demo_fashion_mnist/results.{md,tsv,png}.
+#    Running it again reuses the finished runs (pass --fresh to train again).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=${KDGRAPH_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-OUT=${KDGRAPH_DEMO_OUT:-runs/fashion_mnist}
+OUT=${KDGRAPH_DEMO_OUT:-runs/demo_fashion_mnist}
+JOBS=${KDGRAPH_JOBS:-$(python3 -c 'import os; print(max(1, min(3, (os.cpu_count() or 1))))')}
 start=$(date +%s)
 
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
@@ -58,5 +59,6 @@ if ! have_fashion; then
 fi
 
 say "training (setup took $(( $(date +%s) - start )) s)"
-python -m kdgraph train specs/fashion_mnist_baseline.yaml specs/fashion_mnist_kd.yaml --out "$OUT" --overwrite "$@"
-say "done in $(( $(date +%s) - start )) s; curves: $OUT/*/curves.png, TensorBoard: tensorboard --logdir $OUT"
+python -m kdgraph bench benchmarks/suites/fashion_mnist.yaml --only baseline --only KD --seeds 3 --jobs "$JOBS" \
+  --out "$OUT" "$@"
+say "done in $(( $(date +%s) - start )) s; table: $OUT/results.md, chart: $OUT/results.png, runs: $OUT/<label>/seed<k>/"
