@@ -264,7 +264,7 @@ def trace_network(module: nn.Module, role: str, leaf_types: Iterable[type] = ())
 
 def _failed_node(net: TracedNetwork, e: Exception) -> str:
     """`` at layer1.0.conv1`` when ShapeProp's message names the node that failed, else ``""``."""
-    m = re.search(r"node=(\w+)", str(e))
+    m = re.search(r"node=%?(\w+)", str(e))
     if not m:
         return ""
     for node in net.graph_module.graph.nodes:

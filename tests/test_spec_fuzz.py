@@ -16,9 +16,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import kdgraph
 import spec_mutations as sm
 
 BASES = sm.load_bases()
@@ -88,3 +90,32 @@ def test_cli_answers_mutated_specs_with_exit_2_and_one_paragraph(tmp_path):
         text = err.strip()
         assert text.startswith("error:") and "\n\n" not in text, f"{name}: not one paragraph:\n{err}"
         assert sm.FIELD_RE.search(text) or "UTF-8" in text, f"{name}: names no field: {text}"
+
+
+TINY = {"name": "tiny", "input": {"channels": 1, "size": [16, 16], "num_classes": 10},
+        "teacher": {"model": "kdgraph.zoo:tiny_cnn"}, "student": {"model": "kdgraph.zoo:tiny_cnn"},
+        "stages": [{"name": "main", "optimizer": {"lr": 0.1}, "losses": [{"type": "cross_entropy"}]}]}
+
+
+def test_a_size_the_network_cannot_run_is_one_clean_error_without_torch_traceback(capfd):
+    from kdgraph.distiller import Distiller
+    from kdgraph.errors import TraceError
+
+    spec = kdgraph.load_spec(TINY)
+    spec.input.size = (0, 0)  # as `kdgraph compile --input-size 0 0` sets it, past the schema
+    with pytest.raises(TraceError, match=r"fails on an input of shape \[2, 1, 0, 0\] at \w+") as err:
+        Distiller.from_spec(spec)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert "torch/" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_spec_errors_carry_the_yaml_line_at_compile_time():
+    text = yaml.safe_dump({**TINY, "stages": [{"name": "main", "optimizer": {"lr": 0.1},
+                                                "losses": [{"type": "cross_entropy", "args": {"smoothing": 0.1}}]}]},
+                          sort_keys=False)
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "smoothing" in s)
+    with pytest.raises(kdgraph.SpecError) as err:
+        kdgraph.compile(text)
+    msg = str(err.value)
+    assert msg.startswith(f"stages[0].losses[0].args.smoothing (line {line}): ") and "label_smoothing" in msg
