@@ -279,7 +279,8 @@ class Prepared:
     # ---------------------------------------------------------------- wiring checks
     def _check_num_classes(self) -> None:
         """``input.num_classes`` must be the width of the student's logits (its traced output)."""
-        shape = self.tap_shape(parse_tap("student:@output"))
+        net = self.nets["student"]
+        shape = net.shape(net.output_node) if net.output_node is not None else None  # a tuple output: unchecked
         k = self.spec.input.num_classes
         if shape is not None and len(shape) == 2 and shape[1] != k:
             raise SpecError(f"{self.spec.where('input', 'num_classes')}: is {k} but the student's logits "
