@@ -24,9 +24,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import ShapeError, SpecError
+from .errors import KDGraphError, ShapeError, SpecError, did_you_mean
+from .methods.args import check_args
 from .methods.base import Adapter, DistillLoss, InputTransform
-from .registry import ADAPTERS, LOSSES, TRANSFORMS
+from .registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
 from .spec import Spec, StageSpec, Tap, parse_tap
 from .trace import TracedNetwork
 
@@ -108,8 +109,12 @@ def _instantiate(cls: type, args: dict[str, Any], where: str) -> nn.Module:
         req, opt = _params(cls.__init__)
         raise SpecError(f"{where}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: {e}. "
                         f"Required args: {', '.join(req) or 'none'}; optional: {', '.join(opt) or 'none'}.") from None
-    except ValueError as e:
+    except (ValueError, KDGraphError) as e:
         raise SpecError(f"{where}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a torch error in a constructor: say which piece and args
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpecError(f"{where}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())}) cannot be "
+                        f"built: {first}. Check its args.") from None
 
 
 def bind_inputs(cls: type, given: dict[str, str], where: str) -> dict[str, str]:
@@ -143,8 +148,10 @@ class Prepared:
         self.losses = nn.ModuleDict()
         self.loss_inputs: dict[tuple[str, str], dict[str, str]] = {}
         self.transforms = nn.ModuleDict()
+        self._check_num_classes()
         self._build_adapters()
         self._build_losses_and_transforms()
+        self._check_wiring()
 
     # ---------------------------------------------------------------- shapes
     def tap_shape(self, tap: Tap) -> Shape:
@@ -201,14 +208,15 @@ class Prepared:
             ad = self.spec.adapters[name]
             where = f"adapters.{name}"
             cls = ADAPTERS.get(ad.type, where=f"{where}.type")
+            given = check_args(cls, dict(ad.args), ("adapters", name), self.spec, f"adapter {name!r} ({ad.type})")
             bound = bind_inputs(cls, dict(ad.inputs), where)
             shapes = {k: self.tap_shape(parse_tap(t)) for k, t in bound.items()}
             match_shape = self.tap_shape(parse_tap(ad.match)) if ad.match else None
             infer = getattr(cls, "infer_args", None)
             try:
-                args = infer(dict(ad.args), shapes, match_shape) if infer else dict(ad.args)
-            except ShapeError:
-                raise
+                args = infer(given, shapes, match_shape) if infer else given
+            except ShapeError as e:
+                raise e if str(e).startswith(where) else ShapeError(f"{where}: {e}") from None
             except (KeyError, ValueError, TypeError) as e:
                 raise SpecError(f"{where}: cannot infer the arguments of {cls.__name__} from the shapes "
                                 f"{shapes} (match: {match_shape}): {e}. Give them under args.") from None
@@ -257,12 +265,81 @@ class Prepared:
                 check = getattr(cls, "check_shapes", None)
                 if check is not None:
                     check(shapes, bound, where)
-                per_stage[ls.name] = _instantiate(cls, dict(ls.args), where)
+                args = check_args(cls, dict(ls.args), ("stages", si, "losses", li), self.spec,
+                                  f"loss {ls.name!r} ({ls.type})")
+                per_stage[ls.name] = _instantiate(cls, args, where)
                 self.loss_inputs[(stage.name, ls.name)] = bound
             self.losses[stage.name] = per_stage
             if stage.transform is not None:
                 cls = TRANSFORMS.get(stage.transform.type, where=f"stages[{si}].transform.type")
-                self.transforms[stage.name] = _instantiate(cls, dict(stage.transform.args), f"stages[{si}].transform")
+                args = check_args(cls, dict(stage.transform.args), ("stages", si, "transform"), self.spec,
+                                  f"transform {stage.transform.type!r}")
+                self.transforms[stage.name] = _instantiate(cls, args, f"stages[{si}].transform")
+
+    # ---------------------------------------------------------------- wiring checks
+    def _check_num_classes(self) -> None:
+        """``input.num_classes`` must be the width of the student's logits (its traced output)."""
+        net = self.nets["student"]
+        shape = net.shape(net.output_node) if net.output_node is not None else None  # a tuple output: unchecked
+        k = self.spec.input.num_classes
+        if shape is not None and len(shape) == 2 and shape[1] != k:
+            raise SpecError(f"{self.spec.where('input', 'num_classes')}: is {k} but the student's logits "
+                            f"(student:@output) have {shape[1]} classes (shape {list(shape)}); set num_classes to "
+                            f"{shape[1]} or build the student with {k} outputs (e.g. kwargs: {{num_classes: {k}}})")
+
+    def _data_batch_keys(self) -> Optional[set[str]]:
+        """Validate ``data.wrapper`` (type and args) and return the batch keys it adds (None: undeclared)."""
+        w = self.spec.data.wrapper
+        if w is None:
+            return set()
+        fn = DATA_WRAPPERS.get(w.type, where=self.spec.where("data", "wrapper", "type"))
+        check_args(fn, dict(w.args), ("data", "wrapper"), self.spec, f"data wrapper {w.type!r}",
+                   fn=getattr(fn, "__init__", None) if isinstance(fn, type) else fn)
+        keys = getattr(fn, "batch_keys", None)
+        return set(keys) if keys is not None else None
+
+    def _check_wiring(self) -> None:
+        """Per stage: batch keys exist, batch-only inputs read the batch, every loss reaches a trained tensor."""
+        wrapper_keys = self._data_batch_keys()
+        for si, stage in enumerate(self.spec.stages):
+            trained = set(stage.train)
+            for li, ls in enumerate(stage.losses):
+                cls = LOSSES.get(ls.type)
+                bound = self.loss_inputs[(stage.name, ls.name)]
+                for k in getattr(cls, "batch_only_inputs", ()):
+                    tap = parse_tap(bound[k]) if k in bound else None
+                    if tap is not None and tap.source != "batch":
+                        raise SpecError(f"{self.spec.where('stages', si, 'losses', li, 'inputs', k)}: {ls.type} reads {k!r} from the batch (labels / sample "
+                                        f"indices), but it is bound to {bound[k]!r}, a {tap.source} value; bind it to "
+                                        f"a batch tap such as 'batch:{'targets' if k == 'targets' else k}'")
+                if wrapper_keys is not None:
+                    declared = [parse_tap(t).path for t in (getattr(cls, "default_inputs", None) or {}).values()
+                                if parse_tap(t).source == "batch"]
+                    allowed = {"images", "targets", *wrapper_keys, *getattr(cls, "batch_keys", ()), *declared}
+                    for k, text in bound.items():
+                        tap = parse_tap(text)
+                        if tap.source == "batch" and tap.path not in allowed:
+                            hint = did_you_mean(tap.path, sorted(allowed))
+                            raise SpecError(f"{self.spec.where('stages', si, 'losses', li, 'inputs', k)}: "
+                                            f"{text!r} names batch key {tap.path!r}, which no batch "
+                                            f"carries.{hint} Batches hold: {', '.join(sorted(allowed))} (extra keys "
+                                            f"come from data.wrapper)")
+                if not any(self._depends_on_trained(t, trained) for t in bound.values()):
+                    raise SpecError(
+                        f"{self.spec.where('stages', si, 'losses', li)}: loss {ls.name!r} depends on nothing that "
+                        f"stage {stage.name!r} trains (train: {', '.join(stage.train)}); its inputs "
+                        f"{', '.join(f'{k}={v!r}' for k, v in bound.items())} are all frozen (teacher, batch or "
+                        f"untrained adapters on them), so it has no gradient. Tap the student or an adapter the "
+                        f"stage trains, or add that adapter to train")
+
+    def _depends_on_trained(self, text: str, trained: set[str]) -> bool:
+        tap = parse_tap(text)
+        if tap.source == "student":
+            return "student" in trained
+        if tap.source == "adapter":
+            return tap.path in trained or any(self._depends_on_trained(t, trained)
+                                              for t in self.adapter_inputs.get(tap.path, {}).values())
+        return False
 
 
 # --------------------------------------------------------------------------------------------

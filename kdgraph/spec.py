@@ -7,6 +7,7 @@ and what is allowed.
 """
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import SpecError, did_you_mean
 
@@ -97,8 +99,25 @@ TapStr = Annotated[str, Field(description="a tap, see kdgraph.spec.TAP_GRAMMAR")
 # --------------------------------------------------------------------------------------------
 
 
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()} (YAML reads true/false/yes/no/on/off "
+                         f"as booleans; write a number)")
+    return v
+
+
+#: an int / a finite float that refuses booleans (pydantic would take ``true`` as 1)
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+
+MAX_SIDE = 4096  # input.size: at most this many pixels per side
+MAX_INPUT_VALUES = 2 ** 26  # channels x height x width of one input image (compile runs a batch of 2)
+MAX_NAME = 100
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -138,9 +157,19 @@ class LeafModule(_Strict):
 
 
 class InputSpec(_Strict):
-    channels: int = Field(3, ge=1)
-    size: tuple[int, int] = (224, 224)
-    num_classes: int = Field(1000, ge=1)
+    channels: Int = Field(3, ge=1, le=256)
+    size: tuple[Annotated[Int, Field(ge=1, le=MAX_SIDE)], Annotated[Int, Field(ge=1, le=MAX_SIDE)]] = Field(
+        (224, 224), description=f"[height, width], 1 to {MAX_SIDE} pixels each")
+    num_classes: Int = Field(1000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "InputSpec":
+        n = self.channels * self.size[0] * self.size[1]
+        if n > MAX_INPUT_VALUES:
+            raise ValueError(f"an input of {self.channels} x {self.size[0]} x {self.size[1]} = {n:,} values per image "
+                             f"is more than kdgraph compiles ({MAX_INPUT_VALUES:,}, e.g. 3 x 4096 x 4096); "
+                             f"use a smaller size or fewer channels")
+        return self
 
 
 class AdapterSpec(_Strict):
@@ -171,7 +200,7 @@ class LossSpec(_Strict):
     name: Optional[str] = Field(None, description="the term's name in out.terms (default: type)")
     type: str
     inputs: dict[str, TapStr] = Field(default_factory=dict)
-    weight: float = 1.0
+    weight: Float = Field(1.0, description="a finite number multiplying the term")
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inputs")
@@ -197,27 +226,28 @@ class TransformSpec(_Strict):
 
 class OptimizerSpec(_Strict):
     type: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: Float = Field(gt=0)
+    momentum: Float = Field(0.9, ge=0, le=1)
+    weight_decay: Float = Field(0.0, ge=0)
     nesterov: bool = False
 
 
 class SchedulerSpec(_Strict):
     type: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: list[int] = Field(default_factory=list)
-    gamma: float = 0.1
+    milestones: list[Annotated[Int, Field(ge=1)]] = Field(
+        default_factory=list, description="epochs (>= 1) after which the lr is multiplied by gamma")
+    gamma: Float = Field(0.1, gt=0, description="the lr factor at each milestone, > 0")
 
 
 class PretrainSpec(_Strict):
     """Plain cross-entropy training of one network (a teacher to distil from), run once and cached."""
 
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(128, ge=1, description="per process")
-    reference_world_size: int = Field(1, ge=1)
+    epochs: Int = Field(1, ge=1)
+    batch_size: Int = Field(128, ge=1, description="per process")
+    reference_world_size: Int = Field(1, ge=1)
     optimizer: OptimizerSpec
     scheduler: Optional[SchedulerSpec] = None
-    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images "
+    train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images "
                                                                  "(default: data.train_subset)")
     augment: bool = Field(True, description="augment the training images as for the students (in-memory data sets: "
                                             "random translation and flip); off converges faster in few epochs")
@@ -232,15 +262,15 @@ class StageSpec(_Strict):
     """One training stage: what trains, with which losses, for how long."""
 
     name: str
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1, description="per process (per GPU)")
-    reference_world_size: int = Field(
+    epochs: Int = Field(1, ge=1)
+    batch_size: Int = Field(256, ge=1, description="per process (per GPU)")
+    reference_world_size: Int = Field(
         1, ge=1, description="number of processes the reference lr was set for; the trainer scales lr "
                              "linearly by world_size / reference_world_size")
     optimizer: OptimizerSpec
     scheduler: Optional[SchedulerSpec] = None
-    train: list[str] = Field(default_factory=lambda: ["student"],
-                             description="'student' and/or adapter names whose parameters train")
+    train: list[str] = Field(default_factory=lambda: ["student"], min_length=1,
+                             description="'student' and/or adapter names whose parameters train (at least one)")
     transform: Optional[TransformSpec] = None
     losses: list[LossSpec] = Field(min_length=1)
 
@@ -271,10 +301,10 @@ class DataSpec(_Strict):
 
     dataset: Literal["imagenet", "fashion_mnist", "synthetic"] = "imagenet"
     root: Optional[str] = None
-    workers: int = Field(8, ge=0)
+    workers: Int = Field(8, ge=0, le=256)
     wrapper: Optional[DataWrapperSpec] = None
-    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images")
-    val_subset: Optional[int] = Field(None, ge=1, description="use only the first N validation images")
+    train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")
+    val_subset: Optional[Int] = Field(None, ge=1, description="use only the first N validation images")
 
 
 class RuntimeSpec(_Strict):
@@ -282,7 +312,7 @@ class RuntimeSpec(_Strict):
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=2 ** 63 - 1)
     deterministic: bool = False
     eval_every: int = Field(1, ge=1, description="kdgraph train: evaluate every N epochs of a stage (and always "
                                                  "after its last epoch)")
@@ -299,8 +329,8 @@ class RuntimeSpec(_Strict):
 class Reference(_Strict):
     """The published figure this spec reproduces (documentation, printed beside results)."""
 
-    top1: Optional[float] = None
-    paper_top1: Optional[float] = None
+    top1: Optional[Float] = None
+    paper_top1: Optional[Float] = None
     source: str = ""
 
 
@@ -308,7 +338,9 @@ class Spec(_Strict):
     """A whole distillation setup. See README "The spec" for every field."""
 
     version: Literal[1] = 1
-    name: str
+    name: str = Field(description=f"the run's name, also a file and folder name (runs/<name>): letters, digits, "
+                                  f"'_', '-', '.', at most {MAX_NAME} characters, not starting with '.' or '-', "
+                                  f"no '..'")
     description: str = ""
     input: InputSpec = Field(default_factory=InputSpec)
     teacher: ModelRef
@@ -322,6 +354,18 @@ class Spec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     reference: Optional[Reference] = None
+
+    _lines: dict = PrivateAttr(default_factory=dict)  # field path (tuple) -> YAML line, when loaded from YAML
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME_RE.fullmatch(v) or ".." in v or len(v) > MAX_NAME:
+            raise ValueError(f"name {v[:60]!r}{'...' if len(v) > 60 else ''} cannot be used: it becomes a file and "
+                             f"folder name (runs/<name>, --emit-code), so it may hold only letters, digits, '_', '-' "
+                             f"and '.', at most {MAX_NAME} characters, must not start with '.' or '-' and must not "
+                             f"contain '..'")
+        return v
 
     @field_validator("adapters")
     @classmethod
@@ -359,6 +403,15 @@ class Spec(_Strict):
             raise ValueError(f"{where}: {text!r} names adapter {tap.path!r}, which is not declared under "
                              f"'adapters'.{did_you_mean(tap.path, self.adapters)}")
 
+    def where(self, *loc: str | int) -> str:
+        """``stages[0].losses[1].args.temperature (line 12)``: a field path, with its YAML line when known."""
+        line = None
+        for n in range(len(loc), 0, -1):
+            line = self._lines.get(tuple(loc[:n]))
+            if line:
+                break
+        return _fmt_loc(tuple(loc)) + (f" (line {line})" if line else "")
+
     def stage(self, key: int | str) -> StageSpec:
         if isinstance(key, int):
             return self.stages[key]
@@ -374,28 +427,121 @@ class Spec(_Strict):
 # --------------------------------------------------------------------------------------------
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map each field path (tuple of keys / indices) to its 1-based YAML line."""
-    lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
+MAX_DEPTH = 64  # nesting of YAML mappings / lists
+MAX_SPEC_BYTES = 4 * 2 ** 20
 
-    def walk(node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
+
+class _Refused(Exception):
+    """A YAML construct a spec may not use, at ``line``."""
+
+    def __init__(self, line: int, msg: str):
+        super().__init__(msg)
+        self.line, self.msg = line, msg
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, stricter: no duplicate keys, no anchors / aliases, nesting at most MAX_DEPTH.
+
+    A duplicate key would silently replace the first (a second ``stages:`` drops the first list); aliases make
+    exponentially large (an alias bomb) or recursive values; deep nesting exhausts Python's stack.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D401 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused(event.start_mark.line + 1,
+                           f"YAML anchors and aliases (&{event.anchor} / *{event.anchor}) are not allowed in a spec; "
+                           f"write the value out where it is used")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(event.start_mark.line + 1,
+                               f"the YAML nests deeper than {MAX_DEPTH} levels; a spec needs a handful")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                raise _Refused(line, f"a mapping key must be a plain name, got a {type(key).__name__}") from None
+            if key in seen:
+                raise _Refused(line, f"duplicate key {key!r} (first at line {seen[key]}); each key may appear once "
+                                     f"in a mapping (YAML would silently keep only the last one)")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, origin: str = "<string>") -> tuple[Any, dict[tuple, int]]:
+    """Parse spec text with :class:`SpecLoader`: (data, field path -> 1-based YAML line)."""
+    loader = None
+    try:
+        loader = SpecLoader(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as e:
+        line = text[:e.position].count("\n") + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise SpecError(f"{origin} (line {line}): character U+{code:04X} is not allowed in YAML text "
+                        f"(control characters such as NUL are not); remove it") from None
+    except _Refused as e:
+        raise SpecError(f"{origin} (line {e.line}): {e.msg}.") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{origin}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: the YAML nests too deeply to read; a spec needs a handful of levels") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    lines: dict[tuple, int] = {}
+
+    def walk(n, path: tuple) -> None:
+        lines[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
                 walk(v, path + (i,))
 
-    if root is not None:
-        walk(root, ())
-    return lines
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each field path (tuple of keys / indices) to its 1-based YAML line."""
+    try:
+        return parse_yaml(text)[1]
+    except SpecError:
+        return {}
+
+
+def _non_finite(data: Any, loc: tuple = ()) -> Optional[tuple]:
+    """The path of the first NaN / inf number in ``data`` (YAML .nan / .inf), or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return loc
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, loc + (k,))
+        if found is not None:
+            return found
+    return None
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -462,18 +608,69 @@ def _describe(err: dict, lines: dict[tuple, int], root: type[BaseModel] | None =
     return f"{where}{at}: {msg}{shown}"
 
 
-def validate_spec(data: Any, source: str = "<spec>", text: str | None = None) -> Spec:
+def validate_spec(data: Any, source: str = "<spec>", text: str | None = None,
+                  lines: dict[tuple, int] | None = None) -> Spec:
     """Validate a parsed spec (a dict) into :class:`Spec`, raising one readable :class:`SpecError`."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: a spec is a YAML mapping (key: value lines), got {type(data).__name__}")
-    try:
-        return Spec.model_validate(data)
-    except ValidationError as e:
+        raise SpecError(f"{source} (top level): a spec is a YAML mapping (key: value lines: name, teacher, student, "
+                        f"stages, ...), got a {type(data).__name__}")
+    if lines is None:
         lines = _yaml_lines(text) if text else {}
+    bad = _non_finite(data)
+    if bad is not None:
+        line = lines.get(bad)
+        raise SpecError(f"{source}: invalid spec (1 problem):\n  - {_fmt_loc(bad)}{f' (line {line})' if line else ''}: "
+                        f"{_nested_get(data, bad)} is not allowed; every number in a spec must be finite "
+                        f"(no .nan / .inf)")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
         problems = [_describe(err, lines) for err in e.errors()]
         plural = "s" if len(problems) > 1 else ""
         raise SpecError(f"{source}: invalid spec ({len(problems)} problem{plural}):\n  - "
                         + "\n  - ".join(problems)) from None
+    spec._lines = dict(lines)
+    return spec
+
+
+def _nested_get(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        data = data[part]
+    return data
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a string names a spec file (rather than being the spec's YAML text)."""
+    if "\n" in source or len(source) > 4096:
+        return False
+    if source.endswith((".yaml", ".yml")):
+        return True
+    if not source.strip():
+        return False
+    try:
+        return Path(source).exists()
+    except (OSError, ValueError):  # "File name too long", an embedded NUL: spec text, not a path
+        return False
+
+
+def _read_spec_file(p: Path) -> str:
+    try:
+        if not p.exists():
+            raise SpecError(f"spec file {str(p)!r} does not exist")
+        if p.is_dir():
+            raise SpecError(f"spec {str(p)!r} is a directory, not a YAML file; pass the spec file inside it")
+        if p.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"spec file {str(p)!r} is {p.stat().st_size:,} bytes; a spec is a short YAML file "
+                            f"(at most {MAX_SPEC_BYTES:,} bytes)")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SpecError(f"spec file {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SpecError(f"spec file {str(p)!r} (line {line}) is not UTF-8 text: byte {raw[e.start]:#04x} at offset "
+                        f"{e.start}; save the file as UTF-8") from None
 
 
 def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] = ()) -> Spec:
@@ -495,21 +692,23 @@ def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] = ()) -
     text: str
     origin = "<string>"
     base: Optional[Path] = None
-    p = Path(str(source))
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and
-                                    (source.endswith((".yaml", ".yml")) or p.exists())):
-        if not p.exists():
-            raise SpecError(f"spec file {str(p)!r} does not exist")
-        text = p.read_text()
+    if isinstance(source, Path) or (isinstance(source, str) and _looks_like_path(source)):
+        p = Path(source)
+        text = _read_spec_file(p)
         origin = str(p)
         base = p.resolve().parent
+    elif isinstance(source, str):
+        text = source
+        if len(text.encode("utf-8", "replace")) > MAX_SPEC_BYTES:
+            raise SpecError(f"the spec text is {len(text):,} characters; a spec is a short YAML document "
+                            f"(at most {MAX_SPEC_BYTES:,} bytes)")
     else:
-        text = str(source)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"{origin}: not valid YAML: {e}") from None
-    spec = validate_spec(data, origin, text)
+        raise SpecError(f"a spec is a YAML file path, YAML text, a dict or a kdgraph.Spec, got {type(source).__name__}")
+    data, lines = parse_yaml(text, origin)
+    if data is None:
+        raise SpecError(f"{origin}: the spec is empty; a spec is a YAML mapping with at least name, teacher, "
+                        f"student and stages")
+    spec = validate_spec(data, origin, lines=lines)
     if base is not None:
         spec = _resolve_paths(spec, base)
     return spec

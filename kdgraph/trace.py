@@ -262,27 +262,49 @@ def trace_network(module: nn.Module, role: str, leaf_types: Iterable[type] = ())
     return net
 
 
+def _failed_node(net: TracedNetwork, e: Exception) -> str:
+    """`` at layer1.0.conv1`` when ShapeProp's message names the node that failed, else ``""``."""
+    m = re.search(r"node=%?(\w+)", str(e))
+    if not m:
+        return ""
+    for node in net.graph_module.graph.nodes:
+        if node.name == m.group(1):
+            name = net.node_names.get(node) or (node.target if node.op == "call_module" else node.name)
+            return f" at {name}"
+    return ""
+
+
 @torch.no_grad()
 def propagate_shapes(net: TracedNetwork, example: torch.Tensor) -> None:
     """Record every node's shape/dtype for an input like ``example`` (eval mode, no grad).
 
     Runs on fake tensors (no arithmetic, any input size costs the same); a network with an op that
-    fake tensors cannot run is propagated on the real example instead.
+    fake tensors cannot run is propagated on the real example instead. torch's ShapeProp prints the
+    failing op's traceback to stderr; that print is swallowed and the error told in one sentence
+    (which node failed and torch's one-line reason).
     """
+    import contextlib
+    import io
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     module = net.module
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        try:
-            fake = FakeTensorMode(allow_non_fake_inputs=True)
-            ShapeProp(net.graph_module, fake_mode=fake).propagate(fake.from_tensor(example))
-        except Exception:  # noqa: BLE001 - fall back to a real run, which gives the real error if any
-            ShapeProp(net.graph_module).propagate(example)
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                fake = FakeTensorMode(allow_non_fake_inputs=True)
+                ShapeProp(net.graph_module, fake_mode=fake).propagate(fake.from_tensor(example))
+            except Exception:  # noqa: BLE001 - fall back to a real run, which gives the real error if any
+                ShapeProp(net.graph_module).propagate(example)
     except Exception as e:  # noqa: BLE001
-        raise TraceError(f"the {net.role} fails on an input of shape {list(example.shape)}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}. Check the spec's `input` (channels, size).") from None
+        node = _failed_node(net, e)
+        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise TraceError(f"the {net.role} fails on an input of shape {list(example.shape)}{node}: {first}. "
+                         f"Check the spec's `input` (channels, size: each layer needs a large enough input)."
+                         ) from None
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -21,8 +21,15 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import ShapeError
+from pydantic import Field
+
 from ..registry import register_loss
+from .args import MethodArgs
 from .base import DistillLoss, Shape
+
+
+class ATArgs(MethodArgs):
+    mode: Literal["code", "paper"] = Field("code", description="'code' (the authors' implementation) or 'paper'")
 
 
 def attention_map(feature_map: torch.Tensor, mode: str = "code") -> torch.Tensor:
@@ -37,6 +44,7 @@ class ATLoss(DistillLoss):
     """Attention transfer between one student and one teacher feature map (same H x W)."""
 
     inputs = ("student", "teacher")
+    Args = ATArgs
 
     def __init__(self, mode: Literal["code", "paper"] = "code"):
         super().__init__()

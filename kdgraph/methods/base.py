@@ -7,8 +7,9 @@ follow from them (:meth:`Adapter.infer_args`).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
+from pydantic import BaseModel
 from torch import nn
 
 from ..errors import ShapeError
@@ -29,11 +30,19 @@ class DistillLoss(nn.Module):
     * ``default_inputs``: taps used when the spec leaves an input out.
     * ``same_shape``: groups of inputs whose shapes must be equal (checked at compile time).
     * ``needs_grad_inputs``: unused by the compiler; documentation only.
+    * ``batch_only_inputs``: inputs that must be bound to a ``batch:`` tap (labels, sample indices),
+      never to a network's or adapter's values.
+    * ``batch_keys``: extra per-batch keys (beyond ``images``/``targets``) the loss reads; those of
+      ``default_inputs`` count too.
+    * ``Args``: the pydantic schema of the constructor's arguments (see :mod:`kdgraph.methods.args`).
     """
 
     inputs: ClassVar[tuple[str, ...]] = ()
     default_inputs: ClassVar[Mapping[str, str]] = {}
     same_shape: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    batch_only_inputs: ClassVar[tuple[str, ...]] = ()
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+    Args: ClassVar[Optional[type[BaseModel]]] = None
 
     @classmethod
     def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:
@@ -57,6 +66,8 @@ class Adapter(nn.Module):
     """
 
     inputs: ClassVar[tuple[str, ...]] = ("x",)
+    #: the pydantic schema of the constructor's arguments; arguments ``infer_args`` fills are optional in it
+    Args: ClassVar[Optional[type[BaseModel]]] = None
 
     @classmethod
     def infer_args(cls, args: dict[str, Any], input_shapes: Mapping[str, Shape], match_shape: Shape | None) -> dict[str, Any]:
@@ -78,6 +89,8 @@ class InputTransform(nn.Module):
 
     ``forward(images) -> images``; may change the batch dimension. Targets are left as they are.
     """
+
+    Args: ClassVar[Optional[type[BaseModel]]] = None
 
 
 def channels(shape: Shape, what: str) -> int:

@@ -8,11 +8,20 @@ Spec::
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
+from pydantic import Field
 from torch.nn import functional as F
 
+from ..errors import ShapeError
 from ..registry import register_loss
-from .base import DistillLoss
+from .args import Fraction, MethodArgs
+from .base import DistillLoss, Shape, _fmt
+
+
+class CrossEntropyArgs(MethodArgs):
+    label_smoothing: Fraction = Field(0.0, description="in [0, 1], as in torch.nn.functional.cross_entropy")
 
 
 @register_loss("cross_entropy")
@@ -26,6 +35,15 @@ class CrossEntropy(DistillLoss):
 
     inputs = ("logits", "targets")
     default_inputs = {"logits": "student:@output", "targets": "batch:targets"}
+    batch_only_inputs = ("targets",)
+    Args = CrossEntropyArgs
+
+    @classmethod
+    def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:
+        s = shapes.get("logits")
+        if s is not None and len(s) != 2:
+            raise ShapeError(f"{where}: cross_entropy scores class logits B x num_classes, but input 'logits' "
+                             f"({taps.get('logits')}) has shape {_fmt(s)}; tap the network's output (@output)")
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()

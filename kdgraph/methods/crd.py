@@ -41,20 +41,52 @@ to every batch; the loss reads them through ``batch:`` taps. ImageNet reference 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..errors import DataError, ShapeError
 from ..registry import register_adapter, register_data_wrapper, register_loss
+from .args import Features, Flag, MethodArgs, NonNegative, PosInt, Positive
 from .base import DistillLoss, FlatInputAdapter, Shape, _fmt
 
 
 # --------------------------------------------------------------------------------------------
 # Heads
 # --------------------------------------------------------------------------------------------
+
+
+class CRDHeadArgs(MethodArgs):
+    in_features: Optional[Features] = Field(None, description="input features, >= 1 (default: the input tap, flattened)")
+    feature_dim: Features = Field(128, description="embedding size, >= 1")
+    power: PosInt = Field(2, description="the norm the embedding is divided by, an integer >= 1")
+    bias: Flag = Field(True, description="true / false: a bias in the linear layer")
+
+
+class CRDArgs(MethodArgs):
+    num_samples: Annotated[PosInt, Field(ge=2)] = Field(description="memory rows = training set length, >= 2")
+    feature_dim: Features = Field(128, description="embedding size, >= 1 (the heads' feature_dim)")
+    temperature: Positive = Field(0.07, description="NCE temperature, > 0")
+    momentum: Annotated[NonNegative, Field(lt=1)] = Field(0.5, description="memory momentum, in [0, 1)")
+    eps: Positive = Field(1e-7, description="NCE noise constant, > 0")
+
+    @model_validator(mode="after")
+    def _memory_bounded(self) -> "CRDArgs":
+        if self.num_samples * self.feature_dim > MAX_MEMORY_VALUES:
+            raise ValueError(f"num_samples x feature_dim = {self.num_samples * self.feature_dim:,} memory values per "
+                             f"bank is more than {MAX_MEMORY_VALUES:,} (two banks of 4 GiB each)")
+        return self
+
+
+class CRDWrapperArgs(MethodArgs):
+    num_negative_samples: PosInt = Field(16384, description="negatives K drawn per sample, >= 1")
+    mode: Literal["exact", "relax"] = Field("exact", description="'exact' (the positive is the sample) or 'relax'")
+
+
+MAX_MEMORY_VALUES = 2 ** 30
 
 
 @register_adapter("crd_head")
@@ -66,6 +98,7 @@ class CRDHead(FlatInputAdapter):
     """
 
     inputs = ("x",)
+    Args = CRDHeadArgs
 
     def __init__(self, in_features: int, feature_dim: int = 128, power: int = 2, bias: bool = True):
         super().__init__()
@@ -97,6 +130,8 @@ class CRDLoss(DistillLoss):
     inputs = ("student", "teacher", "index", "contrast_index")
     default_inputs = {"index": "batch:index", "contrast_index": "batch:contrast_index"}
     same_shape = (("student", "teacher"),)
+    batch_only_inputs = ("index", "contrast_index")
+    Args = CRDArgs
 
     def __init__(self, num_samples: int, feature_dim: int = 128, temperature: float = 0.07,
                  momentum: float = 0.5, eps: float = 1e-7):
@@ -314,3 +349,7 @@ def crd_wrapper(dataset: Dataset, spec: Any = None, num_negative_samples: int = 
                         f"{len(wrapped)} samples; CRD keeps one memory row per sample, so set num_samples "
                         f"to {len(wrapped)} (e.g. when data.train_subset is used)")
     return wrapped
+
+
+crd_wrapper.Args = CRDWrapperArgs
+crd_wrapper.batch_keys = ("index", "contrast_index")

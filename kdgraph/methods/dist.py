@@ -24,8 +24,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from pydantic import Field
+
 from ..registry import register_loss
+from .args import MethodArgs, NonNegative, Positive
 from .base import DistillLoss
+
+
+class DISTArgs(MethodArgs):
+    beta: NonNegative = Field(1.0, description="weight of the inter-class term, >= 0")
+    gamma: NonNegative = Field(1.0, description="weight of the intra-class term, >= 0")
+    tau: Positive = Field(1.0, description="softmax temperature, > 0")
+    eps: Positive = Field(1e-8, description="cosine similarity guard, > 0")
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -42,6 +52,7 @@ class DISTLoss(DistillLoss):
     inputs = ("student", "teacher")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
     same_shape = (("student", "teacher"),)
+    Args = DISTArgs
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, eps: float = 1e-8):
         super().__init__()

@@ -20,14 +20,45 @@ The encoder and decoder are two adapters, so stage 2 runs (and the graph shows) 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping, Optional
+
+from pydantic import field_validator
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from ..registry import register_adapter, register_loss
+from .args import Channels, Flag, MethodArgs, PosInt, Positive
 from .base import Adapter, DistillLoss, Shape, channels, require_arg
+
+Kernel = Annotated[PosInt, Field(le=15)]
+
+
+class _FTConvArgs(MethodArgs):
+    in_channels: Optional[Channels] = Field(None, description="channels of x, 1 to 16384 (default: from the input tap)")
+    kernel_size: Kernel = Field(3, description="odd kernel size, 1 to 15")
+    uses_bn: Flag = Field(False, description="true / false: a BatchNorm2d after each conv")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the convs keep H x W with padding k // 2), got {v}")
+        return v
+
+
+class FTEncoderArgs(_FTConvArgs):
+    rate: Annotated[Positive, Field(le=16)] = Field(0.5, description="factor channels = int(rate * in_channels), rate in (0, 16]")
+
+
+class FTPairArgs(_FTConvArgs):
+    out_channels: Optional[Channels] = Field(None, description="output channels, 1 to 16384 (default: from match)")
+
+
+class FTArgs(MethodArgs):
+    p: PosInt = Field(1, description="the norm of the factor difference: 1 (L1, the paper) or an integer >= 2")
 
 
 def _conv_stack(widths: list[int], transposed: bool, kernel_size: int, uses_bn: bool) -> list[nn.Module]:
@@ -45,8 +76,13 @@ def _conv_stack(widths: list[int], transposed: bool, kernel_size: int, uses_bn: 
 class FTEncoder(Adapter, nn.Sequential):
     """Paraphraser encoder: C -> C -> kC -> kC, 3x3 convs, each followed by LeakyReLU(0.1)."""
 
+    Args = FTEncoderArgs
+
     def __init__(self, in_channels: int, rate: float = 0.5, kernel_size: int = 3, uses_bn: bool = False):
         factor = int(in_channels * rate)
+        if factor < 1:
+            raise ValueError(f"rate {rate} of {in_channels} input channels leaves {factor} factor channels; "
+                             f"rate * in_channels must be >= 1")
         nn.Sequential.__init__(self, *_conv_stack([in_channels, in_channels, factor, factor], False,
                                                   kernel_size, uses_bn))
         self.out_channels = factor
@@ -64,6 +100,8 @@ class FTEncoder(Adapter, nn.Sequential):
 @register_adapter("ft_decoder")
 class FTDecoder(Adapter, nn.Sequential):
     """Paraphraser decoder: kC -> kC -> C -> C, 3x3 transposed convs, each followed by LeakyReLU(0.1)."""
+
+    Args = FTPairArgs
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, uses_bn: bool = False):
         nn.Sequential.__init__(self, *_conv_stack([in_channels, in_channels, out_channels, out_channels], True,
@@ -84,6 +122,8 @@ class FTDecoder(Adapter, nn.Sequential):
 @register_adapter("ft_translator")
 class FTTranslator(Adapter, nn.Sequential):
     """Translator on the student map: C_s -> C_s -> C_f -> C_f, 3x3 convs with LeakyReLU(0.1)."""
+
+    Args = FTPairArgs
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, uses_bn: bool = False):
         nn.Sequential.__init__(self, *_conv_stack([in_channels, in_channels, out_channels, out_channels], False,
@@ -107,6 +147,7 @@ class FTLoss(DistillLoss):
 
     inputs = ("student", "teacher")
     same_shape = (("student", "teacher"),)
+    Args = FTArgs
 
     def __init__(self, p: int = 1):
         super().__init__()

@@ -18,8 +18,15 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from pydantic import Field
+
 from ..registry import register_loss
+from .args import MethodArgs, Positive
 from .base import DistillLoss
+
+
+class KDArgs(MethodArgs):
+    temperature: Positive = Field(1.0, description="softening temperature T, > 0")
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,6 +44,7 @@ class KDLoss(DistillLoss):
     inputs = ("student", "teacher")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
     same_shape = (("student", "teacher"),)
+    Args = KDArgs
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()

@@ -44,15 +44,31 @@ flattened embedding, N x C) is read as N x C x 1 x 1.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ShapeError
 from ..registry import register_adapter, register_loss
+from .args import Channels, Flag, MethodArgs, PosInt
 from .base import Adapter, DistillLoss, Shape, _fmt, channels, require_arg
+
+
+class ABFArgs(MethodArgs):
+    in_channels: Optional[Channels] = Field(None, description="channels of x, 1 to 16384 (default: from the input tap)")
+    out_channels: Optional[Channels] = Field(None, description="output channels, 1 to 16384 (default: from match)")
+    mid_channels: Optional[Channels] = Field(None, description="channels of the fused map, 1 to 16384 (default 512)")
+    uses_attention: Optional[Flag] = Field(None, description="true / false (default: whether residual is bound)")
+    vector_input: Optional[Flag] = Field(None, description="true / false (default: whether x is N x C)")
+
+
+class HCLArgs(MethodArgs):
+    output_sizes: list[PosInt] = Field([4, 2, 1], min_length=1, max_length=16,
+                                       description="a list of pooled sizes, each >= 1, e.g. [4, 2, 1]")
+    reduction: Literal["mean", "sum"] = Field("mean", description="'mean' or 'sum'")
 
 
 @register_adapter("abf")
@@ -69,6 +85,7 @@ class AttentionBasedFusion(Adapter):
     """
 
     inputs = ("x", "residual")
+    Args = ABFArgs
 
     def __init__(self, in_channels: int, out_channels: int, mid_channels: int = 512,
                  uses_attention: bool = False, vector_input: bool = False):
@@ -149,6 +166,7 @@ class HierarchicalContextLoss(DistillLoss):
 
     inputs = ("student", "teacher")
     same_shape = (("student", "teacher"),)
+    Args = HCLArgs
 
     def __init__(self, output_sizes: Sequence[int] = (4, 2, 1), reduction: Literal["mean", "sum"] = "mean"):
         super().__init__()

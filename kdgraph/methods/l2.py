@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from ..registry import register_loss
+from .args import NoArgs
 from .base import DistillLoss
 
 
@@ -22,6 +23,7 @@ class MSELoss(DistillLoss):
 
     inputs = ("student", "teacher")
     same_shape = (("student", "teacher"),)
+    Args = NoArgs
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(student, teacher)

@@ -34,14 +34,26 @@ The adapter's parameters are named like torchdistill's ``VarianceBranch4PAD.var_
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import ShapeError
 from ..registry import register_adapter, register_loss
+from .args import Features, MethodArgs, NonNegative
 from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg
+
+
+class PADVarianceArgs(MethodArgs):
+    in_features: Optional[Features] = Field(None, description="input features, >= 1 (default: the input tap, flattened)")
+    out_features: Optional[Features] = Field(None, description="output features, >= 1 (default: match, or in_features)")
+
+
+class PADL2Args(MethodArgs):
+    eps: NonNegative = Field(1e-6, description="added to exp(log variance), >= 0")
+    reduction: Literal["mean", "sum"] = Field("mean", description="'mean' or 'sum' over the batch")
 
 
 @register_adapter("pad_variance")
@@ -54,6 +66,7 @@ class PADVarianceBranch(Adapter, nn.Sequential):
     """
 
     inputs = ("x",)
+    Args = PADVarianceArgs
 
     def __init__(self, in_features: int, out_features: int | None = None):
         out_features = in_features if out_features is None else out_features
@@ -86,6 +99,7 @@ class PADL2Loss(DistillLoss):
     """
 
     inputs = ("student", "teacher", "log_variance")
+    Args = PADL2Args
 
     def __init__(self, eps: float = 1e-6, reduction: Literal["mean", "sum"] = "mean"):
         super().__init__()

@@ -54,13 +54,37 @@ select exactly the rows torchdistill selects. ImageNet reference (torchdistill 1
 from __future__ import annotations
 
 
+from typing import Optional
+
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ShapeError
 from ..registry import register_adapter, register_loss, register_transform
+from .args import Features, Fraction, MethodArgs, NoArgs, Positive
 from .base import DistillLoss, FlatInputAdapter, InputTransform
+
+
+class SSKDHeadArgs(MethodArgs):
+    in_features: Optional[Features] = Field(None, description="input features, >= 1 (default: the input tap, flattened)")
+    hidden_features: Optional[Features] = Field(None, description="hidden features, >= 1 (default: in_features)")
+    out_features: Optional[Features] = Field(None, description="output features, >= 1 (default: in_features)")
+
+
+class SSKDTemperatureArgs(MethodArgs):
+    temperature: Positive = Field(4.0, description="softening temperature, > 0")
+
+
+class SSKDRankedArgs(MethodArgs):
+    temperature: Positive = Field(0.5, description="softening temperature, > 0")
+    ratio: Fraction = Field(0.75, description="share of the wrongly ranked rows kept, in [0, 1]")
+
+
+class SSKDTFArgs(SSKDRankedArgs):
+    temperature: Positive = Field(4.0, description="softening temperature, > 0")
+    ratio: Fraction = Field(1.0, description="share of the wrongly ranked rows kept, in [0, 1]")
 
 NUM_VIEWS = 4
 
@@ -78,6 +102,8 @@ class SSKDRotations(InputTransform):
     (there each view gets its own random crop; here the four views share the batch's crop).
     Images must be square.
     """
+
+    Args = NoArgs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
@@ -156,6 +182,7 @@ class SSKDHead(FlatInputAdapter, nn.Sequential):
     """
 
     inputs = ("x",)
+    Args = SSKDHeadArgs
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None):
         hidden = hidden_features or in_features
@@ -176,6 +203,7 @@ class AuxSSKDLoss(DistillLoss):
     """Stage 1: ``CE(cos(rotated view, every normal view), its source image)`` on one network's head."""
 
     inputs = ("embedding",)
+    Args = NoArgs
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         cos = view_similarities(embedding, "aux_sskd")
@@ -191,6 +219,7 @@ class SSKDKDLoss(DistillLoss):
     inputs = ("student", "teacher")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
     same_shape = (("student", "teacher"),)
+    Args = SSKDTemperatureArgs
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
@@ -210,6 +239,7 @@ class SSKDSelfSupervisionLoss(DistillLoss):
 
     inputs = ("student", "teacher")
     same_shape = (("student", "teacher"),)
+    Args = SSKDRankedArgs
 
     def __init__(self, temperature: float = 0.5, ratio: float = 0.75):
         super().__init__()
@@ -232,6 +262,8 @@ class SSKDTransformLoss(DistillLoss):
     inputs = ("student", "teacher", "targets")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output", "targets": "batch:targets"}
     same_shape = (("student", "teacher"),)
+    batch_only_inputs = ("targets",)
+    Args = SSKDTFArgs
 
     def __init__(self, temperature: float = 4.0, ratio: float = 1.0):
         super().__init__()
