@@ -49,7 +49,7 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
     out_dir = Path(out) if out else default_out(loaded)
     data = data if data is not None else loaded.suite.data
     runs = plan_runs(loaded, out_dir, seed_list, only)
-    t = Table("label", "spec", "stages (epochs)", "train images", "teacher used", "PFLOP / run", "runs",
+    t = Table("label", "spec", "stages (epochs)", "train images", "teacher used", "TFLOP / run", "runs",
               box=box.SIMPLE, pad_edge=False, title=f"{loaded.suite.title}: {len(runs)} run(s) -> {out_dir}",
               title_justify="left")
     total = 0.0
@@ -72,15 +72,15 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
                        forward_flops(student, spec.input.channels, size))
         n = sum(1 for r in runs if r.entry.label == run.entry.label)
         total += est["pflop"] * n
-        t.add_row(run.entry.label, str(loaded.spec_path(run.entry)),
+        t.add_row(run.entry.label, run.entry.spec,
                   ", ".join(f"{s['name']} ({s['epochs']}{' x' + str(s['views']) + ' views' if s['views'] > 1 else ''})"
                             for s in est["stages"]),
                   f"{train_images(spec):,}", "yes" if any(s["uses_teacher"] for s in est["stages"]) else "no",
-                  f"{est['pflop']:.3g}", str(n))
+                  f"{est['pflop'] * 1000:.3g}", str(n))
     con = _console()
     con.print(t)
     con.print(f"every spec compiled{'; data folder ' + str(data) + ' checked' if data else ''}. Estimated training "
-              f"compute: {total:.3g} PFLOP in all (teacher forward + 3x student forward per image and view; a lower "
+              f"compute: {total * 1000:.3g} TFLOP in all (teacher forward + 3x student forward per image and view; a lower "
               f"bound: adapters, losses and evaluation left out). Nothing was trained.", soft_wrap=True)
 
 

@@ -45,7 +45,7 @@ def estimate(spec: Spec, distiller, images: int, teacher_flops: int, student_flo
     c, size = spec.input.channels, tuple(spec.input.size)
     for i, st in enumerate(spec.stages):
         distiller.enter_stage(i)
-        rep = distiller.report()
+        rep = distiller.report
         views = 1
         if rep.transform:
             t = distiller.transforms[st.name] if st.name in distiller.transforms else None
