@@ -1,6 +1,6 @@
 """Throughput of ``kdgraph train`` on the embedded default vs the same work in a hand-written loop.
 
-Both do the KD step of specs/fashion_mnist_kd.yaml (ResNet-34 teacher forward, ResNet-18 student
+Both do the KD step of specs/fashion_mnist/kd.yaml (ResNet-34 teacher forward, ResNet-18 student
 forward + backward, 0.5 * CE + 0.5 * T^2 * KL with T = 2, AdamW, channels_last, fp32) on
 Fashion-MNIST batches of 128 with random crops and flips, one epoch over ``--images`` training
 images. Each is a fresh process, run alternately ``--repeats`` times; the figures are medians:
@@ -76,7 +76,7 @@ print(json.dumps({"images_per_s": statistics.median(rates), "first_step_s": firs
 def run_kdgraph(images: int, work: Path) -> dict:
     out = work / "kd"
     t = time.time()
-    cmd = [sys.executable, "-m", "kdgraph", "train", str(ROOT / "specs" / "fashion_mnist_kd.yaml"),
+    cmd = [sys.executable, "-m", "kdgraph", "train", str(ROOT / "specs" / "fashion_mnist" / "kd.yaml"),
            "--out", str(out), "--overwrite", "--no-progress", "--device", "cpu",
            "--set", "teacher.weights=null", "--set", "teacher.pretrain=null", "--set", "runtime.eval_teacher=false",
            "--set", "stages.main.epochs=1", "--set", f"data.train_subset={images}", "--set", "data.val_subset=128"]

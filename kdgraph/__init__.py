@@ -16,6 +16,13 @@ def compile(spec, teacher=None, student=None, stage=0):  # noqa: A001 - the libr
     return Distiller.from_spec(spec, teacher=teacher, student=student, stage=stage)
 
 
-__all__ = ["compile", "load_spec", "apply_overrides", "data", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
+def bench(suite, **kwargs):
+    """Run a benchmark suite and return its table (:func:`kdgraph.bench.bench`; runtime, imported on use)."""
+    from .bench import bench as run
+
+    return run(suite, **kwargs)
+
+
+__all__ = ["compile", "bench", "load_spec", "apply_overrides", "data", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
            "TraceError", "register_adapter", "register_loss", "register_transform", "register_data_wrapper",
            "Adapter", "DistillLoss", "InputTransform"]

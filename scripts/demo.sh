@@ -39,7 +39,7 @@ if ! python -c "import kdgraph.train, torch, torchvision, tensorboard, matplotli
     python -m pip install --quiet --timeout 20 --retries 1 --index-url https://download.pytorch.org/whl/cpu \
       "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null || say "CPU wheel index unreachable; using PyPI's torch"
   fi
-  python -m pip install --quiet -e ".[train]"
+  python -m pip install --quiet -c .ci/constraints.txt -e ".[train]"
 fi
 
 have_fashion() {

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import kdgraph
 from kdgraph.bench import bench, load_suite
 from kdgraph.errors import SpecError
 
@@ -80,7 +81,7 @@ def test_suite_runs_every_entry_and_seed_and_table_matches_runs(tmp_path: Path) 
     # a rerun trains nothing: every checkpoint stays as it was, every run is reused
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pt")}
     assert len(stamps) == 4
-    again = bench(suite, out=out, device="cpu", progress=False)
+    again = kdgraph.bench(suite, out=out, device="cpu", progress=False)  # the package-level entry point
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pt")} == stamps
     assert all(r["reused"] for row in again.rows for r in row.runs)
     assert again.row("KD").mean == pytest.approx(res.row("KD").mean)

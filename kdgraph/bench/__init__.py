@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -68,3 +69,14 @@ def bench(suite: Union[str, Path, dict, Suite], *, data: Optional[str] = None, o
 
 
 __all__ = ["bench", "BenchResults", "Row", "Suite", "SuiteEntry", "load_suite", "plan_runs"]
+
+
+class _CallableModule(types.ModuleType):
+    """``kdgraph.bench(suite, ...)`` works whether or not this subpackage was imported before: importing it
+    binds the name ``bench`` of the ``kdgraph`` package to this module, so the module itself is callable."""
+
+    def __call__(self, suite: Union[str, Path, dict, Suite], **kwargs) -> BenchResults:
+        return bench(suite, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,7 +1,7 @@
 """The training runtime: ``kdgraph train / eval / export`` and their Python API.
 
     from kdgraph.train import train
-    results = train("specs/fashion_mnist_kd.yaml", out="runs/kd", device="cpu")
+    results = train("specs/fashion_mnist/kd.yaml", out="runs/kd", device="cpu")
 
 See :mod:`kdgraph.train.loop` (stages, epochs, lr scaling, NaN policy), :mod:`.data` (ImageNet,
 Fashion-MNIST, synthetic; reproducible sampling), :mod:`.checkpoint` (atomic, resumable),
