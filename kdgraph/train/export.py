@@ -15,6 +15,7 @@ import torch
 
 from ..errors import CheckpointError, KDGraphError, ModelError
 from ..spec import Spec, validate_spec
+from ..trust import ConsentError
 from .checkpoint import atomic_save, brief, clean_state_dict, load_file, student_state_dict
 
 
@@ -34,6 +35,9 @@ def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> di
         model_name = spec.student.model
         try:
             model = build_model(spec.student, "student")
+        except ConsentError as e:  # the stored spec is as untrusted as any spec
+            raise ConsentError(f"{ckpt} (its stored spec): {e} Or pass --no-verify to export without building "
+                               f"the student.") from None
         except ModelError:
             model = None  # a user factory that is not importable here: nothing to check against
         if model is not None:

@@ -39,6 +39,7 @@ from .data import (DataBundle, build_datasets, check_data, make_loader, subset, 
                    wrap_train_dataset)
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, setup, teardown, wrap
 from .monitor import Monitor
+from ..trust import consent
 
 
 @dataclass
@@ -58,6 +59,8 @@ class TrainOptions:
     tensorboard: bool = True
     plot: bool = True
     started: Optional[float] = None  # time.perf_counter() at command start (for time-to-first-step)
+    allow_imports: Sequence[str] = ()  # module prefixes the spec may import (consent, see kdgraph.trust)
+    trust_code: bool = False  # the spec may import any module
 
 
 def lr_used(stage: StageSpec | Any, world_size: int) -> float:
@@ -678,7 +681,8 @@ def train(spec: Any, options: Optional[TrainOptions] = None, **kwargs: Any) -> d
     owned = not dist.is_initialized()
     env = setup(opts.device)
     try:
-        return Trainer(s, opts, env).run()
+        with consent(opts.allow_imports, opts.trust_code):
+            return Trainer(s, opts, env).run()
     except KeyboardInterrupt:
         raise
     finally:
