@@ -48,6 +48,14 @@ class _Group(click.Group):
         except KDGraphError as e:
             _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
             sys.exit(2)
+        except OSError as e:  # disk full, permissions, ... where no kdgraph code caught it first
+            where = f" ({e.filename})" if e.filename else ""
+            from rich.markup import escape
+
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e))}{escape(where)}: the "
+                                        f"operating system refused a file operation; check the path, permissions "
+                                        f"and free space.", markup=True, soft_wrap=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -157,13 +157,12 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     w = ref.weights
     if not w:
         return False
-    if os.path.sep in w or w.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.exists(w):
+    if os.path.sep in w or w.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) or os.path.exists(w):
         if not os.path.exists(w):
             raise ModelError(f"{role}.weights: file {w!r} does not exist")
-        try:
-            obj = torch.load(w, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling problem is the same user error
-            raise ModelError(f"{role}.weights: cannot read {w!r}: {e}") from None
+        from .train.checkpoint import load_file  # weights_only=True, verified against its content hash
+
+        obj = load_file(w, f"{role}.weights")
         sd = _extract_state_dict(obj, w, role)
     else:
         package, _, name = ref.model.partition(":")
