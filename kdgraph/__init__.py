@@ -5,15 +5,22 @@ from .methods.base import Adapter, DistillLoss, InputTransform
 from .spec import Spec, load_spec
 from .overrides import apply_overrides
 from . import data
+from .models import register_model
+from .trust import ConsentError, consent
 
 __version__ = "0.1.0"
 
 
-def compile(spec, teacher=None, student=None, stage=0):  # noqa: A001 - the library's verb
-    """Compile a spec (path, YAML text, dict or Spec) into a :class:`kdgraph.Distiller`."""
+def compile(spec, teacher=None, student=None, stage=0, allow_imports=None, trust_code=False):  # noqa: A001
+    """Compile a spec (path, YAML text, dict or Spec) into a :class:`kdgraph.Distiller`.
+
+    ``allow_imports`` (module prefixes) / ``trust_code`` let the spec import your own code (see
+    :mod:`kdgraph.trust`); without them it names only torchvision, kdgraph.zoo and registered models.
+    """
     from .distiller import Distiller
 
-    return Distiller.from_spec(spec, teacher=teacher, student=student, stage=stage)
+    return Distiller.from_spec(spec, teacher=teacher, student=student, stage=stage, allow_imports=allow_imports,
+                               trust_code=trust_code)
 
 
 def bench(suite, **kwargs):
@@ -25,4 +32,4 @@ def bench(suite, **kwargs):
 
 __all__ = ["compile", "bench", "load_spec", "apply_overrides", "data", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
            "TraceError", "register_adapter", "register_loss", "register_transform", "register_data_wrapper",
-           "Adapter", "DistillLoss", "InputTransform"]
+           "Adapter", "DistillLoss", "InputTransform", "register_model", "ConsentError", "consent"]

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import click
 
 from .errors import KDGraphError
+from .trust import consent_options
 
 
 def _console(stderr: bool = False):
@@ -46,6 +47,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KDGraphError as e:
             _console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            sys.exit(2)
+        except OSError as e:  # disk full, permissions, ... where no kdgraph code caught it first
+            where = f" ({e.filename})" if e.filename else ""
+            from rich.markup import escape
+
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e))}{escape(where)}: the "
+                                        f"operating system refused a file operation; check the path, permissions "
+                                        f"and free space.", markup=True, soft_wrap=True)
             sys.exit(2)
 
 
@@ -131,6 +140,7 @@ def _print_compile(summary: dict[str, Any]) -> None:
               help="write each stage's generated forward() as DIR/<spec>_<stage>.py")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--input-size", nargs=2, type=int, default=None, metavar="H W", help="override the spec's input size")
+@consent_options
 def compile_cmd(spec: str, emit_code: Optional[str], as_json: bool, input_size) -> None:
     """Validate SPEC, trace both networks and build the fused graph of every stage (offline)."""
     from . import load_spec
@@ -179,6 +189,7 @@ def inspect_rows(net) -> list[dict[str, Any]]:
 @click.option("--input-size", nargs=2, type=int, default=None, metavar="H W", help="override the input size")
 @click.option("--channels", type=int, default=None, help="input channels (for a model reference)")
 @click.option("--grep", "pattern", default=None, help="only names containing this text")
+@consent_options
 def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, pattern) -> None:
     """List every tappable name of the networks in TARGET (a spec, or a model like torchvision:resnet18).
 

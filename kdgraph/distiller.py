@@ -28,6 +28,7 @@ from .errors import KDGraphError, ModelError
 from .models import build_model, import_object, load_weights
 from .spec import Spec, load_spec
 from .trace import TracedNetwork, propagate_shapes, trace_network
+from .trust import consent
 
 
 class DistillerOutput(NamedTuple):
@@ -91,12 +92,16 @@ class Distiller(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_spec(cls, spec: Any, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
-                  stage: int | str = 0) -> "Distiller":
-        """Load the spec and build the networks it names (random init) unless given."""
-        spec = load_spec(spec)
-        teacher = teacher if teacher is not None else build_model(spec.teacher, "teacher")
-        student = student if student is not None else build_model(spec.student, "student")
-        return cls(spec, teacher, student, stage)
+                  stage: int | str = 0, allow_imports: Optional[list[str]] = None,
+                  trust_code: bool = False) -> "Distiller":
+        """Load the spec and build the networks it names (random init) unless given.
+
+        ``allow_imports`` / ``trust_code``: consent to import your own code (:mod:`kdgraph.trust`)."""
+        with consent(allow_imports, trust_code):
+            spec = load_spec(spec)
+            teacher = teacher if teacher is not None else build_model(spec.teacher, "teacher")
+            student = student if student is not None else build_model(spec.student, "student")
+            return cls(spec, teacher, student, stage)
 
     def load_weights(self) -> dict[str, bool]:
         """Load the weights the spec names for teacher and student (torchvision enum or local file)."""

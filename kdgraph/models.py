@@ -1,4 +1,5 @@
-"""Model references -> ``nn.Module``: torchvision names and ``package.module:factory`` paths.
+"""Model references -> ``nn.Module``: torchvision, the zoo, registered models, and (with consent,
+see :mod:`kdgraph.trust`) ``package.module:factory`` paths.
 
 Building a model never downloads anything: weights are loaded separately by :func:`load_weights`,
 which the trainer calls when training starts (``Distiller.load_weights()``).
@@ -6,14 +7,17 @@ which the trainer calls when training starts (``Distiller.load_weights()``).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
-from typing import Any
+import sys
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .errors import ModelError, did_you_mean
 from .spec import ModelRef
+from .trust import ConsentError, how_to_allow, is_allowed
 
 
 def _torchvision_names() -> list[str]:
@@ -22,8 +26,73 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+#: name -> factory or nn.Module class, filled by :func:`register_model` (spec: ``registered:NAME``).
+REGISTERED_MODELS: dict[str, Any] = {}
+
+
+def register_model(name: str) -> Callable[[Any], Any]:
+    """Decorator: let specs name this factory (or ``nn.Module`` class) as ``registered:NAME`` without consent.
+
+    Registering is the user's consent: only code the user imported can call it. ::
+
+        @kdgraph.register_model("my_net")
+        def my_net(num_classes: int = 10) -> nn.Module: ...
+    """
+    if not isinstance(name, str) or not name.strip() or ":" in name:
+        raise ValueError(f"register_model: a model name is a non-empty string without ':', got {name!r}")
+
+    def deco(obj: Any) -> Any:
+        _check_factory(obj, f"register_model({name!r})")
+        REGISTERED_MODELS[name] = obj
+        return obj
+
+    return deco
+
+
+def _zoo_factories() -> dict[str, Any]:
+    """The zoo's public factories, listed explicitly (never ``getattr`` on a module by a spec's name)."""
+    from . import zoo
+
+    return {"tiny_cnn": zoo.tiny_cnn, "resnet18_small": zoo.resnet18_small, "resnet34_small": zoo.resnet34_small}
+
+
+def _check_factory(obj: Any, what: str) -> None:
+    """An ``nn.Module`` subclass or a plain Python function; anything else (a builtin such as ``os.system``,
+    a class that is not a module) is refused before it is called."""
+    if inspect.isclass(obj):
+        if not issubclass(obj, nn.Module):
+            raise ModelError(f"{what}: {obj.__module__}.{obj.__qualname__} is a class but not a torch.nn.Module "
+                             f"subclass; a model must be an nn.Module class or a function returning one")
+        return
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        raise ModelError(f"{what}: {type(obj).__name__} {obj!r} is neither an nn.Module subclass nor a Python "
+                         f"function returning one; it is not called")
+
+
+def _call_factory(factory: Any, ref: ModelRef, role: str) -> nn.Module:
+    _check_factory(factory, f"{role}.model")
+    try:
+        model = factory(**ref.kwargs)
+    except TypeError as e:
+        raise ModelError(f"{role}: {ref.model}(**{ref.kwargs}) failed: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{role}: {ref.model} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _refuse(field: str, path: str, module: str) -> ConsentError:
+    return ConsentError(
+        f"{field}: {path!r} names code in module {module!r}, which a spec may not import without your consent "
+        f"(without it a spec names torchvision:NAME, kdgraph.zoo:NAME, or registered:NAME for models registered "
+        f"with kdgraph.register_model). Nothing was imported or called. {how_to_allow(module)}")
+
+
 def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
-    """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised."""
+    """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised.
+
+    ``torchvision:NAME``, ``kdgraph.zoo:NAME`` and ``registered:NAME`` always; ``package.module:factory``
+    only with the user's consent (:mod:`kdgraph.trust`), checked before anything is imported.
+    """
     package, _, name = ref.model.partition(":")
     if package == "torchvision":
         import torchvision
@@ -36,6 +105,21 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
             return torchvision.models.get_model(name, weights=None, **ref.kwargs)
         except TypeError as e:
             raise ModelError(f"{role}.kwargs: torchvision {name} rejected {ref.kwargs}: {e}") from None
+    if package == "kdgraph.zoo":
+        zoo = _zoo_factories()
+        if name not in zoo:
+            raise ModelError(f"{role}.model: kdgraph.zoo has no model {name!r}.{did_you_mean(name, zoo)} "
+                             f"Available: {', '.join(sorted(zoo))}.")
+        return _call_factory(zoo[name], ref, role)
+    if package == "registered":
+        if name not in REGISTERED_MODELS:
+            known = sorted(REGISTERED_MODELS)
+            raise ModelError(f"{role}.model: no model registered as {name!r}.{did_you_mean(name, known)} "
+                             f"Registered: {', '.join(known) or 'none'}. Register one with "
+                             f"@kdgraph.register_model({name!r}) in code imported before the spec is compiled.")
+        return _call_factory(REGISTERED_MODELS[name], ref, role)
+    if not is_allowed(package):
+        raise _refuse(f"{role}.model", ref.model, package)
     try:
         module = importlib.import_module(package)
     except ImportError as e:
@@ -45,13 +129,7 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
     if factory is None or not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         raise ModelError(f"{role}.model: {package!r} has no callable {name!r}.{did_you_mean(name, public)}")
-    try:
-        model = factory(**ref.kwargs)
-    except TypeError as e:
-        raise ModelError(f"{role}: {ref.model}(**{ref.kwargs}) failed: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"{role}: {ref.model} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return _call_factory(factory, ref, role)
 
 
 def _extract_state_dict(obj: Any, path: str, role: str) -> dict[str, torch.Tensor]:
@@ -79,13 +157,12 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     w = ref.weights
     if not w:
         return False
-    if os.path.sep in w or w.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.exists(w):
+    if os.path.sep in w or w.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors")) or os.path.exists(w):
         if not os.path.exists(w):
             raise ModelError(f"{role}.weights: file {w!r} does not exist")
-        try:
-            obj = torch.load(w, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling problem is the same user error
-            raise ModelError(f"{role}.weights: cannot read {w!r}: {e}") from None
+        from .train.checkpoint import load_file  # weights_only=True, verified against its content hash
+
+        obj = load_file(w, f"{role}.weights")
         sd = _extract_state_dict(obj, w, role)
     else:
         package, _, name = ref.model.partition(":")
@@ -114,11 +191,35 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     return True
 
 
+def _known_leaf_class(package: str, name: str) -> Optional[type]:
+    """A class a spec may name as a leaf module without consent: one registered with
+    :func:`~kdgraph.trace.register_leaf_module`, or an ``nn.Module`` class of an already imported torch /
+    torchvision module (looked up in ``sys.modules``: nothing is imported)."""
+    from .trace import LEAF_MODULES
+
+    for cls in LEAF_MODULES:
+        if cls.__module__ == package and cls.__qualname__ == name:
+            return cls
+    if package.split(".")[0] in ("torch", "torchvision") and package in sys.modules:
+        obj = getattr(sys.modules[package], name, None)
+        if inspect.isclass(obj) and issubclass(obj, nn.Module):
+            return obj
+    return None
+
+
 def import_object(path: str, what: str) -> Any:
-    """Import ``package.module:Name``."""
+    """Resolve ``package.module:Name`` (a leaf module class): a known class, or an import with consent."""
     package, sep, name = path.partition(":")
     if not sep:
         raise ModelError(f"{what}: {path!r} must be written 'package.module:Name'")
+    known = _known_leaf_class(package, name)
+    if known is not None:
+        return known
+    if not is_allowed(package):
+        raise ConsentError(
+            f"{what}: {path!r} names a class in module {package!r}, which a spec may not import without your "
+            f"consent (without it a leaf module is a class registered with kdgraph.trace.register_leaf_module or "
+            f"an nn.Module class of torch / torchvision). Nothing was imported. {how_to_allow(package)}")
     try:
         module = importlib.import_module(package)
     except ImportError as e:

@@ -7,6 +7,7 @@ from typing import Optional
 import click
 
 from .errors import KDGraphError
+from .trust import consent_options
 
 
 @click.command("viz")
@@ -21,6 +22,7 @@ from .errors import KDGraphError
 @click.option("--input-size", nargs=2, type=int, default=None, metavar="H W",
               help="override the spec's input size (shapes shown are for this size)")
 @click.option("--dpi", type=click.IntRange(min=30, max=600), default=96, show_default=True, help="PNG resolution")
+@consent_options
 def viz_cmd(spec: str, output: str, stage: str, depth: int, fmt: Optional[str], input_size, dpi: int) -> None:
     """Draw every stage (or one) of SPEC's fused graph: teacher and student clusters, taps on the edges
     they read, adapters, losses; frozen parts dashed, pruned teacher nodes faded.

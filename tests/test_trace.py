@@ -22,14 +22,14 @@ SPEC = {
 
 def test_untraceable_module_gives_a_leaf_module_hint():
     with pytest.raises(TraceError) as e:
-        kdgraph.compile(SPEC)
+        kdgraph.compile(SPEC, allow_imports=["user_models"])
     msg = str(e.value)
     assert "leaf_modules" in msg and "cannot trace the teacher" in msg
 
 
 def test_leaf_module_from_the_spec_makes_it_one_node():
     spec = dict(SPEC, leaf_modules=[{"module": "user_models:DataDependentGate", "reason": "branches on x.mean()"}])
-    d = kdgraph.compile(spec)
+    d = kdgraph.compile(spec, allow_imports=["user_models"])
     gate = [n for n in d.graph_module.graph.nodes if n.op == "call_module" and n.target == "student.gate"]
     assert len(gate) == 1
     assert d.report.adapters[0].args["out_channels"] == 16  # inferred from the teacher's 'body' tap

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from ..trust import consent_options
+
 _T0 = time.perf_counter()  # import time of the CLI ~ command start (for time-to-first-step)
 
 
@@ -44,8 +46,11 @@ def _is_main() -> bool:
 @click.option("--log-every", default=0, type=int, metavar="STEPS", help="steps per logged record (default: auto)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON at the end")
+@click.option("--skip-bad-images", is_flag=True,
+              help="ImageFolder: skip unreadable image files (counted in the log) instead of stopping at the first")
+@consent_options
 def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ckpt_every, ckpt_minutes, log_every,
-              progress, as_json) -> None:
+              progress, as_json, skip_bad_images) -> None:
     """Train SPEC(s): every stage in order, top-1/top-5 after each epoch, best and last checkpoints.
 
     Under torchrun, trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); the learning
@@ -61,7 +66,8 @@ def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ck
         run_out = Path(out) / spec.name if (out and len(loaded) > 1) else (Path(out) if out else None)
         opts = TrainOptions(out=run_out, data=data_root, resume=resume, overwrite=overwrite, only_stages=stages,
                             device=device, ckpt_every=ckpt_every, ckpt_minutes=ckpt_minutes, log_every=log_every,
-                            progress=progress, started=_T0 if not results else time.perf_counter())
+                            progress=progress, started=_T0 if not results else time.perf_counter(),
+                            skip_bad_images=skip_bad_images)
         results.append(train(spec, opts))
     if not _is_main():
         return
@@ -100,6 +106,7 @@ def print_comparison(results: list[dict]) -> None:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N")
 @click.option("--batch-size", default=None, type=int)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@consent_options
 def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> None:
     """Top-1 / top-5 of SPEC's student (or teacher) on the validation split."""
     from .export import evaluate_checkpoint
@@ -118,8 +125,9 @@ def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> 
 
 @click.command("export")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="where to write the state_dict")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="where to write the state_dict (.safetensors: as safetensors; else a torch file)")
 @click.option("--no-verify", is_flag=True, help="skip loading it into a fresh student built from the checkpoint's spec")
+@consent_options
 def export_cmd(ckpt, out, no_verify) -> None:
     """Write the student of CKPT as a plain state_dict (loads into e.g. torchvision.models.resnet18(), strict)."""
     from .export import export_student

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
+from torchvision.datasets import ImageFolder
 
 from ..data import Batch, unpack_batch  # noqa: F401 - part of this module's API
 from ..data import wrap as wrap_train_dataset  # noqa: F401 - the spec's data wrapper
@@ -427,6 +429,58 @@ def check_image_folder(root: Optional[str], num_classes: int) -> Path:
     return r
 
 
+class UnreadableImageError(DataError):
+    """An image file of an ImageFolder that PIL cannot read. Raised in a DataLoader worker, it reaches the main
+    process as ``UnreadableImageError("Caught ... Original Traceback ...")``: the original one-line message
+    (the traceback's last line) is kept, so the user sees one paragraph."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def _read_errors() -> tuple[type, ...]:
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises for a bad file
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable files are a clear error naming the file, or, with
+    ``skip_bad``, replaced by the next readable image of the folder and counted (``skipped``: a
+    ``multiprocessing.Value`` shared with DataLoader workers; each one is also reported on stderr).
+
+    The check is lazy, when an image is read: verifying 1.28M headers up front would take minutes."""
+
+    def __init__(self, root: str, transform: Any, skip_bad: bool = False, skipped: Any = None):
+        super().__init__(root, transform=transform)
+        self.skip_bad, self.skipped = skip_bad, skipped
+
+    def __getitem__(self, index: int) -> Any:
+        errors = _read_errors()
+        n = len(self.samples)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            path = self.samples[i][0]
+            try:
+                return super().__getitem__(i)
+            except errors as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                if not self.skip_bad:
+                    raise UnreadableImageError(
+                        f"{path} is not a readable image ({reason}). Remove or replace the file, or pass "
+                        f"--skip-bad-images to kdgraph train to skip unreadable images (they are counted in the "
+                        f"run's log).") from None
+                if self.skipped is not None:
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                print(f"kdgraph: skipping unreadable image {path} ({reason})", file=sys.stderr, flush=True)
+        raise UnreadableImageError(f"{self.root}: no image in this folder is readable")
+
+
 def imagenet_transforms(size: tuple[int, int], channels: int, train: bool):
     """torchvision's reference ImageNet transforms (RandomResizedCrop + flip / Resize + CenterCrop)."""
     from torchvision import transforms as T
@@ -456,6 +510,7 @@ class DataBundle:
     num_classes: int
     description: str
     train_full: Optional[Dataset] = None  # the whole training split (pretraining may use more than train)
+    skipped: Any = None  # ImageFolder: a multiprocessing.Value counting unreadable images skipped
 
     def __post_init__(self) -> None:
         if self.train_full is None:
@@ -485,9 +540,14 @@ def check_data(spec: Spec, root: Optional[str] = None) -> None:
                             f"{spec.input.num_classes}")
 
 
-def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = True) -> DataBundle:
-    """The training and validation datasets the spec names (``data.dataset``, subsets applied)."""
+def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = True,
+                   skip_bad_images: bool = False) -> DataBundle:
+    """The training and validation datasets the spec names (``data.dataset``, subsets applied).
+
+    ``skip_bad_images``: unreadable ImageFolder files are skipped and counted (``bundle.skipped``) instead of
+    stopping with an error naming the file."""
     root = root if root is not None else spec.data.root
+    skipped = None
     c, size, k = spec.input.channels, tuple(spec.input.size), spec.input.num_classes
     ds = spec.data.dataset
     if ds == "fashion_mnist":
@@ -501,11 +561,13 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
         val = parts["val"]
         desc = f"Fashion-MNIST from {find_fashion_mnist(root)}"
     elif ds == "imagenet":
-        from torchvision.datasets import ImageFolder
+        import multiprocessing
 
         r = check_image_folder(root, k)
-        val = ImageFolder(str(r / "val"), transform=imagenet_transforms(size, c, False))
-        full = ImageFolder(str(r / "train"), transform=imagenet_transforms(size, c, True)) if need_train else val
+        skipped = multiprocessing.Value("l", 0)
+        val = CheckedImageFolder(str(r / "val"), imagenet_transforms(size, c, False), skip_bad_images, skipped)
+        full = (CheckedImageFolder(str(r / "train"), imagenet_transforms(size, c, True), skip_bad_images, skipped)
+                if need_train else val)
         desc = f"ImageFolder {r}"
     elif ds == "synthetic":
         full = SyntheticImages(spec.data.train_subset or 512, c, size, k, seed=spec.runtime.seed)
@@ -517,7 +579,7 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
     val = subset(val, spec.data.val_subset)
     if len(train) == 0 or len(val) == 0:  # type: ignore[arg-type]
         raise DataError(f"{desc}: empty training or validation split")
-    return DataBundle(train, val, k, desc, full)
+    return DataBundle(train, val, k, desc, full, skipped)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, seed: int, world_size: int = 1,

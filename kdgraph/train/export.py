@@ -5,6 +5,10 @@ so it loads with the network's own class::
 
     model = torchvision.models.resnet18()
     model.load_state_dict(torch.load("student.pt", weights_only=True), strict=True)
+
+Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.train.checkpoint`). With
+``-o student.safetensors`` it is written as safetensors (no code, a checked format; the hash is in its
+metadata): ``model.load_state_dict(safetensors.torch.load_file("student.safetensors"), strict=True)``.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import torch
 
 from ..errors import CheckpointError, KDGraphError, ModelError
 from ..spec import Spec, validate_spec
-from .checkpoint import atomic_save, brief, clean_state_dict, load_file, student_state_dict
+from ..trust import ConsentError
+from .checkpoint import atomic_save, brief, clean_state_dict, load_file, save_safetensors, student_state_dict
 
 
 def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -34,6 +39,9 @@ def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> di
         model_name = spec.student.model
         try:
             model = build_model(spec.student, "student")
+        except ConsentError as e:  # the stored spec is as untrusted as any spec
+            raise ConsentError(f"{ckpt} (its stored spec): {e} Or pass --no-verify to export without building "
+                               f"the student.") from None
         except ModelError:
             model = None  # a user factory that is not importable here: nothing to check against
         if model is not None:
@@ -43,7 +51,10 @@ def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> di
                 raise CheckpointError(f"{ckpt}: the student weights do not fit {spec.student.model}: "
                                       f"{brief(e)}") from None
             verified = True
-    atomic_save(sd, out)
+    if str(out).endswith(".safetensors"):
+        save_safetensors({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, out)
+    else:
+        atomic_save(sd, out)
     n = sum(v.numel() for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
             and "running_" not in k)
     return {"out": str(out), "tensors": len(sd), "parameters": n, "model": model_name, "verified": verified}

@@ -12,7 +12,9 @@ number of processes, relative to the number the spec's lr was tuned for); the ef
 ``batch_size * world_size``. Both are printed and recorded (``metrics.jsonl``, ``results.json``).
 
 A non-finite loss stops the run (:class:`~kdgraph.errors.TrainingError` naming the term and the
-step) before anything is saved after it, so ``last.pt`` stays the last good state.
+step) before anything is saved after it, and every save first checks that the weights are finite and
+give a finite loss on the last batch (the loss of a step is known only after the step changed the
+weights), so ``last.pt`` stays the last good state.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from .data import (DataBundle, build_datasets, check_data, make_loader, subset, 
                    wrap_train_dataset)
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, setup, teardown, wrap
 from .monitor import Monitor
+from .runlock import RunLock, make_folder
+from ..trust import consent
 
 
 @dataclass
@@ -59,6 +63,9 @@ class TrainOptions:
     tensorboard: bool = True
     plot: bool = True
     started: Optional[float] = None  # time.perf_counter() at command start (for time-to-first-step)
+    allow_imports: Sequence[str] = ()  # module prefixes the spec may import (consent, see kdgraph.trust)
+    trust_code: bool = False  # the spec may import any module
+    skip_bad_images: bool = False  # ImageFolder: skip (and count) unreadable images instead of stopping
 
 
 def lr_used(stage: StageSpec | Any, world_size: int) -> float:
@@ -188,6 +195,7 @@ class _Run:
     rates: list[float] = field(default_factory=list)
     epoch_images: int = 0
     epoch_t0: float = 0.0
+    last_batch: Optional[tuple[Any, Any, dict[str, Any]]] = None  # what the save-time probe runs on
 
 
 class Trainer:
@@ -232,19 +240,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ entry
     def run(self) -> dict[str, Any]:
+        """Train under an exclusive lock on the run folder (rank 0 holds it; see :mod:`.runlock`)."""
+        lock = RunLock(self.out).acquire() if self.env.is_main else None
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict[str, Any]:
         spec, env, opts = self.spec, self.env, self.opts
         ckpt = self._prepare_folder()
         root = opts.data if opts.data is not None else spec.data.root
         check_data(spec, root)  # before any model is built
-        bundle = build_datasets(spec, root)
+        bundle = build_datasets(spec, root, skip_bad_images=opts.skip_bad_images)
+        self._skipped, self._skipped_reported = bundle.skipped, 0
         seed_everything(spec.runtime.seed, spec.runtime.deterministic)
         if env.device.type == "cpu":
             # Subnormal floats (weights/gradients decaying towards 0 late in training) run ~20x slower on x86
             # CPUs: one teacher pretraining went from 508 to 19 images/s mid-epoch. Flush them to zero.
             torch.set_flush_denormal(True)
         if env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+            make_folder(self.out)
+            try:
+                (self.out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+            except OSError as e:
+                raise TrainingError(f"cannot write {self.out / 'spec.json'}: {e.strerror or type(e).__name__}; "
+                                    f"check that --out {self.out} is writable and the disk has space") from None
             if ckpt is not None:
                 self.monitor.load_history()
         self.say(f"[bold]kdgraph train[/] {spec.name}: {bundle.description} ({len(bundle.train)} train / "
@@ -500,6 +522,7 @@ class Trainer:
                     checked = True
                 images, targets = self.to_device(images), self.to_device(targets)
                 kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
+                run.last_batch = (images, targets, kw)
                 with self.autocast():
                     out = run.model(images, targets, **kw)
                 loss = out.loss
@@ -524,6 +547,7 @@ class Trainer:
                     if run.save and (due or time_due) and step < steps_per_epoch:
                         self._save(run, epoch=epoch, step=step, epoch_done=False)
             self.monitor.end_epoch()
+            self._report_skipped()
             if run.sched is not None:
                 run.sched.step()
             last_epoch = epoch == st.epochs - 1
@@ -595,6 +619,19 @@ class Trainer:
         pending.clear()
         return flags[1] > 0  # agreed by every process (a checkpoint is a collective)
 
+    def _report_skipped(self) -> None:
+        """Log how many unreadable images (--skip-bad-images) have been skipped since the last report."""
+        total = self.skipped_images()
+        if total > self._skipped_reported:
+            self.say(f"[yellow]skipped {total - self._skipped_reported} unreadable image(s) "
+                     f"({total} in this run; their paths are on stderr)[/]")
+            self.monitor.record("skipped_images", new=total - self._skipped_reported, total=total)
+            self._skipped_reported = total
+
+    def skipped_images(self) -> int:
+        skipped = getattr(self, "_skipped", None)
+        return int(skipped.value) if skipped is not None else 0
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, loader: Any, restore: Optional[nn.Module] = None) -> dict[str, Any]:
         return evaluate_model(model, loader, self.env, self.amp, self.spec.runtime.channels_last, restore)
@@ -610,8 +647,44 @@ class Trainer:
             return f"stage {stage}, end of epoch {ck['epoch'] + 1}"
         return f"stage {stage}, epoch {ck['epoch'] + 1}, step {ck['step']}"
 
+    @torch.no_grad()
+    def _unfit_weights(self, run: _Run) -> Optional[str]:
+        """Why the weights about to be saved are not a good state, or None: a non-finite tensor in the
+        task's state, or a non-finite loss / logits when the last batch is run through it again (eval
+        mode, so nothing it holds changes). A step's loss is checked only after that step has changed the
+        weights, so without this a checkpoint could hold the weights that produce the first NaN."""
+        state = [t for t in run.task.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        ok_state = torch.stack([t.isfinite().all() for t in state]).all() if state else torch.tensor(True)
+        ok_forward = torch.tensor(True, device=ok_state.device)
+        if run.last_batch is not None:
+            images, targets, kw = run.last_batch
+            was = run.task.training
+            run.task.eval()
+            try:
+                with self.autocast():
+                    out = run.task(images, targets, **kw)
+            finally:
+                run.task.train(was)
+            ok_forward = torch.isfinite(out.loss).all()
+            if out.logits is not None:
+                ok_forward = ok_forward & torch.isfinite(out.logits).all()
+        flags = torch.stack([~ok_state, ~ok_forward.to(ok_state.device)]).float().tolist()  # one host sync
+        bad_state, bad_forward = all_reduce_sum(self.env, flags)  # every process agrees (saving is collective)
+        if bad_state > 0:
+            return "some weights or statistics are not finite"
+        if bad_forward > 0:
+            return "they give a non-finite loss on the last training batch"
+        return None
+
     def _save(self, run: _Run, *, epoch: int, step: int, epoch_done: bool, stage_done: bool = False,
               best: bool = False, extra_results: Optional[dict[str, Any]] = None) -> None:
+        why = self._unfit_weights(run)
+        if why is not None:
+            where = (f"the last good checkpoint is {self.last_path} ({self.last_saved}), left as it was"
+                     if self.last_saved else "no checkpoint had been written yet")
+            raise TrainingError(f"the weights after step {self.global_step} (stage {run.name}, epoch {epoch + 1}) "
+                                f"diverged: {why}. Training stopped without saving them: {where}. Lower the "
+                                f"learning rate, check the inputs, or use amp: off to rule out overflow.")
         rngs = all_gather_object(self.env, rng_state())
         self._ckpt_time = time.perf_counter()
         if not self.env.is_main:
@@ -657,6 +730,7 @@ class Trainer:
             "wall_s": round(wall, 1), "pretrain_s": round(self.pretrain_s, 1),
             "time_to_first_step_s": round(self.first_step_s, 2) if self.first_step_s is not None else None,
             "reference": self.spec.reference.model_dump() if self.spec.reference else None,
+            "skipped_images": self.skipped_images(),
         }
         if self.env.is_main:
             tmp = self.out / ".results.json.tmp"
@@ -692,7 +766,8 @@ def train(spec: Any, options: Optional[TrainOptions] = None, **kwargs: Any) -> d
     owned = not dist.is_initialized()
     env = setup(opts.device)
     try:
-        return Trainer(s, opts, env).run()
+        with consent(opts.allow_imports, opts.trust_code):
+            return Trainer(s, opts, env).run()
     except KeyboardInterrupt:
         raise
     finally:
