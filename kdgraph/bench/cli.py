@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..trust import consent_options
+
 
 def _console():
     from rich.console import Console
@@ -99,6 +101,7 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
               help="CPU: runs trained at once, each in its own process with cores/jobs threads")
 @click.option("--progress/--no-progress", default=None, help="progress bars (default: when on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print every number as JSON at the end")
+@consent_options
 def bench_cmd(suite, data_root, out, seeds, only, resume, dry_run, device, jobs, progress, as_json) -> None:
     """Run every entry of SUITE for every seed (as `kdgraph train`) and write the results table.
 

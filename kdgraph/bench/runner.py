@@ -157,8 +157,10 @@ def result_from(run: PlannedRun, res: dict[str, Any], reused: bool) -> RunResult
 
 
 def _train_one(spec_data: dict, out: str, data: Optional[str], device: Optional[str], progress: Optional[bool],
-               resume: bool, threads: int) -> tuple[Optional[dict], Optional[str], Optional[str]]:
-    """Train one run (in this process or a worker process): (results, error message, traceback)."""
+               resume: bool, threads: int, allow_imports: tuple[str, ...] = ()
+               ) -> tuple[Optional[dict], Optional[str], Optional[str]]:
+    """Train one run (in this process or a worker process): (results, error message, traceback).
+    ``allow_imports``: the consent of the calling process (kdgraph.trust), handed to a worker process."""
     import torch
 
     from ..train.loop import TrainOptions, train
@@ -167,7 +169,7 @@ def _train_one(spec_data: dict, out: str, data: Optional[str], device: Optional[
         torch.set_num_threads(threads)
     try:
         res = train(spec_data, TrainOptions(out=Path(out), data=data, resume=resume, overwrite=not resume,
-                                            device=device, progress=progress))
+                                            device=device, progress=progress, allow_imports=tuple(allow_imports)))
         return res, None, None
     except KeyboardInterrupt:
         raise
@@ -261,13 +263,15 @@ def _parallel(runs: list[PlannedRun], jobs: int, data, device, fresh, say, bar, 
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from ..trust import allowed_prefixes
+
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(runs)} run(s) on {jobs} worker processes x {threads} thread(s)")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = {}
         for run in runs:
             fut = pool.submit(_train_one, run.spec.model_dump(mode="json"), str(run.out), data, device, False,
-                              resume_flag(run), threads)
+                              resume_flag(run), threads, allowed_prefixes())
             futures[fut] = (run, time.perf_counter())
         for fut in as_completed(futures):
             run, t0 = futures[fut]
