@@ -23,11 +23,10 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SpecError, did_you_mean
-from ..spec import Spec, _describe, _yaml_lines, load_spec
+from ..spec import Spec, _describe, _read_spec_file, _yaml_lines, load_spec, parse_yaml
 
 _LABEL = r"[A-Za-z0-9][A-Za-z0-9_.+\-]*"
 
@@ -136,16 +135,12 @@ def load_suite(source: Union[str, Path, dict, Suite]) -> LoadedSuite:
         data = source
     else:
         path = Path(source)
-        if not path.is_file():
-            raise SpecError(f"suite file {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
         origin = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
-            data = yaml.safe_load(text)
-        except UnicodeDecodeError:
-            raise SpecError(f"{origin}: not a UTF-8 text file") from None
-        except yaml.YAMLError as e:
-            raise SpecError(f"{origin}: not valid YAML: {e}") from None
+            text = _read_spec_file(path)  # the spec's rules: size, UTF-8, a file not a folder
+        except SpecError as e:
+            raise SpecError(str(e).replace("spec file", "suite file", 1).replace("spec ", "suite ", 1)) from None
+        data, lines = parse_yaml(text, origin)  # the spec's strict YAML: no duplicate keys, aliases, deep nesting
     if not isinstance(data, dict):
         raise SpecError(f"{origin}: a suite is a YAML mapping (title, seeds, baseline, entries), "
                         f"got {type(data).__name__}")
