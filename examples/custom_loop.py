@@ -83,7 +83,7 @@ def train_spec(path, steps: int = 5, size: int = 64, batch: int = 8, samples: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", nargs="+", default=[str(ROOT / "specs" / "kd_resnet18.yaml")],
-                    help="spec files, or 'all' for every spec in specs/")
+                    help="spec files, or 'all' for every spec under specs/")
     ap.add_argument("--steps", type=int, default=5, help="steps per stage")
     ap.add_argument("--size", type=int, default=64, help="image size (the specs' is 224)")
     ap.add_argument("--batch", type=int, default=8)
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="spec overrides, as kdgraph train --set (e.g. data.wrapper.args.num_negative_samples=64)")
     args = ap.parse_args()
-    paths = sorted((ROOT / "specs").glob("*.yaml")) if args.spec == ["all"] else args.spec
+    paths = sorted((ROOT / "specs").rglob("*.yaml")) if args.spec == ["all"] else args.spec
     for path in paths:
         train_spec(path, args.steps, args.size, args.batch, args.samples, args.set)
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, SPECS
 
-ALL_SPECS = sorted(p.name for p in SPECS.glob("*.yaml"))
+ALL_SPECS = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.yaml"))
 
 
 def _example():
@@ -23,7 +23,8 @@ EXAMPLE = _example()
 
 
 def test_every_shipped_spec_is_covered():
-    assert len(ALL_SPECS) >= 13 and "crd_resnet18.yaml" in ALL_SPECS and "sskd_resnet18.yaml" in ALL_SPECS
+    assert len(ALL_SPECS) >= 23 and "crd_resnet18.yaml" in ALL_SPECS and "sskd_resnet18.yaml" in ALL_SPECS
+    assert "fashion_mnist/crd.yaml" in ALL_SPECS and "fashion_mnist/sskd.yaml" in ALL_SPECS
 
 
 @pytest.mark.parametrize("name", ALL_SPECS)

@@ -61,7 +61,8 @@ def test_wrap_crd_batches_drive_the_distiller():
     ds = _images()
     spec = kdgraph.load_spec(CRD, overrides=[f"stages.main.losses.crd.args.num_samples={len(ds)}",
                                              "data.wrapper.args.num_negative_samples=5", "input.size=[32, 32]",
-                                             "input.num_classes=3"])
+                                             "input.num_classes=3", "student.kwargs.num_classes=3",
+                                             "teacher.kwargs.num_classes=3"])
     wrapped = kdgraph.data.wrap(ds, spec, stage="main")
     item = wrapped[4]
     assert sorted(item) == ["contrast_index", "images", "index", "targets"]
