@@ -21,7 +21,7 @@ This module is the core's; kdgraph's own trainer (:mod:`kdgraph.train.data`) use
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
@@ -33,16 +33,19 @@ from .spec import Spec, load_spec, parse_tap
 
 @dataclass
 class Batch:
-    """An already collated batch (the in-memory datasets build whole batches at once)."""
+    """An already collated batch (the in-memory datasets and data wrappers build whole batches at once).
+
+    ``extras`` holds a data wrapper's per-batch inputs (CRD's ``index`` and ``contrast_index``)."""
 
     images: torch.Tensor
     targets: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``(images, targets, extras)`` from a collated batch: a :class:`Batch`, a pair, or a dict."""
     if isinstance(batch, Batch):
-        return batch.images, batch.targets, {}
+        return batch.images, batch.targets, dict(batch.extras)
     if isinstance(batch, Mapping):
         if "images" not in batch or "targets" not in batch:
             raise DataError(f"a batch dict needs 'images' and 'targets' keys, got {sorted(batch)}; a data wrapper "

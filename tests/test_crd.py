@@ -236,6 +236,36 @@ def test_wrapper_targets_sources_and_batches():
     assert batch["targets"].tolist() == labels[:4]
 
 
+def test_wrapper_builds_whole_batches_from_the_in_memory_data_set():
+    """The trainer's batched path: the wrapped data set's own get_batch (its batched augmentation), every
+    draw a function of the sample's seed, negatives from the other classes only, no repeats."""
+    from kdgraph.data import batch_kwargs
+    from kdgraph.train.data import TensorImages
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % 4
+    images = torch.randint(0, 256, (N, 12, 12), dtype=torch.uint8, generator=g)
+    inner = TensorImages(images, labels, 0.5, 0.25, [str(c) for c in range(4)], (12, 12), 1, True, 2)
+    ds = ContrastiveDataset(inner, num_negative_samples=K)
+    idx, seeds = [5, 0, 33, 12], [101, 7, 55, 9]
+    batch = ds.get_batch(idx, seeds)
+    kw = batch_kwargs(batch)
+    assert set(kw) == {"images", "targets", "index", "contrast_index"}
+    expect = inner.get_batch(idx, seeds)
+    assert torch.equal(kw["images"], expect.images) and torch.equal(kw["targets"], expect.targets)
+    assert kw["index"].tolist() == idx and kw["contrast_index"].shape == (4, K + 1)
+    for row, i in zip(kw["contrast_index"].tolist(), idx):
+        assert row[0] == i and len(set(row[1:])) == K
+        assert all(int(labels[j]) != int(labels[i]) for j in row[1:])
+    again = ds.get_batch(idx, seeds)
+    assert torch.equal(again.extras["contrast_index"], batch.extras["contrast_index"])
+    other = ds.get_batch(idx, [s + 1 for s in seeds])
+    assert not torch.equal(other.extras["contrast_index"], batch.extras["contrast_index"])
+    # a data set without get_batch is read item by item, each under its own seed
+    plain = ContrastiveDataset(Labelled(LABELS), num_negative_samples=K).get_batch([1, 2], [3, 4])
+    assert plain.images.shape == (2, 3, 8, 8) and plain.extras["contrast_index"].shape == (2, K + 1)
+
+
 def test_wrapper_errors():
     with pytest.raises(DataError, match="one class"):
         ContrastiveDataset(Labelled([0] * 8), num_negative_samples=2)

@@ -41,13 +41,14 @@ to every batch; the loss reads them through ``batch:`` taps. ImageNet reference 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..data import Batch
 from ..errors import DataError, ShapeError
 from ..registry import register_adapter, register_data_wrapper, register_loss
 from .args import Features, Flag, MethodArgs, NonNegative, PosInt, Positive
@@ -250,20 +251,22 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def _sample_without_replacement(n: int, k: int) -> torch.Tensor:
+def _sample_without_replacement(n: int, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k distinct integers in [0, n), uniformly, in random order (with replacement if k > n, as the
-    reference does). Costs O(k log k), not O(n): the negative pool of ImageNet has ~1.28M entries."""
+    reference does). Costs O(k log k), not O(n): the negative pool of ImageNet has ~1.28M entries.
+    Draws from ``generator`` (default: torch's global RNG)."""
+    g = generator
     if k > n:
-        return torch.randint(n, (k,))
+        return torch.randint(n, (k,), generator=g)
     if 2 * k >= n:
-        return torch.randperm(n)[:k]
+        return torch.randperm(n, generator=g)[:k]
     # k iid draws repeat ~k^2/2n values: draw a few more than that once, then keep a random k of the
     # distinct ones (uniform by symmetry); a second round is rare
     m = k + int(2.0 * k * k / n) + 16
-    picked = torch.unique(torch.randint(n, (m,)))
+    picked = torch.unique(torch.randint(n, (m,), generator=g))
     while picked.numel() < k:
-        picked = torch.unique(torch.cat([picked, torch.randint(n, (m - picked.numel(),))]))
-    return picked[torch.randperm(picked.numel())[:k]]
+        picked = torch.unique(torch.cat([picked, torch.randint(n, (m - picked.numel(),), generator=g)]))
+    return picked[torch.randperm(picked.numel(), generator=g)[:k]]
 
 
 class ContrastiveDataset(Dataset):
@@ -276,6 +279,11 @@ class ContrastiveDataset(Dataset):
     sample of the same class (the memory update still uses ``index``). Sampling uses torch's
     global RNG, which DataLoader seeds per worker. Memory: O(N) (one sorted index), not the
     reference's per-class negative lists.
+
+    :meth:`get_batch` builds a whole batch at once (kdgraph's trainer calls it with one seed per
+    sample): the wrapped dataset's own ``get_batch`` when it has one (the in-memory data sets, whose
+    batched augmentation is ~50x cheaper than item by item), and each sample's draws from a generator
+    seeded by that sample's seed.
     """
 
     def __init__(self, dataset: Dataset, num_negative_samples: int = 16384, mode: str = "exact"):
@@ -302,12 +310,22 @@ class ContrastiveDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def negatives(self, cls: int) -> torch.Tensor:
+    def negatives(self, cls: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """K indices of samples whose class is not ``cls``."""
         start, count = int(self.starts[cls]), int(self.counts[cls])
-        pos = _sample_without_replacement(len(self.targets) - count, self.num_negative_samples)
+        pos = _sample_without_replacement(len(self.targets) - count, self.num_negative_samples, generator)
         pos = pos + count * (pos >= start).long()  # skip over the block of class ``cls``
         return self.order[pos].long()
+
+    def contrast_index(self, index: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``[positive, K negatives]`` for sample ``index``."""
+        cls = int(self.targets[index])
+        if self.mode == "exact":
+            positive = int(index)
+        else:
+            start, count = int(self.starts[cls]), int(self.counts[cls])
+            positive = int(self.order[start + int(torch.randint(count, (), generator=generator))])
+        return torch.cat([torch.tensor([positive]), self.negatives(cls, generator)])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.dataset[index]
@@ -315,15 +333,34 @@ class ContrastiveDataset(Dataset):
             out = dict(item)
         else:
             out = {"images": item[0], "targets": item[1]}
-        cls = int(self.targets[index])
-        if self.mode == "exact":
-            positive = int(index)
-        else:
-            start, count = int(self.starts[cls]), int(self.counts[cls])
-            positive = int(self.order[start + int(torch.randint(count, ()))])
         out["index"] = int(index)
-        out["contrast_index"] = torch.cat([torch.tensor([positive]), self.negatives(cls)])
+        out["contrast_index"] = self.contrast_index(index)
         return out
+
+    def get_batch(self, indices: Sequence[int], seeds: Optional[Sequence[int]]) -> Batch:
+        """A collated batch of ``indices``: images and targets from the wrapped dataset, plus ``index`` and
+        ``contrast_index`` (B x K+1). With ``seeds`` (one per sample), every draw is a function of the
+        sample's seed; without, draws come from torch's global RNG."""
+        idx = [int(i) for i in indices]
+        inner = self.dataset
+        if callable(getattr(type(inner), "get_batch", None)):
+            base = inner.get_batch(idx, seeds)
+            images, targets = base.images, base.targets
+        else:
+            items = []
+            for j, i in enumerate(idx):
+                with torch.random.fork_rng(devices=[]):
+                    if seeds is not None:
+                        torch.default_generator.manual_seed(int(seeds[j]))
+                    item = inner[i]
+                items.append((item["images"], item["targets"]) if isinstance(item, Mapping) else (item[0], item[1]))
+            images = torch.stack([torch.as_tensor(x) for x, _ in items])
+            targets = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+        gens = [None] * len(idx)
+        if seeds is not None:
+            gens = [torch.Generator().manual_seed(int(sd) ^ 0x5DEECE66D) for sd in seeds]
+        contrast = torch.stack([self.contrast_index(i, g) for i, g in zip(idx, gens)])
+        return Batch(images, targets, {"index": torch.as_tensor(idx, dtype=torch.long), "contrast_index": contrast})
 
     def __getattr__(self, name: str) -> Any:  # classes, class_to_idx, ... of the wrapped dataset
         if name.startswith("__") or name == "dataset":
