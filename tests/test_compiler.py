@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import kdgraph
 from kdgraph.methods.kd import kd_divergence
+from kdgraph.nodeinfo import Role, role_of
 from conftest import small_spec
 
 
@@ -78,7 +79,7 @@ def test_optimizer_steps_change_only_what_the_stage_trains(spec_name, stage, bat
 
 
 def _teacher_targets(d):
-    return {n.target for n in d.graph_module.graph.nodes if n.meta.get("kdgraph", {}).get("role") == "teacher"
+    return {n.target for n in d.graph_module.graph.nodes if role_of(n) is Role.TEACHER
             and n.op == "call_module"}
 
 

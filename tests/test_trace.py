@@ -1,4 +1,4 @@
-"""Tracing: qualified names, leaf modules with reasons, actionable trace errors."""
+"""Capture: qualified names, leaf modules with reasons, actionable trace errors."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import kdgraph
 from kdgraph.errors import TraceError
 from kdgraph.spec import parse_tap
-from kdgraph.trace import LEAF_MODULES, trace_network
+from kdgraph.capture import LEAF_MODULES, trace_network
 
 SPEC = {
     "name": "tiny", "input": {"channels": 3, "size": [16, 16], "num_classes": 10},
@@ -41,7 +41,7 @@ def test_leaf_registry_needs_a_reason():
     from user_models import DataDependentGate
 
     with pytest.raises(ValueError):
-        kdgraph.trace.register_leaf_module(DataDependentGate, "")
+        kdgraph.capture.register_leaf_module(DataDependentGate, "")
     assert all(len(reason) > 10 for reason in LEAF_MODULES.values())
 
 
