@@ -23,11 +23,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture import TracedNetwork, capture_for_spec
 from .compiler import Prepared, StageReport, build_stage, with_tap_outputs
 from .errors import KDGraphError, ModelError
-from .models import build_model, import_object, load_weights
+from .models import build_model, load_weights
 from .spec import Spec, load_spec
-from .trace import TracedNetwork, propagate_shapes, trace_network
 from .trust import consent
 
 
@@ -61,18 +61,10 @@ class Distiller(nn.Module):
                              f"modules (the teacher is frozen, the student trains)")
         self.spec = spec
         t0 = time.perf_counter()
-        leaf_types = []
-        for i, lm in enumerate(spec.leaf_modules):
-            cls = import_object(lm.module, f"leaf_modules[{i}].module")
-            if not isinstance(cls, type):
-                raise ModelError(f"leaf_modules[{i}].module: {lm.module} is not a class")
-            leaf_types.append(cls)
-        tnet = trace_network(teacher, "teacher", leaf_types)
-        snet = trace_network(student, "student", leaf_types)
+        tnet = capture_for_spec(spec, "teacher", teacher)
+        snet = capture_for_spec(spec, "student", student)
         c, (h, w) = spec.input.channels, spec.input.size
         batch_shape = (2, c, h, w)
-        for net in (tnet, snet):
-            propagate_shapes(net, torch.randn(batch_shape, device=_device_of(net.module)))
         prep = Prepared(spec, tnet, snet, batch_shape)
         self.teacher = teacher
         self.student = student

@@ -13,7 +13,9 @@ dead-code elimination removed (``pruned=True``, wired as in the traced teacher).
 dependencies (an edge ``u -> v`` means ``v`` reads ``u``'s value). Node attributes:
 
 =============  ===============================================================================
-``role``       ``input`` | ``transform`` | ``teacher`` | ``student`` | ``adapter`` | ``loss`` | ``output``
+``role``       a :class:`kdgraph.nodeinfo.Role` (a ``str`` enum, so ``a["role"] == "loss"`` holds):
+               ``input`` | ``transform`` | ``teacher`` | ``student`` | ``adapter`` | ``loss`` | ``output``
+               | ``grad_mode``
 ``name``       tap-style name: ``layer1.0.conv1``, ``layer1.0/add`` (teacher/student), the adapter or
                loss name, ``batch:images``; loss weighting nodes are ``0.5 * kd``, the sum ``total``
 ``module_path`` the module that computes the node: a module call's path (``layer1.0.conv1``), the
@@ -54,6 +56,8 @@ import torch
 import torch.fx as fx
 
 from .errors import KDGraphError, TapError, did_you_mean
+from .formatting import dtype as fmt_dtype
+from .nodeinfo import NodeInfo, Role, info_of
 from .spec import parse_tap
 
 __all__ = ["to_networkx", "tap_node", "tap_to_loss_path", "collapse"]
@@ -66,7 +70,20 @@ def _shape_of(node: fx.Node) -> Optional[tuple[int, ...]]:
 
 def _dtype_of(node: fx.Node) -> Optional[str]:
     meta = node.meta.get("tensor_meta")
-    return str(meta.dtype).replace("torch.", "") if meta is not None and hasattr(meta, "dtype") else None
+    return fmt_dtype(meta.dtype) if meta is not None and hasattr(meta, "dtype") else None
+
+
+def _info(node: fx.Node) -> NodeInfo:
+    """The node's info; a node nobody described (inserted by hand) belongs to its first input, as
+    :func:`kdgraph.nodeinfo.derive` would have said."""
+    info = info_of(node)
+    if info is not None:
+        return info
+    src = next(iter(node.all_input_nodes), None)
+    base = info_of(src) if src is not None else None
+    return NodeInfo(base.role if base is not None else Role.OUTPUT,
+                    f"{base.name if base is not None and base.name else node.name}/{node.target}",
+                    base.module_path if base is not None else None, derived_from=src.name if src else None)
 
 
 def _module(root: torch.nn.Module, path: str) -> Optional[torch.nn.Module]:
@@ -151,22 +168,16 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
     logits_node: Optional[str] = None
     terms: dict[str, str] = {}
     for node in graph_nodes:
-        kd = node.meta.get("kdgraph", {})
-        role = kd.get("role")
-        name = kd.get("name")
-        if role is None:  # a node a pass inserted (e.g. a clone before an in-place op): belongs to its input
-            src = next(iter(node.all_input_nodes), None)
-            src_kd = src.meta.get("kdgraph", {}) if src is not None else {}
-            role, name = src_kd.get("role", "output"), f"{src_kd.get('name', node.name)}/{node.target}"
+        info = _info(node)
+        role, name, module_path = info.role, info.name, info.module_path
         params, module_type = _param_count(gm, node)
         shape, dtype = _shape_of(node), _dtype_of(node)
-        module_path = kd.get("module_path")
-        if role in ("teacher", "student"):
-            owner = role
+        if role.is_network:
+            owner = role.value
             if node.op != "call_module":
                 module_path = node.meta.get("kd_scope", "")
-            trainable = role == "student" and "student" in train
-        elif role == "adapter":
+            trainable = role is Role.STUDENT and "student" in train
+        elif role is Role.ADAPTER:
             if node.op == "call_module":
                 owner = name
                 shape = adapter_shapes.get(name)
@@ -178,7 +189,7 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
                 shape = out[tap.index] if isinstance(out, tuple) and tap.index is not None \
                     and tap.index < len(out) else None
             trainable = owner in train
-        elif role == "loss":
+        elif role is Role.LOSS:
             if node.op == "call_module":
                 owner = name
                 mod = _module(gm, str(node.target))
@@ -188,20 +199,20 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
                 owner = "total" if name == "total" else owner_of.get(src, name) if isinstance(src, fx.Node) else name
                 trainable = False
             shape = ()
-        elif role == "input":
+        elif role is Role.INPUT:
             owner = name.removeprefix("batch:")
             shape = images_shape if owner == "images" else batch_shapes.get(name)
             if owner == "targets" and shape is None:
                 shape = (batch,)
             dtype = images_dtype if owner == "images" else dtype
             trainable = False
-        elif role == "transform":
+        elif role is Role.TRANSFORM:
             owner, trainable = "transform", False
             shape = _probe_transform(gm, node, images_shape)
             if shape and images_shape:
                 batch_factor = shape[0] / images_shape[0]
         else:
-            owner, trainable = role, False
+            owner, trainable = role.value, False
         owner_of[node] = owner
         G.add_node(node.name, role=role, name=name, module_path=module_path, owner=owner, op=node.op,
                    target=str(node.target), module_type=module_type, shape=shape, dtype=dtype, params=params,
@@ -220,7 +231,7 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
     # taps on the edges that read them: tap node -> the adapter / loss call that consumes it
     consumers = {}
     for n, a in G.nodes(data=True):
-        if a["op"] == "call_module" and a["role"] in ("adapter", "loss"):
+        if a["op"] == "call_module" and a["role"] in (Role.ADAPTER, Role.LOSS):
             consumers[f"{a['role']} {a['name']}"] = n
     for t in report.taps:
         for user in t.used_by:
@@ -243,8 +254,9 @@ def _add_pruned(G: nx.DiGraph, distiller, report, gm: fx.GraphModule, graph_node
     traced = distiller.traced["teacher"]
     by_name = {n.name: n for n in traced.graph_module.graph.nodes}
     # the fused node the teacher's input placeholder became: the transform, or the images
-    x_node = next((n.name for n in graph_nodes if n.meta.get("kdgraph", {}).get("role") == "transform"), None)
-    x_node = x_node or next((n.name for n in graph_nodes if n.meta.get("kdgraph", {}).get("name") == "batch:images"),
+    infos = [(n.name, info_of(n)) for n in graph_nodes]
+    x_node = next((n for n, i in infos if i is not None and i.role is Role.TRANSFORM), None)
+    x_node = x_node or next((n for n, i in infos if i is not None and i.role is Role.INPUT and i.name == "batch:images"),
                             None)
     pruned_names = {p["name"] for p in report.pruned_nodes}
 
@@ -263,7 +275,7 @@ def _add_pruned(G: nx.DiGraph, distiller, report, gm: fx.GraphModule, graph_node
             module_path = str(tn.target) if tn.op == "call_module" else tn.meta.get("kd_scope", "")
             params, module_type = _param_count(traced.graph_module, tn)
             dtype = _dtype_of(tn)
-        G.add_node(p["name"], role="teacher", name=p["tap"], module_path=module_path, owner="teacher", op=p["op"],
+        G.add_node(p["name"], role=Role.TEACHER, name=p["tap"], module_path=module_path, owner="teacher", op=p["op"],
                    target=p["target"], module_type=module_type, shape=p["shape"], dtype=dtype, params=params,
                    trainable=False, pruned=True, taps=[], stage=report.stage)
     for p in report.pruned_nodes:

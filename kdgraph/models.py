@@ -195,7 +195,7 @@ def _known_leaf_class(package: str, name: str) -> Optional[type]:
     """A class a spec may name as a leaf module without consent: one registered with
     :func:`~kdgraph.trace.register_leaf_module`, or an ``nn.Module`` class of an already imported torch /
     torchvision module (looked up in ``sys.modules``: nothing is imported)."""
-    from .trace import LEAF_MODULES
+    from .capture.leaves import LEAF_MODULES
 
     for cls in LEAF_MODULES:
         if cls.__module__ == package and cls.__qualname__ == name:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import resnet
 
-from .trace import register_leaf_module
+from .capture import register_leaf_module
 
 Stem = Literal["imagenet", "s2", "s1"]
 _STEMS = ("imagenet", "s2", "s1")

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import kdgraph
 from kdgraph.methods.kd import kd_divergence
+from kdgraph.nodeinfo import Role, role_of
 from conftest import small_spec
 
 
@@ -78,7 +79,7 @@ def test_optimizer_steps_change_only_what_the_stage_trains(spec_name, stage, bat
 
 
 def _teacher_targets(d):
-    return {n.target for n in d.graph_module.graph.nodes if n.meta.get("kdgraph", {}).get("role") == "teacher"
+    return {n.target for n in d.graph_module.graph.nodes if role_of(n) is Role.TEACHER
             and n.op == "call_module"}
 
 
@@ -189,3 +190,31 @@ def test_same_architecture_for_teacher_and_student():
     with pytest.raises(kdgraph.ModelError):
         m = torchvision.models.resnet18()
         kdgraph.compile(spec, teacher=m, student=m)
+
+
+_TINY = {
+    "name": "tiny", "input": {"channels": 3, "size": [16, 16], "num_classes": 10},
+    "teacher": {"model": "user_models:tiny", "kwargs": {"width": 16, "gated": False}},
+    "student": {"model": "user_models:tiny", "kwargs": {"gated": False}},
+    "stages": [{"name": "main", "optimizer": {"lr": 0.1}, "train": ["student", "late", "early"], "losses": [
+        {"type": "cross_entropy"},
+        {"name": "feat", "type": "mse", "inputs": {"student": "adapter:late", "teacher": "teacher:body"}}]}],
+}
+
+
+def test_adapters_are_built_after_those_they_read_whatever_the_declaration_order():
+    spec = dict(_TINY, adapters={
+        "late": {"type": "ft_translator", "inputs": {"x": "adapter:early"}, "match": "teacher:body"},
+        "early": {"type": "ft_translator", "inputs": {"x": "student:body"}, "args": {"out_channels": 12}}})
+    d = kdgraph.compile(spec, allow_imports=["user_models"])
+    assert list(d.adapters) == ["early", "late"]
+    assert [a.name for a in d.report.adapters] == ["early", "late"]
+    assert d.report.adapters[1].args["in_channels"] == 12  # inferred from early's output
+
+
+def test_an_adapter_cycle_is_one_clear_error():
+    spec = dict(_TINY, adapters={
+        "late": {"type": "ft_translator", "inputs": {"x": "adapter:early"}, "match": "teacher:body"},
+        "early": {"type": "ft_translator", "inputs": {"x": "adapter:late"}}})
+    with pytest.raises(kdgraph.SpecError, match=r"adapters form a cycle: late -> early -> late\. An adapter may read"):
+        kdgraph.compile(spec, allow_imports=["user_models"])

@@ -8,6 +8,7 @@ import torch
 import kdgraph
 from kdgraph.errors import TapError
 from kdgraph.graphview import collapse, tap_node, tap_to_loss_path, to_networkx
+from kdgraph.nodeinfo import Role, role_of
 
 from conftest import small_spec
 
@@ -46,7 +47,8 @@ def test_same_nodes_and_edges_as_the_graph_module(which, request):
         # attributes mirror the fx nodes
         for node in gm.graph.nodes:
             a = G.nodes[node.name]
-            assert a["op"] == node.op and a["role"] == node.meta["kdgraph"]["role"]
+            assert a["op"] == node.op and a["role"] is role_of(node) and isinstance(a["role"], Role)
+            assert a["role"] == a["role"].value  # a str enum: comparing with text still works
             assert a["stage"] == d.stages[i] and isinstance(a["trainable"], bool)
             meta = node.meta.get("tensor_meta")
             if a["role"] in ("teacher", "student"):

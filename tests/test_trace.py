@@ -1,4 +1,4 @@
-"""Tracing: qualified names, leaf modules with reasons, actionable trace errors."""
+"""Capture: qualified names, leaf modules with reasons, actionable trace errors."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import kdgraph
 from kdgraph.errors import TraceError
 from kdgraph.spec import parse_tap
-from kdgraph.trace import LEAF_MODULES, trace_network
+from kdgraph.capture import LEAF_MODULES, trace_network
 
 SPEC = {
     "name": "tiny", "input": {"channels": 3, "size": [16, 16], "num_classes": 10},
@@ -41,7 +41,7 @@ def test_leaf_registry_needs_a_reason():
     from user_models import DataDependentGate
 
     with pytest.raises(ValueError):
-        kdgraph.trace.register_leaf_module(DataDependentGate, "")
+        kdgraph.capture.register_leaf_module(DataDependentGate, "")
     assert all(len(reason) > 10 for reason in LEAF_MODULES.values())
 
 
@@ -56,3 +56,33 @@ def test_repeated_module_calls_and_functional_ops_have_names():
     assert net.resolve(parse_tap("student:fc@input")) is net.resolve(parse_tap("student:/flatten"))
     assert net.resolve(parse_tap("student:layer2.0.downsample.0@input")) is \
         net.resolve(parse_tap("student:layer1"))
+
+
+def test_capture_for_spec_honours_the_specs_leaf_modules():
+    """What `kdgraph inspect SPEC` needs: the spec's leaf_modules apply, so it names what compile accepts."""
+    from user_models import tiny
+
+    from kdgraph.capture import capture, capture_for_spec
+
+    spec = kdgraph.load_spec(dict(SPEC, leaf_modules=[{"module": "user_models:DataDependentGate",
+                                                       "reason": "branches on x.mean()"}]))
+    with pytest.raises(TraceError, match="leaf_modules"):
+        capture(tiny(), "student")  # fx cannot trace through the gate
+    with kdgraph.consent(["user_models"]):
+        net = capture_for_spec(spec, "student", tiny())
+    assert "gate" in net.all_names() and not any(n.startswith("gate/") for n in net.all_names())
+    gate = net.resolve(parse_tap("student:gate"))
+    assert gate.op == "call_module" and gate.target == "gate"
+    assert net.shape(gate) == (2, 8, 16, 16) and net.shape(net.output_node) == (2, 10)  # shapes at the spec's input
+    assert net.backend == "fx"
+
+
+def test_capture_without_an_example_records_no_shapes_and_an_unknown_backend_is_named():
+    import torchvision
+
+    from kdgraph.capture import capture
+
+    net = capture(torchvision.models.resnet18(), "teacher")
+    assert net.shape(net.output_node) is None
+    with pytest.raises(kdgraph.KDGraphError, match="unknown capture backend 'onnx'; backends: fx"):
+        capture(torchvision.models.resnet18(), "teacher", backend="onnx")

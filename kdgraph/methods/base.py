@@ -29,7 +29,6 @@ class DistillLoss(nn.Module):
     * ``inputs``: argument names, each bound to a tap (``losses[i].inputs`` in the spec).
     * ``default_inputs``: taps used when the spec leaves an input out.
     * ``same_shape``: groups of inputs whose shapes must be equal (checked at compile time).
-    * ``needs_grad_inputs``: unused by the compiler; documentation only.
     * ``batch_only_inputs``: inputs that must be bound to a ``batch:`` tap (labels, sample indices),
       never to a network's or adapter's values.
     * ``batch_keys``: extra per-batch keys (beyond ``images``/``targets``) the loss reads; those of

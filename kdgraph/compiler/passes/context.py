@@ -1,0 +1,23 @@
+"""What every pass gets besides the graph: a small, explicit context (no hidden state between passes)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+import torch.fx as fx
+
+from ...spec import StageSpec
+
+__all__ = ["PassContext"]
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """``stage``: the stage's spec; ``taps``: tap text -> the fused node whose value that tap reads."""
+
+    stage: StageSpec
+    taps: Mapping[str, fx.Node] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "taps", MappingProxyType(dict(self.taps)))
