@@ -329,5 +329,5 @@ def test_page_files_are_declared_package_data():
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = conf["tool"]["setuptools"]["package-data"]["kdgraph.viz"]
     files = [p.relative_to(ROOT / "kdgraph" / "viz").as_posix() for p in (ROOT / "kdgraph" / "viz" / "page").iterdir()]
-    assert sorted(files) == ["page.css", "page.html", "page.js"]
+    assert sorted(files) == ["page/page.css", "page/page.html", "page/page.js"]
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
