@@ -109,7 +109,7 @@ def test_bad_model_name_and_missing_file(tmp_path):
                                                      '      - {type: cross_entropy}\n')])
     assert r.exit_code == 2 and "no classification model 'resnet43'" in r.output and "resnet34" in r.output
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "missing.yaml")])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and f"spec file '{tmp_path / 'missing.yaml'}' does not exist" in r.output
 
 
 def test_real_process_prints_no_traceback(tmp_path):
@@ -124,3 +124,11 @@ def test_yaml_never_executes_code(tmp_path):
     evil = _write(tmp_path, "!!python/object/apply:os.system ['echo pwned > %s/pwned']\n" % tmp_path)
     r = CliRunner().invoke(main, ["compile", evil])
     assert r.exit_code == 2 and not (tmp_path / "pwned").exists()
+
+
+def test_every_command_is_registered_and_python_m_kdgraph_runs_the_same_group():
+    assert set(main.commands) == {"compile", "inspect", "viz", "train", "eval", "export", "bench"}
+    p = subprocess.run([sys.executable, "-m", "kdgraph", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0
+    listed = re.findall(r"^  (\w+)\s", p.stdout.split("Commands:")[1], re.M)
+    assert sorted(listed) == sorted(main.commands)

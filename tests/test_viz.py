@@ -273,7 +273,8 @@ def test_cli_viz(tmp_path):
     assert r.exit_code == 2 and "--format" in r.output
     r = CliRunner().invoke(main, ["viz", str(SPECS / "ft_resnet18.yaml"), "-o", str(tmp_path / "x.svg"),
                                   "--stage", "mian"])
-    assert r.exit_code == 2 and "main" in r.output
+    assert r.exit_code == 2 and "no stage 'mian'" in r.output and "Did you mean: main?" in r.output
+    assert not (tmp_path / "x.svg").exists()
 
 
 def test_sskd_picture_and_compile_summary_print_the_same_tap_shapes():
