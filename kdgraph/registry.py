@@ -1,8 +1,8 @@
 """Registries of losses, adapters, input transforms and data wrappers.
 
-A method is a file under :mod:`kdgraph.methods` whose classes register themselves here; the
-compiler, trainer and CLI only look names up, they know no method by name. User code registers
-its own classes the same way and names them in a spec::
+A method is a file under :mod:`kdgraph.methods`, named in :func:`kdgraph.methods.builtin_methods`,
+whose classes register themselves here; the compiler, trainer and CLI only look names up, they know
+no method by name. User code registers its own classes the same way and names them in a spec::
 
     from kdgraph import register_loss, DistillLoss
 
@@ -88,13 +88,10 @@ _loaded = False
 
 
 def _load_builtin_methods() -> None:
+    """Import the built-in methods (:func:`kdgraph.methods.builtin_methods` names them) once."""
     global _loaded
     if not _loaded:
         _loaded = True
-        import importlib
-        import pkgutil
+        from .methods import builtin_methods
 
-        from . import methods
-
-        for info in pkgutil.iter_modules(methods.__path__):
-            importlib.import_module(f"{methods.__name__}.{info.name}")
+        builtin_methods()

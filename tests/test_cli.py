@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def test_compile_summary_and_emitted_code(name, tmp_path):
     j = json.loads(run("compile", str(SPECS / name), "--input-size", "64", "64", "--json").output)
     for stage in j["stages"]:
         assert stage["taps"] and stage["losses"] and stage["trainable_parameters"] > 0
-        assert all(t["shape"].startswith("[B") for t in stage["taps"])
+        assert all(re.fullmatch(r"B(×\d+)*", t["shape"]) for t in stage["taps"]), stage["taps"]
 
 
 def test_compile_ft_reports_adapters_and_pruning():
@@ -39,7 +40,7 @@ def test_compile_ft_reports_adapters_and_pruning():
     assert {a["name"]: a["args"]["in_channels"] for a in para["adapters"]} == {
         "paraphraser_encoder": 512, "paraphraser_decoder": 256}
     assert para["adapters"][1]["args"]["out_channels"] == 512
-    assert [t["shape"] for t in para["taps"] if t["tap"] == "teacher:layer4"] == ["[B, 512, 7, 7]"]
+    assert [t["shape"] for t in para["taps"] if t["tap"] == "teacher:layer4"] == ["B×512×7×7"]
     assert para["teacher_nodes_pruned"] == 3 and set(para["pruned"]) == {"avgpool", "/flatten", "fc"}
     assert para["trainable_parameters"] == sum(a["parameters"] for a in para["adapters"])
     tr = {a["name"]: a for a in main_["adapters"]}
@@ -55,8 +56,8 @@ def test_inspect_lists_tappable_names_with_shapes(target):
     data = json.loads(r.output)
     rows = data.get("student") or data["model"]
     names = {row["name"]: row["shape"] for row in rows}
-    assert names["layer4"] == "[B, 512, 2, 2]" and names["layer1.0/add"] == "[B, 64, 16, 16]"
-    assert names["layer1.0.relu#0"] == "[B, 64, 16, 16]" and names["@output"] == "[B, 1000]"
+    assert names["layer4"] == "B×512×2×2" and names["layer1.0/add"] == "B×64×16×16"
+    assert names["layer1.0.relu#0"] == "B×64×16×16" and names["@output"] == "B×1000"
     if "teacher" in data:
         assert any(r["name"] == "layer3.5" for r in data["teacher"])  # resnet34 has 6 blocks in layer3
     text = run("inspect", target, "--input-size", "64", "64", "--grep", "layer4.1").output
@@ -108,7 +109,7 @@ def test_bad_model_name_and_missing_file(tmp_path):
                                                      '      - {type: cross_entropy}\n')])
     assert r.exit_code == 2 and "no classification model 'resnet43'" in r.output and "resnet34" in r.output
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "missing.yaml")])
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and f"spec file '{tmp_path / 'missing.yaml'}' does not exist" in r.output
 
 
 def test_real_process_prints_no_traceback(tmp_path):
@@ -123,3 +124,11 @@ def test_yaml_never_executes_code(tmp_path):
     evil = _write(tmp_path, "!!python/object/apply:os.system ['echo pwned > %s/pwned']\n" % tmp_path)
     r = CliRunner().invoke(main, ["compile", evil])
     assert r.exit_code == 2 and not (tmp_path / "pwned").exists()
+
+
+def test_every_command_is_registered_and_python_m_kdgraph_runs_the_same_group():
+    assert set(main.commands) == {"compile", "inspect", "viz", "train", "eval", "export", "bench"}
+    p = subprocess.run([sys.executable, "-m", "kdgraph", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0
+    listed = re.findall(r"^  (\w+)\s", p.stdout.split("Commands:")[1], re.M)
+    assert sorted(listed) == sorted(main.commands)

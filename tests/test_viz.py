@@ -3,6 +3,7 @@ the self-contained HTML page renders in headless Chromium; .dot and .html need n
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import kdgraph
 from kdgraph import viz
 from kdgraph.cli import main
 from kdgraph.models import build_model
-from conftest import SPECS, small_spec
+from conftest import ROOT, SPECS, small_spec
 
 SPEC_FILES = sorted(p.name for p in SPECS.glob("*.yaml"))
 _MODELS: dict[tuple, torch.nn.Module] = {}
@@ -225,6 +226,15 @@ def test_html_renders_in_headless_chromium(kr, ft, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Two (x, y, w, h) rectangles share some area."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def test_overlap_helper():
+    assert _overlap((0, 0, 10, 10), (5, 5, 10, 10)) and not _overlap((0, 0, 10, 10), (10, 0, 5, 5))
+
+
 def test_html_layout_keeps_boxes_and_clusters_apart(kr, ft):
     for v in viz.views(kr, None, depth=1) + viz.views(ft, "all", depth=1):
         lay = viz.layout(v)
@@ -233,7 +243,7 @@ def test_html_layout_keeps_boxes_and_clusters_apart(kr, ft):
         ids = list(boxes)
         for i, a in enumerate(ids):  # no two boxes (or tap tags) overlap
             for b in ids[i + 1:]:
-                assert not viz._overlap(boxes[a], boxes[b]), (a, b)
+                assert not _overlap(boxes[a], boxes[b]), (a, b)
         for n in lay["nodes"]:  # everything inside the drawing
             assert n["x"] >= 0 and n["y"] >= 0
             assert n["x"] + n["w"] <= lay["width"] and n["y"] + n["h"] <= lay["height"]
@@ -248,7 +258,7 @@ def test_html_layout_keeps_boxes_and_clusters_apart(kr, ft):
                     assert c["x"] <= n["x"] and n["x"] + n["w"] <= c["x"] + c["w"]
                     assert c["y"] <= n["y"] and n["y"] + n["h"] <= c["y"] + c["h"]
                 else:
-                    assert not viz._overlap(boxes[n["id"]], rect), (n["id"], role)
+                    assert not _overlap(boxes[n["id"]], rect), (n["id"], role)
 
 
 def test_cli_viz(tmp_path):
@@ -263,4 +273,62 @@ def test_cli_viz(tmp_path):
     assert r.exit_code == 2 and "--format" in r.output
     r = CliRunner().invoke(main, ["viz", str(SPECS / "ft_resnet18.yaml"), "-o", str(tmp_path / "x.svg"),
                                   "--stage", "mian"])
-    assert r.exit_code == 2 and "main" in r.output
+    assert r.exit_code == 2 and "no stage 'mian'" in r.output and "Did you mean: main?" in r.output
+    assert not (tmp_path / "x.svg").exists()
+
+
+def test_sskd_picture_and_compile_summary_print_the_same_tap_shapes():
+    """The rotations make 4 rows of every image: both the picture and `kdgraph compile` say 4B, tap by tap."""
+    d = compile_small("sskd_resnet18.yaml")
+    r = CliRunner().invoke(main, ["compile", str(SPECS / "sskd_resnet18.yaml"), "--input-size", "64", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = {s["stage"]: {t["tap"]: t["shape"] for t in s["taps"]} for s in json.loads(r.output)["stages"]}
+    checked = 0
+    for v in viz.views(d, "all"):
+        for e in v.edges:
+            for tap, shape in e.taps:
+                assert summary[v.stage][tap] == shape, (v.stage, tap)
+                checked += 1
+    assert checked >= 8
+    # independently of either: SSKD stacks 4 rotations of each image, resnet's avgpool keeps 512 channels
+    assert summary["distill"]["teacher:avgpool"] == "4B×512×1×1"
+    assert summary["distill"]["student:@output"] == "4B×1000"
+    assert summary["distill"]["batch:targets"] == "B"  # the labels are not rotated
+    adapters = {a["name"]: a["output_shape"] for s in json.loads(r.output)["stages"] for a in s["adapters"]}
+    assert adapters == {"teacher_ss": "4B×512", "student_ss": "4B×512"}
+
+
+def test_html_page_comes_from_the_package_data_files(ft, tmp_path):
+    from importlib import resources
+
+    page = resources.files("kdgraph.viz").joinpath("page")
+    css, js, skeleton = (page.joinpath(n).read_text(encoding="utf-8") for n in ("page.css", "page.js", "page.html"))
+    text = viz.to_html(viz.views(ft, "all"))
+    assert css.strip() and css in text and js.strip() and js in text
+    assert all(slot in skeleton for slot in ("__TITLE__", "__STYLE__", "__DATA__", "__SCRIPT__"))
+    assert not re.search(r"__(TITLE|STYLE|DATA|SCRIPT)__", text)  # every slot filled
+    head, tail = skeleton.split("__STYLE__")[0], skeleton.split("__SCRIPT__")[1]
+    assert text.startswith(head.replace("__TITLE__", "kdgraph · ft_resnet18")) and text.endswith(tail)
+
+
+def test_html_slots_are_filled_once(ft, monkeypatch):
+    """Text put into one slot is never searched for another (a spec named like a slot stays as it is)."""
+    vs = viz.views(ft, "main")
+    for v in vs:
+        monkeypatch.setattr(v, "spec", "__DATA__ & <b>")
+    text = viz.to_html(vs)
+    assert "<title>kdgraph · __DATA__ &amp; &lt;b&gt;</title>" in text
+    data = re.search(r'<script id="kd-data" type="application/json">(.*?)</script>', text, re.S).group(1)
+    assert "<" not in data and json.loads(data)["spec"] == "__DATA__ & <b>"
+
+
+def test_page_files_are_declared_package_data():
+    """A wheel (not only an editable install) carries the page: pyproject.toml names every file under page/."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = conf["tool"]["setuptools"]["package-data"]["kdgraph.viz"]
+    files = [p.relative_to(ROOT / "kdgraph" / "viz").as_posix() for p in (ROOT / "kdgraph" / "viz" / "page").iterdir()]
+    assert sorted(files) == ["page/page.css", "page/page.html", "page/page.js"]
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)

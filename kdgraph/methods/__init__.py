@@ -1,2 +1,33 @@
-"""One file per distillation method. Each file registers its losses and adapters in
-:mod:`kdgraph.registry`; :mod:`kdgraph.methods.base` holds the small base classes."""
+"""The built-in distillation methods, one file each, named here (:func:`builtin_methods`).
+
+Each method file registers its losses, adapters, transforms and data wrappers in :mod:`kdgraph.registry`
+when it is imported; :mod:`kdgraph.methods.base` holds the small base classes, :mod:`kdgraph.methods.args`
+the argument models. A new method is a new file *and* a line in :func:`builtin_methods` (a test checks that
+every file is listed and that the registry holds exactly what the listed files register).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+__all__ = ["builtin_methods"]
+
+
+def builtin_methods() -> dict[str, ModuleType]:
+    """Import every built-in method (each registers its classes) and return them by file name.
+
+    Imported on the first registry lookup, not with ``import kdgraph``.
+    """
+    from . import at, ce, crd, dist, ft, kd, kr, l2, pad, sskd
+
+    return {
+        "ce": ce,  # cross_entropy: the hard-label term
+        "kd": kd,  # kd: Hinton et al., soft targets at a temperature
+        "at": at,  # at: attention transfer (Zagoruyko & Komodakis)
+        "l2": l2,  # mse: feature regression (FitNets-style, with an adapter)
+        "ft": ft,  # ft: factor transfer (paraphraser / translator)
+        "kr": kr,  # abf + hcl: knowledge review
+        "crd": crd,  # crd: contrastive representation distillation (memory bank, data wrapper)
+        "dist": dist,  # dist: DIST, inter- and intra-class correlation
+        "pad": pad,  # pad_l2: prime-aware adaptive distillation (variance head)
+        "sskd": sskd,  # sskd_*: self-supervised KD (rotations transform, heads, four terms)
+    }

@@ -1,4 +1,4 @@
-"""``kdgraph viz``: draw a spec's fused graph (registered by :mod:`kdgraph.cli`)."""
+"""``kdgraph viz SPEC -o FILE``: draw a spec's fused graph (:func:`kdgraph.viz.render`) and say what was drawn."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,10 @@ from typing import Optional
 
 import click
 
-from .errors import KDGraphError
-from .trust import consent_options
+from ..errors import KDGraphError
+from ..trust import consent_options
+
+__all__ = ["viz_cmd"]
 
 
 @click.command("viz")
@@ -31,9 +33,10 @@ def viz_cmd(spec: str, output: str, stage: str, depth: int, fmt: Optional[str], 
     kdgraph viz specs/kr_resnet18.yaml -o kr.svg
     kdgraph viz specs/ft_resnet18.yaml -o ft.html --stage main --depth 2
     """
-    from . import load_spec
-    from .distiller import Distiller
-    from .viz import FORMATS, _dot_binary, render
+    from .. import load_spec
+    from ..distiller import Distiller
+    from ..viz import FORMATS, Kind, dot_binary, render
+    from .compile import override_input_size
 
     out = Path(output)
     kind = (fmt or out.suffix.lstrip(".")).lower()
@@ -41,18 +44,16 @@ def viz_cmd(spec: str, output: str, stage: str, depth: int, fmt: Optional[str], 
         raise KDGraphError(f"-o {output}: cannot tell the format from {out.suffix or 'no suffix'!r}; end the file "
                            f"name in {', '.join('.' + f for f in FORMATS)} or pass --format")
     if kind in ("svg", "png"):
-        _dot_binary()  # fail before compiling if Graphviz is missing
-    s = load_spec(spec)
-    if input_size:
-        s.input.size = tuple(input_size)
+        dot_binary()  # fail before compiling if Graphviz is missing
+    s = override_input_size(load_spec(spec), input_size)
     if stage != "all" and not stage.lstrip("-").isdigit():
         s.stage(stage)  # unknown stage names fail before tracing
     distiller = Distiller.from_spec(s)
     drawn = render(distiller, out, stage=stage, depth=depth, fmt=kind, dpi=dpi)
     for v in drawn:
         taps = sum(len(e.taps) for e in v.edges)
-        adapters = sum(1 for n in v.nodes.values() if n.kind == "adapter")
-        losses = sum(1 for n in v.nodes.values() if n.kind == "loss")
+        adapters = sum(1 for n in v.nodes.values() if n.kind == Kind.ADAPTER)
+        losses = sum(1 for n in v.nodes.values() if n.kind == Kind.LOSS)
         pruned = sum(1 for n in v.nodes.values() if n.pruned)
         click.echo(f"stage {v.stage}: {len(v.nodes)} boxes, {taps} taps, {adapters} adapters, {losses} loss terms"
                    + (f", {pruned} pruned" if pruned else ""))

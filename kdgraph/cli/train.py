@@ -1,4 +1,5 @@
-"""``kdgraph train``, ``kdgraph eval`` and ``kdgraph export`` (registered by :mod:`kdgraph.cli`).
+"""``kdgraph train``, ``kdgraph eval`` and ``kdgraph export``: train specs, score a checkpoint, write a plain
+state_dict. Thin commands over :mod:`kdgraph.train`.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node=N [--nnodes ...] -m kdgraph train SPEC``.
 """
@@ -11,14 +12,11 @@ from pathlib import Path
 import click
 
 from ..trust import consent_options
+from .console import plain_console
+
+__all__ = ["train_cmd", "eval_cmd", "export_cmd", "print_comparison"]
 
 _T0 = time.perf_counter()  # import time of the CLI ~ command start (for time-to-first-step)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
 
 
 def _is_main() -> bool:
@@ -57,8 +55,8 @@ def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ck
     rate used is lr x world_size / reference_world_size. With several SPECs, they run one after
     the other and a table compares their results (e.g. a no-distillation baseline and KD).
     """
-    from .loop import TrainOptions, train
-    from .overrides import load_with_overrides
+    from ..train.loop import TrainOptions, train
+    from ..train.overrides import load_with_overrides
 
     loaded = [load_with_overrides(s, sets, data_root) for s in specs]  # every spec checked before training
     results = []
@@ -93,7 +91,7 @@ def print_comparison(results: list[dict]) -> None:
         s = r.get("student") or {}
         t.add_row("student", r["spec"], f"{s.get('top1', float('nan')):.2f}", f"{s.get('top5', float('nan')):.2f}",
                   f"{s.get('best_top1') or float('nan'):.2f}", f"{r['wall_s']:.0f}")
-    _console().print(t)
+    plain_console().print(t)
 
 
 @click.command("eval")
@@ -109,8 +107,8 @@ def print_comparison(results: list[dict]) -> None:
 @consent_options
 def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> None:
     """Top-1 / top-5 of SPEC's student (or teacher) on the validation split."""
-    from .export import evaluate_checkpoint
-    from .overrides import load_with_overrides
+    from ..train.export import evaluate_checkpoint
+    from ..train.overrides import load_with_overrides
 
     s = load_with_overrides(spec, sets, data_root)
     res = evaluate_checkpoint(s, ckpt, role=role, data=data_root, device=device, batch_size=batch_size)
@@ -130,7 +128,7 @@ def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> 
 @consent_options
 def export_cmd(ckpt, out, no_verify) -> None:
     """Write the student of CKPT as a plain state_dict (loads into e.g. torchvision.models.resnet18(), strict)."""
-    from .export import export_student
+    from ..train.export import export_student
 
     res = export_student(ckpt, out, verify=not no_verify)
     check = f", checked against {res['model']} (strict)" if res["verified"] else ""

@@ -1,4 +1,5 @@
-"""``kdgraph bench SUITE``: run a suite and print its results table (registered by :mod:`kdgraph.cli`)."""
+"""``kdgraph bench SUITE``: run a suite (:func:`kdgraph.bench.bench`) and print its results table, or with
+``--dry-run`` list the runs, compile every spec and estimate the cost."""
 from __future__ import annotations
 
 import json
@@ -7,19 +8,16 @@ from pathlib import Path
 import click
 
 from ..trust import consent_options
+from .console import plain_console
 
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
+__all__ = ["bench_cmd", "print_table", "dry_run_report"]
 
 
 def print_table(res) -> None:
     from rich import box
     from rich.table import Table
 
-    from .report import _cells
+    from ..bench.report import _cells
 
     t = Table("method", "label", "teacher", "student", "top-1", "std", "n", "Δ base", "verdict", "torchdistill",
               "paper", "s/run", "img/s", box=box.SIMPLE, pad_edge=False, title=res.title, title_justify="left")
@@ -27,10 +25,10 @@ def print_table(res) -> None:
         cells = _cells(r)
         style = {"beats": "green", "below": "red", "failed": "bold red"}.get(r.verdict, "")
         t.add_row(*[f"[{style}]{c}[/]" if style and i == 8 else c for i, c in enumerate(cells)])
-    _console().print(t)
+    plain_console().print(t)
     for r in res.rows:
         for e in r.errors:
-            _console().print(f"[bold red]{r.label}[/] {e}", soft_wrap=True)
+            plain_console().print(f"[bold red]{r.label}[/] {e}", soft_wrap=True)
 
 
 def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
@@ -41,10 +39,10 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
     from .. import compile as kd_compile
     from ..models import build_model
     from ..train.data import check_data
-    from . import _seeds, default_out
-    from .cost import estimate, forward_flops, train_images
-    from .runner import plan_runs
-    from .suite import load_suite
+    from ..bench import _seeds, default_out
+    from ..bench.cost import estimate, forward_flops, train_images
+    from ..bench.runner import plan_runs
+    from ..bench.suite import load_suite
 
     loaded = load_suite(suite_path)
     seed_list = _seeds(loaded, seeds)
@@ -79,7 +77,7 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
                             for s in est["stages"]),
                   f"{train_images(spec):,}", "yes" if any(s["uses_teacher"] for s in est["stages"]) else "no",
                   f"{est['pflop'] * 1000:.3g}", str(n))
-    con = _console()
+    con = plain_console()
     con.print(t)
     con.print(f"every spec compiled{'; data folder ' + str(data) + ' checked' if data else ''}. Estimated training "
               f"compute: {total * 1000:.3g} TFLOP in all (teacher forward + 3x student forward per image and view; a lower "
@@ -112,9 +110,9 @@ def bench_cmd(suite, data_root, out, seeds, only, resume, dry_run, device, jobs,
     if dry_run:
         dry_run_report(suite, data_root, out, seeds, list(only))
         return
-    from . import bench
+    from ..bench import bench
 
-    con = _console()
+    con = plain_console()
     res = bench(suite, data=data_root, out=out, seeds=seeds, only=list(only) or None, fresh=not resume,
                 device=device, progress=progress, jobs=jobs, say=lambda text: con.print(text, soft_wrap=True))
     import os

@@ -1,0 +1,130 @@
+"""``kdgraph compile SPEC``: validate, trace and fuse every stage; print the summary (taps, adapters, losses,
+pruning) as tables or ``--json``, optionally write each stage's generated ``forward()``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from .. import formatting
+from ..trust import consent_options
+from .console import console
+
+__all__ = ["compile_cmd", "compile_summary", "print_compile", "override_input_size"]
+
+
+def override_input_size(spec, input_size: Optional[tuple[int, int]]):
+    """``--input-size H W``: the spec with its input size replaced (shapes are traced at that size)."""
+    if input_size:
+        spec.input.size = tuple(input_size)
+    return spec
+
+
+def compile_summary(distiller) -> dict[str, Any]:
+    """The compile summary as plain data (what ``--json`` prints). Shapes read as in ``kdgraph viz``."""
+    from ..graphview import to_networkx
+    from ..viz.shapes import ShapeText
+
+    out: dict[str, Any] = {"spec": distiller.spec.name, "input": distiller.spec.input.model_dump(),
+                           "prepare_seconds": round(distiller.prepare_seconds, 3), "stages": []}
+    for i, name in enumerate(distiller.stages):
+        distiller.enter_stage(i)
+        r = distiller.report
+        shapes = ShapeText(to_networkx(distiller))
+        out["stages"].append({
+            "stage": name, "train": r.train, "transform": r.transform, "batch_inputs": r.batch_inputs,
+            "taps": [{"tap": t.tap, "node": t.node, "shape": shapes.of_tap(t.tap, t.shape), "dtype": t.dtype,
+                      "used_by": t.used_by} for t in r.taps],
+            "adapters": [{"name": a.name, "type": a.type, "args": a.args, "inputs": a.inputs,
+                          "parameters": a.parameters, "trainable": a.trainable, "side": a.side,
+                          "output_shape": shapes.of_adapter(a.name, a.output_shape)} for a in r.adapters],
+            "losses": [{"name": lo.name, "type": lo.type, "weight": lo.weight, "inputs": lo.inputs} for lo in r.losses],
+            "trainable_parameters": r.trainable_parameters,
+            "teacher_nodes": r.teacher_nodes, "teacher_nodes_pruned": r.teacher_nodes_pruned,
+            "pruned": [p["tap"] or p["name"] for p in r.pruned_nodes],
+            "inplace_fixed": r.inplace_fixed, "graph_nodes": len(distiller.graph_module.graph.nodes),
+        })
+    distiller.enter_stage(0)
+    return out
+
+
+def print_compile(summary: dict[str, Any]) -> None:
+    """The summary as tables: one rule per stage, then its taps, adapters and loss terms."""
+    from rich import box
+    from rich.table import Table
+
+    con = console()
+    inp = summary["input"]
+    con.print(f"[bold]{summary['spec']}[/]: input {inp['channels']}x{inp['size'][0]}x{inp['size'][1]}, "
+              f"{inp['num_classes']} classes, {len(summary['stages'])} stage(s); traced in {summary['prepare_seconds']} s")
+    for s in summary["stages"]:
+        con.print()
+        con.rule(f"stage [bold cyan]{s['stage']}[/]  trains: {', '.join(s['train'])}"
+                 + (f"  transform: {s['transform']}" if s["transform"] else "")
+                 + (f"  batch inputs: {', '.join(s['batch_inputs'])}" if s["batch_inputs"] else ""), align="left")
+        t = Table("tap", "shape", "dtype", "used by", box=box.SIMPLE, pad_edge=False, title="taps", title_justify="left")
+        for tap in s["taps"]:
+            t.add_row(f"[green]{tap['tap']}[/]", tap["shape"], tap["dtype"] or "", ", ".join(tap["used_by"]))
+        con.print(t)
+        if s["adapters"]:
+            t = Table("adapter", "type", "args (inferred)", "params", "trains", "output", box=box.SIMPLE,
+                      pad_edge=False, title="adapters", title_justify="left")
+            for a in s["adapters"]:
+                args = ", ".join(f"{k}={v}" for k, v in a["args"].items())
+                t.add_row(f"[magenta]{a['name']}[/]", a["type"], args, formatting.count_exact(a["parameters"]),
+                          "[green]yes[/]" if a["trainable"] else "[dim]frozen[/]", a["output_shape"])
+            con.print(t)
+        t = Table("loss", "type", "weight", "inputs", box=box.SIMPLE, pad_edge=False, title="loss terms",
+                  title_justify="left")
+        for lo in s["losses"]:
+            t.add_row(f"[yellow]{lo['name']}[/]", lo["type"], f"{lo['weight']:g}",
+                      ", ".join(f"{k}={v}" for k, v in lo["inputs"].items()))
+        con.print(t)
+        pruned = s["pruned"]
+        con.print(f"trainable parameters: [bold]{formatting.count_exact(s['trainable_parameters'])}[/]   "
+                  f"teacher nodes pruned: [bold]{s['teacher_nodes_pruned']}[/] of {s['teacher_nodes']}"
+                  + (f" ({', '.join(pruned[:8])}{', ...' if len(pruned) > 8 else ''})" if pruned else "")
+                  + f"   fused graph: {s['graph_nodes']} nodes")
+        for fix in s["inplace_fixed"]:
+            con.print(f"[dim]in-place safety: {fix}[/]")
+
+
+def _emit_code(distiller, folder: str) -> list[str]:
+    """Write each stage's generated ``forward()`` as ``folder/<spec>_<stage>.py``; the paths written."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, name in enumerate(distiller.stages):
+        gm, _ = distiller.build_stage(i)
+        path = out / f"{distiller.spec.name}_{name}.py"
+        path.write_text(f"# kdgraph: generated forward() of spec {distiller.spec.name!r}, stage {name!r}\n"
+                        f"# self.teacher / self.student / self.adapters / self.losses are the distiller's modules\n"
+                        + gm.code)
+        written.append(str(path))
+    return written
+
+
+@click.command("compile")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--emit-code", "emit_code", type=click.Path(file_okay=False), default=None,
+              help="write each stage's generated forward() as DIR/<spec>_<stage>.py")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--input-size", nargs=2, type=int, default=None, metavar="H W", help="override the spec's input size")
+@consent_options
+def compile_cmd(spec: str, emit_code: Optional[str], as_json: bool, input_size) -> None:
+    """Validate SPEC, trace both networks and build the fused graph of every stage (offline)."""
+    from .. import load_spec
+    from ..distiller import Distiller
+
+    distiller = Distiller.from_spec(override_input_size(load_spec(spec), input_size))
+    summary = compile_summary(distiller)
+    if emit_code:
+        summary["emitted"] = _emit_code(distiller, emit_code)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    print_compile(summary)
+    for p in summary.get("emitted", []):
+        click.echo(f"wrote {p}")
