@@ -6,6 +6,7 @@ from .spec import Spec, load_spec
 from .overrides import apply_overrides
 from . import data
 from .models import register_model
+from .capture import register_leaf_module
 from .trust import ConsentError, consent
 
 __version__ = "0.1.0"
@@ -32,4 +33,4 @@ def bench(suite, **kwargs):
 
 __all__ = ["compile", "bench", "load_spec", "apply_overrides", "data", "Spec", "KDGraphError", "SpecError", "TapError", "ShapeError", "ModelError",
            "TraceError", "register_adapter", "register_loss", "register_transform", "register_data_wrapper",
-           "Adapter", "DistillLoss", "InputTransform", "register_model", "ConsentError", "consent"]
+           "Adapter", "DistillLoss", "InputTransform", "register_model", "register_leaf_module", "ConsentError", "consent"]

@@ -1,7 +1,7 @@
 """One exception family for everything a user can fix.
 
 Errors are raised where the knowledge is (spec errors in :mod:`kdgraph.spec`, missing nodes in
-:mod:`kdgraph.trace`, shape mismatches in :mod:`kdgraph.compiler`). The CLI turns any
+:mod:`kdgraph.capture`, shape mismatches in :mod:`kdgraph.compiler`). The CLI turns any
 :class:`KDGraphError` into exit code 2 and one paragraph on stderr, never a traceback.
 """
 from __future__ import annotations

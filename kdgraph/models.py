@@ -193,7 +193,7 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
 
 def _known_leaf_class(package: str, name: str) -> Optional[type]:
     """A class a spec may name as a leaf module without consent: one registered with
-    :func:`~kdgraph.trace.register_leaf_module`, or an ``nn.Module`` class of an already imported torch /
+    :func:`~kdgraph.register_leaf_module`, or an ``nn.Module`` class of an already imported torch /
     torchvision module (looked up in ``sys.modules``: nothing is imported)."""
     from .capture.leaves import LEAF_MODULES
 
@@ -218,7 +218,7 @@ def import_object(path: str, what: str) -> Any:
     if not is_allowed(package):
         raise ConsentError(
             f"{what}: {path!r} names a class in module {package!r}, which a spec may not import without your "
-            f"consent (without it a leaf module is a class registered with kdgraph.trace.register_leaf_module or "
+            f"consent (without it a leaf module is a class registered with kdgraph.register_leaf_module or "
             f"an nn.Module class of torch / torchvision). Nothing was imported. {how_to_allow(package)}")
     try:
         module = importlib.import_module(package)

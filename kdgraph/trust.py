@@ -5,7 +5,7 @@ never imported, unless the *user* consented outside the spec. Without consent a 
 
 * ``torchvision:NAME`` (classification models), ``kdgraph.zoo:NAME`` (the zoo's public factories) and
   ``registered:NAME`` (models registered with :func:`kdgraph.register_model` by code the user imported);
-* as ``leaf_modules``: classes registered with :func:`kdgraph.trace.register_leaf_module`, and ``nn.Module``
+* as ``leaf_modules``: classes registered with :func:`kdgraph.register_leaf_module`, and ``nn.Module``
   classes of torch / torchvision modules that are already imported.
 
 Anything else (``package.module:factory``) is refused with :class:`ConsentError` *before* anything is

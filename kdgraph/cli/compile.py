@@ -16,9 +16,13 @@ __all__ = ["compile_cmd", "compile_summary", "print_compile", "override_input_si
 
 
 def override_input_size(spec, input_size: Optional[tuple[int, int]]):
-    """``--input-size H W``: the spec with its input size replaced (shapes are traced at that size)."""
+    """``--input-size H W``: the spec with its input size replaced (shapes are traced at that size), validated
+    as the spec's own ``input.size`` is (the same bounds, the same error)."""
     if input_size:
-        spec.input.size = tuple(input_size)
+        from ..overrides import apply_overrides
+
+        h, w = input_size
+        return apply_overrides(spec, [f"input.size=[{int(h)}, {int(w)}]"])
     return spec
 
 
@@ -45,6 +49,7 @@ def compile_summary(distiller) -> dict[str, Any]:
             "teacher_nodes": r.teacher_nodes, "teacher_nodes_pruned": r.teacher_nodes_pruned,
             "pruned": [p["tap"] or p["name"] for p in r.pruned_nodes],
             "inplace_fixed": r.inplace_fixed, "graph_nodes": len(distiller.graph_module.graph.nodes),
+            "passes": [p.to_dict() for p in r.passes],
         })
     distiller.enter_stage(0)
     return out
@@ -89,6 +94,9 @@ def print_compile(summary: dict[str, Any]) -> None:
                   + f"   fused graph: {s['graph_nodes']} nodes")
         for fix in s["inplace_fixed"]:
             con.print(f"[dim]in-place safety: {fix}[/]")
+        if s["passes"]:
+            con.print("passes: " + "; ".join(f"[bold]{p['name']}[/] {p['summary']}" if p["changed"]
+                                             else f"[dim]{p['name']}: {p['summary']}[/]" for p in s["passes"]))
 
 
 def _emit_code(distiller, folder: str) -> list[str]:

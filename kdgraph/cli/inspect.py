@@ -65,10 +65,9 @@ def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, 
     import torch
 
     from .. import load_spec
-    from ..distiller import _device_of
+    from ..capture import capture, capture_for_spec, device_of
     from ..models import build_model
     from ..spec import ModelRef
-    from ..trace import propagate_shapes, trace_network
 
     is_spec = target.endswith((".yaml", ".yml")) or (os.path.exists(target) and not target.count(":"))
     if is_spec:
@@ -86,8 +85,9 @@ def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, 
     result: dict[str, list] = {}
     for role, ref in refs.items():
         module = build_model(ref, role)
-        net = trace_network(module, role)
-        propagate_shapes(net, torch.randn(TRACE_BATCH, c, h, w, device=_device_of(module)))
+        example = torch.randn(TRACE_BATCH, c, h, w, device=device_of(module))
+        # a spec's networks are captured exactly as compile captures them (its leaf_modules honoured)
+        net = capture_for_spec(spec, role, module, example) if is_spec else capture(module, role, example=example)
         rows = inspect_rows(net)
         if pattern:
             rows = [r for r in rows if pattern in r["name"]]
