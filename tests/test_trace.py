@@ -77,6 +77,31 @@ def test_capture_for_spec_honours_the_specs_leaf_modules():
     assert net.backend == "fx"
 
 
+def test_inspect_cli_names_what_compile_accepts(tmp_path):
+    """`kdgraph inspect SPEC` captures through capture_for_spec: a spec whose leaf_modules make a network
+    traceable lists it (with the gate as one module), and without the entry both commands refuse alike."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from kdgraph.cli import main
+
+    good = dict(SPEC, leaf_modules=[{"module": "user_models:DataDependentGate", "reason": "branches on x.mean()"}])
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(SPEC))
+    runner = CliRunner()
+    res = runner.invoke(main, ["inspect", str(tmp_path / "good.yaml"), "--json", "--allow-import", "user_models"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    names = {r["name"]: r for r in rows["student"]}
+    assert names["gate"]["kind"] == "module" and names["gate"]["shape"] == "B×8×16×16"
+    assert not any(n.startswith("gate/") for n in names)
+    for cmd in (["inspect"], ["compile"]):
+        res = runner.invoke(main, [*cmd, str(tmp_path / "bad.yaml"), "--allow-import", "user_models"])
+        assert res.exit_code == 2 and "leaf_modules" in res.output, res.output
+
+
 def test_capture_without_an_example_records_no_shapes_and_an_unknown_backend_is_named():
     import torchvision
 
