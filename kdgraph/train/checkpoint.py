@@ -124,6 +124,10 @@ class Checkpoint:
         """Whether the run had finished stage ``stage_index`` when this was saved."""
         return self.stage_index > stage_index or (self.stage_index == stage_index and self.stage_done)
 
+    def weights(self, role: str = "student") -> StateDict:
+        """One network's weights: ``student``, ``teacher`` or ``adapters.NAME`` (see :func:`state_dict_of`)."""
+        return state_dict_of(self.to_dict(), role, f"checkpoint of {self.spec_name!r}")
+
     def rng_of(self, rank: int, world_size: int) -> Optional[dict[str, Any]]:
         """Process ``rank``'s generator states, when saved with the same number of processes."""
         return self.rng[rank] if len(self.rng) == world_size else None
