@@ -123,7 +123,12 @@ def cache_dir() -> Path:
 def pretrain_key(ref: ModelRef, spec: Spec) -> str:
     """8 hex digits identifying what a pretraining run produces."""
     assert ref.pretrain is not None
-    ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": ref.pretrain.model_dump(mode="json"),
+    pretrain = ref.pretrain.model_dump(mode="json")
+    sched = pretrain.get("scheduler")
+    if sched and sched.get("type") != "multistep":  # milestones and gamma only shape a multistep schedule
+        sched.pop("milestones", None)
+        sched.pop("gamma", None)
+    ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": pretrain,
              "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
              "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]

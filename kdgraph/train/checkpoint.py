@@ -130,7 +130,7 @@ class Checkpoint:
 
     def rng_of(self, rank: int, world_size: int) -> Optional[dict[str, Any]]:
         """Process ``rank``'s generator states, when saved with the same number of processes."""
-        return self.rng[rank] if len(self.rng) == world_size else None
+        return self.rng[rank] if isinstance(self.rng, list) and len(self.rng) == world_size else None
 
 
 def _fields_of(ck: Checkpoint) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, TrainingError
+from ..formatting import seconds
 from ..spec import StageSpec
 from .data import make_loader, unpack_batch
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, wrap
@@ -223,7 +224,7 @@ class StepLoop:
             self.monitor.record("eval", **ev, **({} if run.save else {"pretrain": True}))
             self.monitor.print(f"{run.name} epoch {epoch + 1}/{st.epochs}: top-1 {ev['top1']:.2f}%  top-5 "
                                f"{ev['top5']:.2f}%  (best {run.best_top1:.2f}%, {ev['images']} images, "
-                               f"{ev['seconds']:.1f} s)", soft_wrap=True)
+                               f"{seconds(ev['seconds'])})", soft_wrap=True)
         if save is not None:
             self.checkpoint(run, Position(epoch, 0, epoch_done=True), save, best=improved)
 
