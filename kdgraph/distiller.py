@@ -26,9 +26,10 @@ from torch import nn
 from .capture import TracedNetwork, capture_for_spec
 from .compiler import Prepared, StageReport, build_stage, with_tap_outputs
 from .errors import KDGraphError, ModelError
-from .models import build_model, load_weights
+from .models import build_model
 from .spec import Spec, load_spec
 from .trust import consent
+from .weights import load_weights, resolve
 
 
 class DistillerOutput(NamedTuple):
@@ -96,9 +97,8 @@ class Distiller(nn.Module):
             return cls(spec, teacher, student, stage)
 
     def load_weights(self) -> dict[str, bool]:
-        """Load the weights the spec names for teacher and student (torchvision enum or local file)."""
-        from .train.pretrain import resolve  # 'cache:NAME' -> the cached file (kdgraph train makes it)
-
+        """Load the weights the spec names for teacher and student (torchvision enum, local file, or a
+        ``cache:NAME`` entry, which ``kdgraph train SPEC`` makes when the spec says how to pretrain it)."""
         for role in ("teacher", "student"):
             resolve(self.spec, role, require=True)
         return {"teacher": load_weights(self.teacher, self.spec.teacher, "teacher"),

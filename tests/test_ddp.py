@@ -20,7 +20,7 @@ import torch
 
 import kdgraph
 from kdgraph.train import train
-from kdgraph.train.checkpoint import load_checkpoint
+from kdgraph.train.checkpoint import Checkpoint
 from kdgraph.train.distributed import ignored_names
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,14 +50,14 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     assert two["teacher"]["images"] == 101 and s2["last"]["images"] == 101  # every val image exactly once
     assert two["teacher"]["top1"] == one["teacher"]["top1"]
 
-    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 8
-    assert not torch.equal(a["student"]["fc.weight"], kdgraph.zoo.tiny_cnn(width=4, norm="group").fc.weight)
-    for k, v in a["student"].items():
-        torch.testing.assert_close(b["student"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    for k, v in a["distiller"].items():
+    a, b = Checkpoint.load(tmp_path / "one" / "last.pt"), Checkpoint.load(tmp_path / "two" / "last.pt")
+    assert a.global_step == b.global_step == 8
+    assert not torch.equal(a.student["fc.weight"], kdgraph.zoo.tiny_cnn(width=4, norm="group").fc.weight)
+    for k, v in a.student.items():
+        torch.testing.assert_close(b.student[k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    for k, v in a.distiller.items():
         if k.startswith("teacher."):
-            assert torch.equal(b["distiller"][k], v)  # frozen teacher untouched in both
+            assert torch.equal(b.distiller[k], v)  # frozen teacher untouched in both
     assert abs(s1["last"]["top1"] - s2["last"]["top1"]) <= 100 / 101 + 1e-9
 
 

@@ -23,7 +23,7 @@ import torch
 import kdgraph
 from kdgraph.errors import CheckpointError, DataError, TrainingError
 from kdgraph.train import train
-from kdgraph.train.checkpoint import load_checkpoint, load_file
+from kdgraph.train.checkpoint import Checkpoint, load_file
 from kdgraph.train.runlock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +120,9 @@ def test_safetensors_export_loads_strictly_into_the_student(tmp_path):
     assert r.exit_code == 0, r.output
     student = kdgraph.zoo.tiny_cnn(width=4)
     student.load_state_dict(st_load(str(tmp_path / "student.safetensors")), strict=True)
-    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    ck = Checkpoint.load(tmp_path / "run" / "last.pt")
     for k, v in student.state_dict().items():
-        assert torch.equal(v, ck["student"][k]), k
+        assert torch.equal(v, ck.student[k]), k
     with safe_open(str(tmp_path / "student.safetensors"), framework="pt") as f:
         assert len(f.metadata()["kdgraph_sha256"]) == 64
     assert set(load_file(tmp_path / "student.safetensors")) == set(student.state_dict())  # verified read
@@ -138,11 +138,11 @@ def test_nan_stop_leaves_a_finite_checkpoint_whose_next_forward_is_finite(tmp_pa
     with pytest.raises(TrainingError, match="Training stopped") as e:
         train(spec, out=out, **QUIET)
     assert f"last good checkpoint is {out / 'last.pt'} (end of stage warm)" in str(e.value)
-    ck = load_checkpoint(out / "last.pt")
-    assert ck["stage"] == "warm" and ck["stage_done"]
-    assert all(torch.isfinite(v).all() for v in ck["distiller"].values() if v.is_floating_point())
+    ck = Checkpoint.load(out / "last.pt")
+    assert ck.stage == "warm" and ck.stage_done
+    assert all(torch.isfinite(v).all() for v in ck.distiller.values() if v.is_floating_point())
     d = kdgraph.compile(spec, stage="boom")
-    d.load_state_dict(ck["distiller"], strict=True)
+    d.load_state_dict(ck.distiller, strict=True)
     d.train()
     images, targets = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
     res = d(images, targets)
@@ -189,7 +189,7 @@ def test_two_real_trainings_into_one_folder(tmp_path):
     assert codes == [0, 2], results
     loser = next(r for r in results if r[0] == 2)
     assert "in use by another kdgraph train (PID" in " ".join(loser[2].split()) and "Traceback" not in loser[2]
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["stage_done"]
+    assert Checkpoint.load(tmp_path / "run" / "last.pt").stage_done
 
 
 def test_out_under_a_regular_file_and_without_permission_are_clear_errors(tmp_path):

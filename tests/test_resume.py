@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kdgraph.train import train
-from kdgraph.train.checkpoint import load_checkpoint
+from kdgraph.train.checkpoint import Checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_spec, write_spec  # noqa: E402
@@ -40,10 +40,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
             ck_path = out / "last.pt"
             if ck_path.exists() and ck_path.stat().st_mtime != last_mtime:
                 last_mtime = ck_path.stat().st_mtime
-                ck = load_checkpoint(ck_path)
-                if ck["global_step"] >= 6 and not ck["epoch_done"]:  # mid-epoch
+                ck = Checkpoint.load(ck_path)
+                if ck.global_step >= 6 and not ck.epoch_done:  # mid-epoch
                     proc.send_signal(signal.SIGKILL)
-                    killed_at = (ck["epoch"], ck["step"])
+                    killed_at = (ck.epoch, ck.step)
                     break
             time.sleep(0.02)
     finally:
@@ -51,19 +51,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
             proc.kill()
         log = proc.communicate(timeout=60)[0].decode(errors="replace")
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, log
-    ck = load_checkpoint(out / "last.pt")  # whatever it holds now is a complete, readable checkpoint
-    assert not ck["stage_done"] and ck["global_step"] < 30
+    ck = Checkpoint.load(out / "last.pt")  # whatever it holds now is a complete, readable checkpoint
+    assert not ck.stage_done and ck.global_step < 30
 
     resumed = train(path, out=out, resume=True, device="cpu", progress=False, plot=False, tensorboard=False)
     reference = train(path, out=tmp_path / "straight", device="cpu", progress=False, plot=False, tensorboard=False)
 
-    a, b = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 30
-    for k, v in b["distiller"].items():
-        assert torch.equal(a["distiller"][k], v), f"{k} differs after resume (killed at epoch/step {killed_at})"
-    for pid, state in b["optimizer"]["state"].items():
-        assert torch.equal(a["optimizer"]["state"][pid]["momentum_buffer"], state["momentum_buffer"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2  # milestone [1] passed
+    a, b = Checkpoint.load(out / "last.pt"), Checkpoint.load(tmp_path / "straight" / "last.pt")
+    assert a.global_step == b.global_step == 30
+    for k, v in b.distiller.items():
+        assert torch.equal(a.distiller[k], v), f"{k} differs after resume (killed at epoch/step {killed_at})"
+    for pid, state in b.optimizer["state"].items():
+        assert torch.equal(a.optimizer["state"][pid]["momentum_buffer"], state["momentum_buffer"])
+    assert a.scheduler["last_epoch"] == b.scheduler["last_epoch"] == 2  # milestone [1] passed
     assert resumed["student"]["top1"] == reference["student"]["top1"]
-    assert [h["top1"] for h in a["history"]] == [h["top1"] for h in b["history"]]
+    assert [h["top1"] for h in a.history] == [h["top1"] for h in b.history]
     assert not list(out.glob(".*.tmp"))  # no temporary file left behind by the resumed run

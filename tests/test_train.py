@@ -14,8 +14,8 @@ import kdgraph
 from kdgraph import DistillLoss, register_loss
 from kdgraph.errors import CheckpointError, SpecError, TrainingError
 from kdgraph.train import export_student, train
-from kdgraph.train.checkpoint import load_checkpoint
-from kdgraph.train.loop import load_init_from
+from kdgraph.train.checkpoint import Checkpoint
+from kdgraph.train.networks import load_init_from
 from kdgraph.zoo import tiny_cnn
 
 
@@ -71,16 +71,16 @@ def test_end_to_end_records_checkpoints_and_frozen_teacher(tmp_path):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert json.loads((out / "results.json").read_text())["spec"] == "tiny_kd"
-    ck = load_checkpoint(out / "last.pt")
-    assert ck["stage_done"] and ck["global_step"] == 8 and len(ck["history"]) == 2
-    assert load_checkpoint(out / "best.pt")["best_top1"] == max(h["top1"] for h in ck["history"])
-    assert ck["optimizer"]["state"] and ck["scheduler"]["last_epoch"] == 2
+    ck = Checkpoint.load(out / "last.pt")
+    assert ck.stage_done and ck.global_step == 8 and len(ck.history) == 2
+    assert Checkpoint.load(out / "best.pt").best_top1 == max(h["top1"] for h in ck.history)
+    assert ck.optimizer["state"] and ck.scheduler["last_epoch"] == 2
     # the teacher never changed (frozen, eval-mode BatchNorm); the student did
     torch.manual_seed(0)
     teacher0, student0 = tiny_cnn(width=8), tiny_cnn(width=4)
     for k, v in teacher0.state_dict().items():
-        assert torch.equal(ck["distiller"][f"teacher.{k}"], v), k
-    assert not torch.equal(ck["student"]["fc.weight"], student0.state_dict()["fc.weight"])
+        assert torch.equal(ck.distiller[f"teacher.{k}"], v), k
+    assert not torch.equal(ck.student["fc.weight"], student0.state_dict()["fc.weight"])
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -90,9 +90,9 @@ def test_mixed_precision_and_channels_last_run_finite(tmp_path, amp):
     recs = [e for e in read_jsonl(tmp_path / amp / "metrics.jsonl") if e["event"] == "train"]
     assert len(recs) == 2 and all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in recs)
     assert res["amp"] == amp and math.isfinite(res["student"]["top1"])
-    ck = load_checkpoint(tmp_path / amp / "last.pt")
-    assert (ck["scaler"] is not None) == (amp == "fp16")
-    assert all(torch.isfinite(v).all() for v in ck["student"].values() if v.is_floating_point())
+    ck = Checkpoint.load(tmp_path / amp / "last.pt")
+    assert (ck.scaler is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() for v in ck.student.values() if v.is_floating_point())
 
 
 @register_loss("test_nan_after", override=True)
@@ -121,9 +121,9 @@ def test_nan_loss_names_term_and_step_and_keeps_last_good_checkpoint(tmp_path):
     msg = str(e.value)
     assert "'boom'" in msg and "step 6" in msg and "stage main, epoch 1, step 6 of 8" in msg
     assert "last good checkpoint" in msg and "step 4" in msg
-    ck = load_checkpoint(out / "last.pt")
-    assert (ck["epoch"], ck["step"], ck["epoch_done"]) == (0, 4, False)
-    assert all(torch.isfinite(v).all() for v in ck["student"].values() if v.is_floating_point())
+    ck = Checkpoint.load(out / "last.pt")
+    assert (ck.epoch, ck.step, ck.epoch_done) == (0, 4, False)
+    assert all(torch.isfinite(v).all() for v in ck.student.values() if v.is_floating_point())
     assert not (out / "best.pt").exists() and not (out / "results.json").exists()
 
 
@@ -176,9 +176,9 @@ def test_export_round_trip_into_torchvision_resnet18(tmp_path):
     sd = torch.load(tmp_path / "student.pt", weights_only=True)
     model = torchvision.models.resnet18()
     model.load_state_dict(sd, strict=True)
-    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    ck = Checkpoint.load(tmp_path / "run" / "last.pt")
     for k, v in model.state_dict().items():
-        assert torch.equal(v, ck["distiller"][f"student.{k}"]), k
+        assert torch.equal(v, ck.distiller[f"student.{k}"]), k
     torch.manual_seed(0)
     init = torchvision.models.resnet18()
     assert not torch.equal(init.fc.weight, model.fc.weight)  # the trained student, not a fresh one
@@ -225,8 +225,8 @@ def test_teacher_pretrained_once_then_cached(tmp_path, monkeypatch, capsys):
     assert side["eval"]["images"] == 32 and side["pretrain"]["train_subset"] == 128
     assert "training it once" in capsys.readouterr().out
     cached = torch.load(files[0], weights_only=True)
-    ck = load_checkpoint(tmp_path / "a" / "last.pt")
-    assert all(torch.equal(ck["distiller"][f"teacher.{k}"], v) for k, v in cached.items())
+    ck = Checkpoint.load(tmp_path / "a" / "last.pt")
+    assert all(torch.equal(ck.distiller[f"teacher.{k}"], v) for k, v in cached.items())
     assert res1["teacher"]["top1"] == pytest.approx(side["eval"]["top1"])  # the same network, evaluated again
     mtime = files[0].stat().st_mtime
     res2 = train(spec, out=tmp_path / "b", **QUIET)
@@ -256,15 +256,15 @@ def test_two_stages_with_adapters_then_init_from(tmp_path):
     res = train(spec, out=tmp_path / "ft", **QUIET)
     assert [s["name"] for s in res["stages"]] == ["paraphraser", "main"]
     assert res["stages"][0]["last"] is None and res["stages"][1]["last"]["images"] == 32  # no eval in stage 1
-    ck = load_checkpoint(tmp_path / "ft" / "last.pt")
-    assert ck["stage"] == "main" and ck["stage_done"] and ck["global_step"] == 4
+    ck = Checkpoint.load(tmp_path / "ft" / "last.pt")
+    assert ck.stage == "main" and ck.stage_done and ck.global_step == 4
     # init_from: student (strict) and the adapters of the same name come from the checkpoint
     d = kdgraph.compile(spec)
     loaded = load_init_from(d, str(tmp_path / "ft" / "last.pt"))
     assert loaded == ["student", "adapter para_enc", "adapter para_dec", "adapter translator"]
     for k, v in d.state_dict().items():
         if k.startswith(("student.", "adapters.")):
-            assert torch.equal(v, ck["distiller"][k]), k
+            assert torch.equal(v, ck.distiller[k]), k
     torch.save(d.student.state_dict(), tmp_path / "plain.pt")  # a plain state_dict works too
     res2 = train(dict(spec, init_from=str(tmp_path / "plain.pt")), out=tmp_path / "init", only_stages=["main"],
                  **QUIET)
@@ -284,13 +284,13 @@ def test_crd_data_wrapper_extras_reach_the_loss_and_its_memory_is_checkpointed(t
     spec["data"]["wrapper"] = {"type": "crd", "args": {"num_negative_samples": 16}}
     res = train(spec, out=tmp_path / "a", **QUIET)
     assert res["stages"][0]["last"]["images"] == 32
-    a = load_checkpoint(tmp_path / "a" / "last.pt")["distiller"]
+    a = Checkpoint.load(tmp_path / "a" / "last.pt").distiller
     mem = [k for k in a if k.startswith("losses.main.crd.")]
     assert mem and any(a[k].numel() >= 96 * 16 for k in mem)  # the memory banks are in the checkpoint
     d0 = kdgraph.compile(spec).state_dict()
     assert any(not torch.equal(a[k], d0[k]) for k in mem)  # and were updated by training
     train(spec, out=tmp_path / "b", **QUIET)  # negatives are drawn from per-sample seeds: a rerun is identical
-    b = load_checkpoint(tmp_path / "b" / "last.pt")["distiller"]
+    b = Checkpoint.load(tmp_path / "b" / "last.pt").distiller
     assert all(torch.equal(a[k], b[k]) for k in a)
     missing = dict(spec, data=dict(spec["data"], wrapper=None))
     with pytest.raises(kdgraph.errors.DataError, match="data.wrapper"):

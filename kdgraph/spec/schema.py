@@ -46,7 +46,7 @@ class ModelRef(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
     pretrain: Optional["PretrainSpec"] = Field(
         None, description="train this network with cross-entropy on the spec's data when its weights file does "
-                          "not exist yet, and write it there (kdgraph train; see kdgraph.train.pretrain). "
+                          "not exist yet, and write it there (kdgraph train; see kdgraph.weights). "
                           "Needs weights: a local path or 'cache:NAME' (kdgraph's cache folder)")
 
     @field_validator("model")

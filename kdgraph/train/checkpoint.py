@@ -1,281 +1,148 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, holding everything to resume exactly.
+"""A training checkpoint: the :class:`Checkpoint` dataclass, the one place that knows a checkpoint file's keys.
 
-A checkpoint is a dict::
+On disk a checkpoint is the dict ``torch.save`` writes (unchanged since format 1, so files written before
+still load)::
 
-    {"kdgraph_checkpoint": 1, "spec": <the spec as plain data>, "spec_name": str,
+    {"kdgraph_checkpoint": 1, "spec_name": str, "spec": <the spec as plain data>, "stage_names": [...],
      "distiller": distiller.state_dict(),        # student, teacher, adapters, loss state (e.g. CRD memories)
      "student": student.state_dict(),            # what `kdgraph export` writes
      "optimizer": ..., "scheduler": ..., "scaler": ...,   # of the stage in progress (None when absent)
-     "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
+     "rng": [per process: {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]}],
      "stage": name, "stage_index": i, "epoch": e, "step": steps done in epoch e, "epoch_done": bool,
-     "global_step": n, "world_size": W, "samples_done": images of epoch e consumed (all ranks),
-     "best_top1": float | None, "history": [eval records]}
+     "stage_done": bool, "global_step": n, "world_size": W, "samples_done": images of epoch e consumed,
+     "best_top1": float | None, "last_eval": {...} | None, "history": [eval records],
+     "teacher_eval": {...} | None, "stage_results": {stage name: result}, "kdgraph_sha256": hex}
 
-Writing goes to ``<path>.tmp`` then ``os.replace`` (atomic on POSIX), so a crash or a SIGKILL during
-a save leaves the previous file intact. Loading never unpickles code. A failed write (disk full, no
-permission, a file where a folder should be) is a :class:`CheckpointError` naming the path and the OS's
-reason, and leaves nothing half-written.
-
-Integrity: ``torch.load`` does not check the zip CRCs, so rotted bytes would load. Every file kdgraph
-writes carries a sha256 over the sorted key paths, dtypes, shapes and bytes of every tensor and the
-value of every other entry (:func:`content_hash`, nothing skipped): a checkpoint holds it under
-``"kdgraph_sha256"``; a plain state_dict (an export, a cached pretrained network) cannot hold a foreign
-key without breaking ``load_state_dict(strict=True)``, so its hash is in a sidecar file ``<file>.sha256``;
-a ``.safetensors`` export holds it in its metadata header. :func:`load_file` (resume, eval, export,
-init_from, a model's ``weights``) verifies it and refuses a mismatch naming the file.
-
-Note: files written before this check (no hash, no sidecar) and plain state_dicts from elsewhere still
-load, unverified, as before.
+:meth:`Checkpoint.save` writes it atomically with its content hash inside, :meth:`Checkpoint.load` reads it
+with ``weights_only=True`` and refuses a file whose bytes no longer match that hash (see
+:mod:`kdgraph.weightio`); everything else reads the typed fields.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import random
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..weightio import (CHECKPOINT_MARK, HASH_KEY, atomic_save, brief, content_hash, load_file,  # noqa: F401
+                        save_safetensors)
+from ..weights import state_dict_of
+
+__all__ = ["Checkpoint", "FORMAT", "load_checkpoint", "atomic_save", "load_file", "save_safetensors",
+           "content_hash", "HASH_KEY", "brief"]
 
 FORMAT = 1
+_REQUIRED = ("spec_name", "stage_names", "distiller", "stage_index", "epoch", "step")
+
+StateDict = dict[str, torch.Tensor]
 
 
-HASH_KEY = "kdgraph_sha256"
-SIDECAR = ".sha256"
+@dataclass
+class Checkpoint:
+    """Everything needed to resume a run exactly where it was saved."""
+
+    spec_name: str
+    spec: dict[str, Any]  # the spec as plain data (model_dump(mode="json"))
+    stage_names: list[str]
+    distiller: StateDict  # Distiller.state_dict(): student, teacher, adapters, loss state
+    student: StateDict  # the student alone, clean (what an export writes)
+    stage: str  # where it was saved: the stage in progress ...
+    stage_index: int
+    epoch: int  # ... its epoch (0-based)
+    step: int  # ... and the steps done in that epoch (0 at an epoch's end)
+    epoch_done: bool = False
+    stage_done: bool = False
+    optimizer: Optional[dict[str, Any]] = None  # of the stage in progress
+    scheduler: Optional[dict[str, Any]] = None
+    scaler: Optional[dict[str, Any]] = None
+    rng: list[dict[str, Any]] = field(default_factory=list)  # every process's generator states, by rank
+    global_step: int = 0
+    world_size: int = 1
+    samples_done: int = 0  # images of the epoch in progress consumed, all processes together
+    best_top1: Optional[float] = None  # of the stage in progress
+    last_eval: Optional[dict[str, Any]] = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation of the run
+    teacher_eval: Optional[dict[str, Any]] = None
+    stage_results: dict[str, dict[str, Any]] = field(default_factory=dict)  # finished stages, by name
+
+    # ------------------------------------------------------------------ file
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form (without its hash, which :meth:`save` adds)."""
+        return {CHECKPOINT_MARK: FORMAT, **_fields_of(self)}
+
+    @classmethod
+    def from_dict(cls, obj: Any, path: str | Path = "checkpoint") -> "Checkpoint":
+        """A checkpoint from its on-disk form (as :func:`kdgraph.weightio.load_file` returns it)."""
+        if not isinstance(obj, dict) or CHECKPOINT_MARK not in obj:
+            raise CheckpointError(f"{str(path)!r} is not a kdgraph checkpoint (no {CHECKPOINT_MARK!r} key); a "
+                                  f"plain state_dict can be used as a spec's init_from or a model's weights instead")
+        if not isinstance(obj[CHECKPOINT_MARK], int) or obj[CHECKPOINT_MARK] > FORMAT:
+            raise CheckpointError(f"{str(path)!r} was written by a newer kdgraph (format {obj[CHECKPOINT_MARK]})")
+        missing = [k for k in _REQUIRED if k not in obj]
+        if missing:
+            raise CheckpointError(f"{str(path)!r} is an incomplete kdgraph checkpoint (missing {', '.join(missing)})"
+                                  f"; it cannot be resumed from, use another checkpoint")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in obj.items() if k in known}
+        for k in ("rng", "history", "stage_results", "global_step", "world_size", "samples_done"):
+            if values.get(k) is None:  # absent, or None from an older writer: the default
+                values.pop(k, None)
+        values["spec"] = values.get("spec") or {}
+        values["stage"] = values.get("stage") or _name(obj["stage_names"], obj["stage_index"])
+        if not isinstance(values.get("student"), dict):
+            values["student"] = state_dict_of(obj, "student", str(path))
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (the previous file stays intact until the new one is complete), hash inside."""
+        atomic_save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        """Read ``path`` (``weights_only=True``, verified against its content hash)."""
+        return cls.from_dict(load_file(path), path)
+
+    # ------------------------------------------------------------------ reading
+    def describe(self) -> str:
+        """Where it was saved, for people: ``stage main, end of epoch 3``."""
+        stage = _name(self.stage_names, self.stage_index)
+        if self.stage_done:
+            return f"end of stage {stage}"
+        if self.epoch_done:
+            return f"stage {stage}, end of epoch {self.epoch + 1}"
+        return f"stage {stage}, epoch {self.epoch + 1}, step {self.step}"
+
+    def resume_point(self) -> tuple[int, int]:
+        """(first epoch, first step in it) of the stage in progress to run next."""
+        if self.epoch_done:
+            return self.epoch + 1, 0
+        return self.epoch, self.step
+
+    def is_done(self, stage_index: int) -> bool:
+        """Whether the run had finished stage ``stage_index`` when this was saved."""
+        return self.stage_index > stage_index or (self.stage_index == stage_index and self.stage_done)
+
+    def weights(self, role: str = "student") -> StateDict:
+        """One network's weights: ``student``, ``teacher`` or ``adapters.NAME`` (see :func:`state_dict_of`)."""
+        return state_dict_of(self.to_dict(), role, f"checkpoint of {self.spec_name!r}")
+
+    def rng_of(self, rank: int, world_size: int) -> Optional[dict[str, Any]]:
+        """Process ``rank``'s generator states, when saved with the same number of processes."""
+        return self.rng[rank] if isinstance(self.rng, list) and len(self.rng) == world_size else None
 
 
-def _leaves(obj: Any, path: tuple[str, ...], out: list[tuple[tuple[str, ...], Any]]) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _leaves(v, path + (f"{type(k).__name__}:{k}",), out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _leaves(v, path + (f"[{i}]",), out)
-    else:
-        out.append((path, obj))
+def _fields_of(ck: Checkpoint) -> dict[str, Any]:
+    """The fields by name, values as they are (``dataclasses.asdict`` would deep-copy every tensor)."""
+    return {f.name: getattr(ck, f.name) for f in fields(ck)}
 
 
-def content_hash(obj: Any) -> str:
-    """sha256 (hex) over every entry of ``obj`` in sorted key-path order: for a tensor its dtype, shape and
-    bytes, for anything else its type and ``repr``. The top-level ``HASH_KEY`` entry is left out."""
-    leaves: list[tuple[tuple[str, ...], Any]] = []
-    if isinstance(obj, dict):
-        obj = {k: v for k, v in obj.items() if k != HASH_KEY}
-    _leaves(obj, (), leaves)
-    h = hashlib.sha256()
-    for path, v in sorted(leaves, key=lambda item: item[0]):
-        h.update(repr(path).encode())
-        if isinstance(v, torch.Tensor):
-            t = v.detach().to("cpu").contiguous()
-            h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-            if t.numel():
-                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        else:
-            h.update(f"|{type(v).__name__}|{v!r}|".encode())
-    return h.hexdigest()
-
-
-def _is_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and "kdgraph_checkpoint" in obj
-
-
-def _os_reason(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return f"{e.strerror or type(e).__name__}" + (f" (errno {e.errno})" if e.errno else "")
-    return brief(e, 200)
-
-
-def _write_error(path: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"cannot write {str(path)!r}: {_os_reason(e)}. Nothing was written there (a previous "
-                           f"file, if any, is intact); check that the folder is writable, is not a file, and that "
-                           f"the disk has space.")
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, ``os.replace``; OS errors ->
-    :class:`CheckpointError` with the temporary file removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # RuntimeError: torch's C++ writer ("file write failed")
-        raise _write_error(path, e) from None
-    finally:
-        try:
-            if tmp.exists():
-                tmp.unlink()
-        except OSError:
-            pass
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync it, then ``os.replace`` it over ``path``:
-    readers see the old file or the new one, never a partial one. A kdgraph checkpoint gets its content
-    hash inside; any other object (a plain state_dict) in the sidecar ``<path>.sha256``."""
-    path = Path(path)
-    digest = content_hash(obj)
-    if _is_checkpoint(obj):
-        obj = dict(obj, **{HASH_KEY: digest})
-    _write_atomic(path, lambda f: torch.save(obj, f))
-    sidecar = path.with_name(path.name + SIDECAR)
-    if _is_checkpoint(obj):
-        if sidecar.exists():
-            sidecar.unlink()
-    else:
-        _write_atomic(sidecar, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-
-
-def save_safetensors(sd: dict[str, torch.Tensor], path: str | Path) -> None:
-    """A state_dict as ``.safetensors`` (no code, a checked format), its content hash in the metadata."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    data = save(sd, metadata={HASH_KEY: content_hash(sd)})
-    _write_atomic(path, lambda f: f.write(data))
-
-
-def _mismatch(p: Path, what: str, where: str) -> CheckpointError:
-    return CheckpointError(f"{what} {str(p)!r} is corrupt: its content does not match the sha256 stored {where} "
-                           f"(bytes changed since kdgraph wrote it). It was not used; restore it from a copy or "
-                           f"use another checkpoint.")
-
-
-def verify(obj: Any, p: Path, what: str = "checkpoint") -> Any:
-    """Check ``obj`` (loaded from ``p``) against its stored hash, if it has one; returns it without the hash."""
-    if isinstance(obj, dict) and HASH_KEY in obj:
-        if obj[HASH_KEY] != content_hash(obj):
-            raise _mismatch(p, what, "inside it")
-        return {k: v for k, v in obj.items() if k != HASH_KEY}
-    sidecar = p.with_name(p.name + SIDECAR)
-    if sidecar.is_file():
-        try:
-            stored = sidecar.read_text().split()[0]
-        except (OSError, UnicodeDecodeError, IndexError):
-            stored = ""
-        if stored != content_hash(obj):
-            raise _mismatch(p, what, f"in {sidecar.name}")
-    return obj
-
-
-def load_file(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(path, weights_only=True)`` (or safetensors) on CPU, verified against its content hash,
-    with a :class:`CheckpointError` for any problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{what} {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        return _load_safetensors(p, what)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, or holds code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{what} {str(p)!r} cannot be read ({first}). It may be truncated or not a "
-                              f"torch file; kdgraph reads checkpoints with weights_only=True, so files that "
-                              f"hold pickled code are refused.") from None
-    return verify(obj, p, what)
-
-
-def _load_safetensors(p: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file as st_load
-
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = st_load(str(p), device="cpu")
-    except Exception as e:  # noqa: BLE001 - a damaged header or data
-        raise CheckpointError(f"{what} {str(p)!r} cannot be read as safetensors ({brief(e, 200)})") from None
-    if HASH_KEY in meta and meta[HASH_KEY] != content_hash(sd):
-        raise _mismatch(p, what, "in its metadata")
-    return sd
+def _name(names: list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else "?"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A kdgraph checkpoint (see the module docstring)."""
-    obj = load_file(path)
-    if not isinstance(obj, dict) or "kdgraph_checkpoint" not in obj:
-        raise CheckpointError(f"{str(path)!r} is not a kdgraph checkpoint (no 'kdgraph_checkpoint' key); a plain "
-                              f"state_dict can be used as a spec's init_from or a model's weights instead")
-    if obj["kdgraph_checkpoint"] > FORMAT:
-        raise CheckpointError(f"{str(path)!r} was written by a newer kdgraph (format {obj['kdgraph_checkpoint']})")
-    return obj
+    """A kdgraph checkpoint's on-disk dict, verified and checked (:meth:`Checkpoint.load` gives the typed form)."""
+    return Checkpoint.load(path).to_dict()
 
-
-def brief(err: BaseException, limit: int = 400) -> str:
-    """The gist of a (long) load_state_dict error: its lines joined, cut at ``limit`` characters."""
-    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def student_state_dict(obj: Any, path: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The student's weights from a kdgraph checkpoint, or the dict itself when it is a plain state_dict
-    (also ``{"state_dict": ...}`` / ``{"model": ...}``)."""
-    if isinstance(obj, dict) and "kdgraph_checkpoint" in obj:
-        sd = obj.get("student")
-        if isinstance(sd, dict):
-            return sd
-        dist = obj.get("distiller") or {}
-        sd = {k[len("student."):]: v for k, v in dist.items() if k.startswith("student.")}
-        if sd:
-            return sd
-        raise CheckpointError(f"{path}: kdgraph checkpoint without student weights")
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "student"):
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise CheckpointError(f"{path} holds no state_dict (expected a kdgraph checkpoint or a dict of tensors)")
-
-
-def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain contiguous CPU tensors; ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile) removed."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v.detach().to("cpu").contiguous() if isinstance(v, torch.Tensor) else v
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states
-# --------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """python, numpy, torch (and CUDA) generator states, as types ``weights_only`` loading accepts."""
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": [version, list(state), gauss],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def set_rng_state(state: Optional[dict[str, Any]]) -> None:
-    if not state:
-        return
-    version, st, gauss = state["python"]
-    random.setstate((version, tuple(st), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)

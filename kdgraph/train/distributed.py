@@ -23,6 +23,9 @@ from torch import nn
 
 from ..errors import KDGraphError
 
+__all__ = ["DistEnv", "setup", "teardown", "barrier", "all_reduce_sum", "all_gather_object", "ignored_names",
+           "wrap"]
+
 
 @dataclass
 class DistEnv:
@@ -87,14 +90,6 @@ def all_reduce_sum(env: DistEnv, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def broadcast_object(env: DistEnv, obj: Any, src: int = 0) -> Any:
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, device=env.device if env.device.type == "cuda" else None)
-    return box[0]
 
 
 def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:

@@ -6,7 +6,7 @@ so it loads with the network's own class::
     model = torchvision.models.resnet18()
     model.load_state_dict(torch.load("student.pt", weights_only=True), strict=True)
 
-Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.train.checkpoint`). With
+Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.weightio`). With
 ``-o student.safetensors`` it is written as safetensors (no code, a checked format; the hash is in its
 metadata): ``model.load_state_dict(safetensors.torch.load_file("student.safetensors"), strict=True)``.
 """
@@ -20,7 +20,11 @@ import torch
 from ..errors import CheckpointError, KDGraphError, ModelError
 from ..spec import Spec, validate_spec
 from ..trust import ConsentError
-from .checkpoint import atomic_save, brief, clean_state_dict, load_file, save_safetensors, student_state_dict
+from ..weightio import atomic_save, brief, load_file, save_safetensors
+from ..weights import is_checkpoint, load_weights, resolve, state_dict_of
+from .checkpoint import Checkpoint
+
+__all__ = ["export_student", "evaluate_checkpoint"]
 
 
 def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -30,12 +34,13 @@ def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> di
     checkpoint holds. Returns ``{"out", "tensors", "parameters", "model", "verified"}``.
     """
     obj = load_file(ckpt)
-    sd = clean_state_dict(student_state_dict(obj, str(ckpt)))
+    stored_spec = Checkpoint.from_dict(obj, ckpt).spec if is_checkpoint(obj) else None
+    sd = state_dict_of(obj, "student", str(ckpt))
     model_name, verified = None, False
-    if verify and isinstance(obj, dict) and isinstance(obj.get("spec"), dict):
+    if verify and stored_spec:
         from ..models import build_model
 
-        spec = validate_spec(obj["spec"], f"{ckpt} (its spec)")
+        spec = validate_spec(stored_spec, f"{ckpt} (its spec)")
         model_name = spec.student.model
         try:
             model = build_model(spec.student, "student")
@@ -66,11 +71,10 @@ def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", 
     or the teacher in ``ckpt``) on the validation split. Works under torchrun (each image counted once)."""
     import torch.distributed as dist
 
-    from ..models import build_model, load_weights
-    from . import pretrain as pretrain_mod
-    from .data import build_datasets, check_data, make_loader
+    from ..models import build_model
+    from .data import build_datasets, check_data
     from .distributed import setup, teardown
-    from .loop import evaluate_model
+    from .evaluation import evaluate_model, validation_loader
 
     if role not in ("student", "teacher"):
         raise KDGraphError(f"--model must be student or teacher, got {role!r}")
@@ -85,30 +89,21 @@ def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", 
         model = build_model(ref, role).to(env.device)
         source = None
         if ckpt:
-            obj = load_file(ckpt)
-            if role == "student":
-                sd = student_state_dict(obj, str(ckpt))
-            else:
-                dist_sd = obj.get("distiller") if isinstance(obj, dict) else None
-                sd = {k[len("teacher."):]: v for k, v in (dist_sd or {}).items() if k.startswith("teacher.")}
-                if not sd:
-                    sd = student_state_dict(obj, str(ckpt))
+            sd = state_dict_of(load_file(ckpt), role, str(ckpt))  # a checkpoint's student / teacher, or the file
             try:
-                model.load_state_dict(clean_state_dict(sd), strict=True)
+                model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
                 raise CheckpointError(f"{ckpt}: weights do not fit the spec's {role} {ref.model}: "
                                       f"{brief(e)}") from None
             source = str(ckpt)
         else:
-            pretrain_mod.resolve(spec, role, require=True)
+            resolve(spec, role, require=True)
             if not load_weights(model, ref, role):
                 raise KDGraphError(f"no weights to evaluate: pass --ckpt, or name {role}.weights in the spec")
             source = ref.weights
         if spec.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        loader = make_loader(bundle.val, batch_size=batch_size or max(s.batch_size for s in spec.stages), train=False,
-                             workers=spec.data.workers, seed=spec.runtime.seed, world_size=env.world_size,
-                             rank=env.rank, pin_memory=env.device.type == "cuda")
+        loader = validation_loader(spec, bundle.val, env, batch_size)
         res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last)
         res.update(role=role, model=ref.model, weights=source, data=bundle.description, rank=env.rank)
         return res

@@ -15,28 +15,15 @@ printed every tenth of an epoch instead.
 from __future__ import annotations
 
 import json
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console
 
+from ..formatting import number, seconds
 
-def _fmt(v: float) -> str:
-    if v != v or math.isinf(v):
-        return str(v)
-    a = abs(v)
-    if a == 0:
-        return "0"
-    if a >= 100:
-        return f"{v:.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 0.01:
-        return f"{v:.4f}"
-    return f"{v:.2e}"
+__all__ = ["Monitor", "SUITE_PROGRESS"]
 
 
 SUITE_PROGRESS: Any = None  # set by kdgraph.bench while a suite runs (an object with title/total/done/text())
@@ -144,14 +131,14 @@ class Monitor:
     def update(self, done: int, info: dict[str, float]) -> None:
         if not self.enabled:
             return
-        text = "  ".join(f"{k} {_fmt(v)}" for k, v in info.items())
+        text = "  ".join(f"{k} {number(v)}" for k, v in info.items())
         if self._progress is not None:
             self._progress.update(self._task, completed=done, info=text)
         elif done >= self._plain_next or done == self._total:
             elapsed = time.perf_counter() - self._t0
             rate = (done - self._done0) / elapsed if elapsed > 0 else 0.0
             eta = (self._total - done) / rate if rate > 0 else float("nan")
-            self.console.print(f"{self._title} {done}/{self._total}  {text}  eta {eta:.0f}s", soft_wrap=True)
+            self.console.print(f"{self._title} {done}/{self._total}  {text}  eta {seconds(eta)}", soft_wrap=True)
             self._plain_next = done + max(1, self._total // 10)
 
     def end_epoch(self) -> None:
@@ -222,6 +209,3 @@ def _stage_starts(records: list[dict[str, Any]]) -> list[int]:
             out.append(b["global_step"])
     return out
 
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

@@ -1,4 +1,4 @@
-"""Networks trained once and cached: ``weights: "cache:NAME"`` and a ``pretrain:`` section.
+"""Networks trained once and cached: the trainer's side of ``weights: "cache:NAME"`` with a ``pretrain:`` section.
 
 No pretrained weights can be downloaded on an offline machine, so a spec can say how to make its
 teacher::
@@ -8,94 +8,37 @@ teacher::
       weights: "cache:fashion_mnist_resnet34"      # where the trained teacher is kept
       pretrain: {epochs: 2, batch_size: 128, optimizer: {type: sgd, lr: 0.1, momentum: 0.9}}
 
-``kdgraph train`` looks for the file first; when it is missing it trains the network with
-cross-entropy on the spec's data (same runtime: devices, DDP, AMP), evaluates it, and writes it
-atomically, with a JSON side file holding its accuracy and the settings. Later runs, of this spec
-or another one naming the same cache entry, load it.
-
-``cache:NAME`` is ``$KDGRAPH_CACHE/NAME-<key>.pt`` (default folder ``$XDG_CACHE_HOME/kdgraph`` or
-``~/.cache/kdgraph``); ``<key>`` is a hash of the model reference, the pretrain settings, the data
-set and input size, so changing any of them trains a new network instead of reusing a stale one.
-Without a ``pretrain`` section, ``cache:NAME`` is the file ``NAME.pt`` in that folder. A
-``weights`` path with a ``pretrain`` section works the same way with that exact path.
+``kdgraph train`` looks for the file first (where it lives: :mod:`kdgraph.weights`); when it is missing,
+:func:`pretrain_network` trains the network with cross-entropy on the spec's data (same runtime: devices,
+DDP, AMP), evaluates it, and writes it atomically with a JSON side file holding its accuracy and the
+settings. Later runs, of this spec or another one naming the same cache entry, load it.
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
-import re
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ModelError
-from ..spec import ModelRef, Spec
+from ..distiller import DistillerOutput
+from ..formatting import seconds
+from .. import models
+from ..spec import LossSpec, ModelRef, Spec, StageSpec
+from ..weightio import atomic_save
+from ..weights import CACHE_PREFIX, cache_dir, pretrain_key, resolve, state_dict_of, weights_path  # noqa: F401
+from .data import DataBundle, subset
+from .distributed import barrier
+from .evaluation import validation_loader
+from .steps import RunProgress, StepLoop, make_stage_run
 
-CACHE_PREFIX = "cache:"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("KDGRAPH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kdgraph"
-
-
-def pretrain_key(ref: ModelRef, spec: Spec) -> str:
-    """8 hex digits identifying what a pretraining run produces."""
-    assert ref.pretrain is not None
-    pretrain = ref.pretrain.model_dump(mode="json")
-    sched = pretrain.get("scheduler")
-    if sched and sched.get("type") != "multistep":  # milestones and gamma only shape a multistep schedule
-        sched.pop("milestones", None)
-        sched.pop("gamma", None)
-    ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": pretrain,
-             "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
-             "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def weights_path(ref: ModelRef, spec: Spec, role: str) -> Optional[Path]:
-    """The file behind ``ref.weights`` when it is a cache entry or a pretrain target; None otherwise
-    (a torchvision enum name or a plain file, which :func:`kdgraph.models.load_weights` reads)."""
-    w = ref.weights
-    if not w:
-        return None
-    if w.startswith(CACHE_PREFIX):
-        name = w[len(CACHE_PREFIX):]
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
-            raise ModelError(f"{role}.weights: {w!r}: a cache name is letters, digits, '_', '-' and '.'")
-        if ref.pretrain is not None:
-            return cache_dir() / f"{name}-{pretrain_key(ref, spec)}.pt"
-        return cache_dir() / f"{name}.pt"
-    if ref.pretrain is not None:
-        return Path(w).expanduser()
-    return None
-
-
-def resolve(spec: Spec, role: str, require: bool = True) -> Optional[Path]:
-    """Point ``spec.<role>.weights`` at the concrete file. Returns the file when it is (to be) made by
-    pretraining and does not exist yet; raises when a plain ``cache:`` entry is missing."""
-    ref: ModelRef = getattr(spec, role)
-    path = weights_path(ref, spec, role)
-    if path is None:
-        return None
-    if path.exists():
-        ref.weights = str(path)
-        return None
-    if ref.pretrain is None:
-        raise ModelError(f"{role}.weights: {ref.weights!r} is not in kdgraph's cache ({path} does not exist). Put "
-                         f"a state_dict there, or add a `pretrain:` section to {role} so kdgraph train makes it.")
-    if require:
-        raise ModelError(f"{role}.weights: {ref.weights!r} has not been trained yet ({path} does not exist); "
-                         f"run `kdgraph train` on the spec once, which trains and caches it")
-    ref.weights = str(path)
-    return path
+__all__ = ["SupervisedTask", "pretrain_network", "info", "write_info", "CACHE_PREFIX", "cache_dir", "pretrain_key",
+           "weights_path", "resolve"]
 
 
 def info(path: Path) -> dict[str, Any]:
@@ -128,9 +71,50 @@ class SupervisedTask(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor):
-        from ..distiller import DistillerOutput
-
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> DistillerOutput:
         logits = self.model(images)
         ce = F.cross_entropy(logits, targets)
         return DistillerOutput(ce, {"ce": ce.detach()}, logits)
+
+
+def pretrain_network(spec: Spec, role: str, path: Path, bundle: DataBundle, steps: StepLoop) -> float:
+    """Train ``spec.<role>`` with cross-entropy as its ``pretrain:`` section says and cache it at ``path``
+    (rank 0 writes; every process waits for it). Returns the seconds it took."""
+    env, say = steps.env, steps.monitor.print
+    ref: ModelRef = getattr(spec, role)
+    pt = ref.pretrain
+    assert pt is not None
+    t0 = time.perf_counter()
+    train_set = subset(bundle.train_full, pt.train_subset or spec.data.train_subset)
+    if not pt.augment and getattr(train_set, "augment", False):
+        train_set = copy.copy(train_set)  # same images, no augmentation
+        train_set.augment = False
+    say(f"[bold]{role} {ref.model}[/]: no cached weights at {path}; training it once with cross-entropy "
+        f"({pt.epochs} epoch(s) on {len(train_set)} images)", soft_wrap=True)
+    torch.manual_seed(pt.seed)
+    model = models.build_model(ModelRef(model=ref.model, kwargs=ref.kwargs), role).to(env.device)
+    if spec.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task = SupervisedTask(model)
+    stage = StageSpec(name=f"pretrain_{role}", epochs=pt.epochs, batch_size=pt.batch_size,
+                      reference_world_size=pt.reference_world_size, optimizer=pt.optimizer,
+                      scheduler=pt.scheduler, losses=[LossSpec(type="cross_entropy")])
+    task.train()
+    run = make_stage_run(stage.name, -1, stage, task, model, train_set, env=env, workers=spec.data.workers,
+                         seed=pt.seed, amp=steps.settings.amp, save=False, evaluate="last", batch_inputs=[])
+    # its own steps count from 0; the run's first step (time to first step) may be one of them
+    own = RunProgress(started=steps.progress.started, first_step_s=steps.progress.first_step_s)
+    StepLoop(env, steps.monitor, steps.settings, own, steps.skipped).run_epochs(
+        run, validation_loader(spec, bundle.val, env))
+    steps.progress.first_step_s = own.first_step_s
+    if env.is_main:
+        atomic_save(state_dict_of(model), path)
+        write_info(path, {"model": ref.model, "kwargs": ref.kwargs, "spec": spec.name,
+                          "pretrain": pt.model_dump(mode="json"), "dataset": spec.data.dataset,
+                          "eval": run.last_eval, "seconds": round(time.perf_counter() - t0, 1)})
+    barrier(env)
+    ev = run.last_eval or {}
+    took = time.perf_counter() - t0
+    say(f"{role} trained in {seconds(took)}: top-1 {ev.get('top1', float('nan')):.2f}% -> cached at {path}",
+        soft_wrap=True)
+    return took
