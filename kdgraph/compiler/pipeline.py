@@ -1,6 +1,6 @@
 """The pipeline of one stage: fuse the graph, run the passes in order, report what was built and what changed.
 
-    fuse_stage -> PASSES (inplace_safety, prune_teacher, teacher_no_grad, cleanup) -> StageReport
+    fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_no_grad, cleanup) -> StageReport
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     root.losses = prep.losses
     root.transforms = prep.transforms
     fused = fuse_stage(prep, stage_index, root)
-    results = run_passes(fused.gm, PassContext(prep.spec.stages[stage_index], fused.taps))
+    ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=prep.spec.runtime.fold_teacher_bn)
+    results = run_passes(fused.gm, ctx)
     return fused.gm, stage_report(prep, stage_index, fused, results)
 
 

@@ -14,10 +14,12 @@ __all__ = ["PassContext"]
 
 @dataclass(frozen=True)
 class PassContext:
-    """``stage``: the stage's spec; ``taps``: tap text -> the fused node whose value that tap reads."""
+    """``stage``: the stage's spec; ``taps``: tap text -> the fused node whose value that tap reads;
+    ``fold_teacher_bn``: the spec's ``runtime.fold_teacher_bn`` switch."""
 
     stage: StageSpec
     taps: Mapping[str, fx.Node] = field(default_factory=dict)
+    fold_teacher_bn: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", MappingProxyType(dict(self.taps)))
