@@ -78,7 +78,8 @@ def output_shapes(module: torch.nn.Module, names: list[str], x: torch.Tensor) ->
 def test_every_example_is_tested():
     # lightning_loop.py and accelerate_loop.py: tests/test_frameworks.py; every spec in custom_loop.py:
     # tests/test_custom_loop.py
-    assert {p.name for p in EXAMPLES.glob("*.py")} <= {"custom_loop.py", "custom_model_pair.py", "custom_loss.py",
+    # equality, not a subset: an empty or moved folder fails, and a new example must be added here (and tested)
+    assert {p.name for p in EXAMPLES.glob("*.py")} == {"custom_loop.py", "custom_model_pair.py", "custom_loss.py",
                                                        "lightning_loop.py", "accelerate_loop.py"}
 
 
