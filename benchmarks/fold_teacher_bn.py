@@ -37,7 +37,8 @@ def main() -> None:
     torch.manual_seed(0)
     teacher, student = resnet34().eval(), resnet18()
     spec = dict(SPEC, input=dict(SPEC["input"], size=[a.size, a.size]))
-    variants = {"fold on": kdgraph.compile(spec, teacher=teacher, student=student),
+    variants = {"fold on": kdgraph.compile(dict(spec, runtime={"fold_teacher_bn": True}), teacher=teacher,
+                                           student=student),
                 "fold off": kdgraph.compile(dict(spec, runtime={"fold_teacher_bn": False}),
                                             teacher=teacher, student=student)}
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format

@@ -99,7 +99,9 @@ def _param_count(root: torch.nn.Module, node: fx.Node) -> tuple[int, Optional[st
         mod = _module(root, str(node.target))
         if mod is None:
             return 0, None
-        return sum(p.numel() for p in mod.parameters()), type(mod).__name__
+        # a folded teacher call stands for the convolution and BatchNorm it replaced
+        params = getattr(mod, "represented_parameters", mod.parameters)()
+        return sum(p.numel() for p in params), type(mod).__name__
     if node.op == "get_attr":
         obj: Any = root
         for part in str(node.target).split("."):

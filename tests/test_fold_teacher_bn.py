@@ -42,8 +42,8 @@ def pair():
     torch.manual_seed(0)
     teacher, student = resnet18(num_classes=10), resnet18(num_classes=10)
     _randomise_bn(teacher, 1)
-    on = kdgraph.compile(SPEC, teacher=teacher, student=student)
-    off = kdgraph.compile(dict(SPEC, runtime={"fold_teacher_bn": False}), teacher=teacher, student=student)
+    on = kdgraph.compile(dict(SPEC, runtime={"fold_teacher_bn": True}), teacher=teacher, student=student)
+    off = kdgraph.compile(SPEC, teacher=teacher, student=student)  # the default: off
     return teacher, student, on, off
 
 
@@ -81,6 +81,20 @@ def test_teacher_module_and_state_dicts_are_unchanged(pair):
     assert set(teacher.state_dict()) == set(resnet18(num_classes=10).state_dict())
     assert all(isinstance(m, nn.Conv2d) for n, m in teacher.named_modules() if n.endswith("conv1"))
     assert sum(p.numel() for p in on.parameters()) == sum(p.numel() for p in off.parameters())
+
+
+def test_graph_view_and_picture_of_a_folded_stage(pair, tmp_path):
+    """The networkx view counts the teacher's parameters as the unfolded one does; the picture renders."""
+    teacher, _, on, off = pair
+
+    def teacher_params(d):
+        return sum(a["params"] for _, a in d.graph.nodes(data=True) if a["role"] == "teacher" and not a["pruned"])
+
+    assert teacher_params(on) == teacher_params(off) > 0
+    from kdgraph import viz
+
+    viz.render(on, tmp_path / "folded.html")
+    assert "layer1.0" in (tmp_path / "folded.html").read_text()
 
 
 def test_folded_weights_follow_load_state_dict_and_device_moves(pair):

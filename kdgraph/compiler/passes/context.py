@@ -19,7 +19,7 @@ class PassContext:
 
     stage: StageSpec
     taps: Mapping[str, fx.Node] = field(default_factory=dict)
-    fold_teacher_bn: bool = True
+    fold_teacher_bn: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", MappingProxyType(dict(self.taps)))
