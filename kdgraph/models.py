@@ -91,7 +91,8 @@ def _refuse(field: str, path: str, module: str) -> ConsentError:
 def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
     """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised.
 
-    ``torchvision:NAME``, ``kdgraph.zoo:NAME`` and ``registered:NAME`` always; ``package.module:factory``
+    ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``kdgraph.zoo:NAME`` and ``registered:NAME``
+    always; ``package.module:factory``
     only with the user's consent (:mod:`kdgraph.trust`), checked before anything is imported.
     """
     package, _, name = ref.model.partition(":")
@@ -106,6 +107,10 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
             return torchvision.models.get_model(name, weights=None, **ref.kwargs)
         except TypeError as e:
             raise ModelError(f"{role}.kwargs: torchvision {name} rejected {ref.kwargs}: {e}") from None
+    if package == "timm":
+        from .timm_support import build_timm_model
+
+        return build_timm_model(name, dict(ref.kwargs), role)
     if package == "kdgraph.zoo":
         zoo = _zoo_factories()
         if name not in zoo:

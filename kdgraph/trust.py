@@ -3,7 +3,8 @@
 A spec (or the spec stored inside a checkpoint) may come from anyone, so what it names is looked up,
 never imported, unless the *user* consented outside the spec. Without consent a spec may name:
 
-* ``torchvision:NAME`` (classification models), ``kdgraph.zoo:NAME`` (the zoo's public factories) and
+* ``torchvision:NAME`` (classification models), ``timm:NAME`` (``timm.create_model``, random init; the
+  arguments that download or read weights refused), ``kdgraph.zoo:NAME`` (the zoo's public factories) and
   ``registered:NAME`` (models registered with :func:`kdgraph.register_model` by code the user imported);
 * as ``leaf_modules``: classes registered with :func:`kdgraph.register_leaf_module`, and ``nn.Module``
   classes of torch / torchvision modules that are already imported.

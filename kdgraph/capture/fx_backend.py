@@ -31,7 +31,10 @@ class _ScopeTracer(fx.Tracer):
     """Records, for every node, the path of the module whose forward created it."""
 
     def __init__(self, leaf_types: tuple[type, ...]):
-        super().__init__()
+        from ..timm_support import timm_autowrap_functions
+
+        # functions a model library marks as not traceable are called as one node (timm's, when imported)
+        super().__init__(autowrap_functions=timm_autowrap_functions())
         self.leaf_types = leaf_types
         self.kd_path = ""
         self.calls: dict[str, list[ModuleCall]] = {}

@@ -23,7 +23,12 @@ def register_leaf_module(cls: type, reason: str) -> type:
 
 
 def leaf_types(extra=()) -> tuple[type, ...]:
-    """The registered leaf classes followed by ``extra`` (a spec's), without duplicates."""
+    """The registered leaf classes, timm's not-traceable ones (when timm is imported), then ``extra`` (a spec's),
+    without duplicates."""
+    from ..timm_support import timm_leaf_modules
+
+    for cls, reason in timm_leaf_modules().items():
+        LEAF_MODULES.setdefault(cls, reason)
     return tuple(dict.fromkeys([*LEAF_MODULES, *extra]))
 
 

@@ -37,9 +37,10 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    """A network: ``torchvision:resnet34`` or a user factory ``package.module:factory``."""
+    """A network: ``torchvision:resnet34``, ``timm:resnet34``, or a user factory ``package.module:factory``."""
 
-    model: str = Field(description="'torchvision:NAME' or 'package.module:factory'")
+    model: str = Field(description="'torchvision:NAME', 'timm:NAME' (timm.create_model, random init), "
+                                   "'kdgraph.zoo:NAME', 'registered:NAME' or 'package.module:factory'")
     weights: Optional[str] = Field(
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
                           "loaded when training starts, never when compiling")
