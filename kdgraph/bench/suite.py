@@ -26,7 +26,10 @@ from typing import Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SpecError, did_you_mean
-from ..spec import Spec, _describe, _read_spec_file, _yaml_lines, load_spec, parse_yaml
+from ..spec import Spec, load_spec, parse_yaml
+from ..spec.load import _read_spec_file
+from ..spec.validate import _describe
+from ..spec.yaml_loader import _yaml_lines
 
 _LABEL = r"[A-Za-z0-9][A-Za-z0-9_.+\-]*"
 

@@ -12,14 +12,14 @@ This package knows nothing of torch.fx. Its modules, in the order a spec goes th
 """
 from __future__ import annotations
 
-from .load import _read_spec_file, load_spec
+from .load import load_spec
 from .location import fmt_loc
 from .schema import (AdapterSpec, DataSpec, DataWrapperSpec, Float, InputSpec, Int, LeafModule, LossSpec,
                      MAX_INPUT_VALUES, MAX_NAME, MAX_SIDE, ModelRef, OptimizerSpec, PretrainSpec, Reference,
                      RuntimeSpec, SchedulerSpec, Spec, StageSpec, TransformSpec)
 from .taps import TAP_GRAMMAR, Tap, TapStr, parse_tap
-from .validate import _describe, validate_spec
-from .yaml_loader import MAX_DEPTH, MAX_SPEC_BYTES, SpecLoader, _yaml_lines, parse_yaml
+from .validate import validate_spec
+from .yaml_loader import MAX_DEPTH, MAX_SPEC_BYTES, SpecLoader, parse_yaml
 
 __all__ = ["AdapterSpec", "DataSpec", "DataWrapperSpec", "Float", "InputSpec", "Int", "LeafModule", "LossSpec",
            "MAX_DEPTH", "MAX_INPUT_VALUES", "MAX_NAME", "MAX_SIDE", "MAX_SPEC_BYTES", "ModelRef", "OptimizerSpec",
