@@ -45,6 +45,9 @@ class ModelRef(_Strict):
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
                           "loaded when training starts, never when compiling")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    capture: Literal["auto", "fx", "export"] = Field(
+        "auto", description="how the network is captured as a graph: 'fx' (torch.fx symbolic tracing), "
+                            "'export' (torch.export, non-strict) or 'auto' (fx, and torch.export when fx fails)")
     pretrain: Optional["PretrainSpec"] = Field(
         None, description="train this network with cross-entropy on the spec's data when its weights file does "
                           "not exist yet, and write it there (kdgraph train; see kdgraph.weights). "
@@ -73,7 +76,28 @@ class LeafModule(_Strict):
     reason: str = Field(min_length=3, description="why fx cannot (or should not) trace it")
 
 
+#: the dtypes a named input may have
+InputDtype = Literal["int64", "int32", "float32", "float16", "bfloat16", "bool"]
+MAX_NAMED_INPUTS = 16
+
+
+class NamedInput(_Strict):
+    """One named input of networks that take several (a tokenizer's ``input_ids``, ``attention_mask``, ...)."""
+
+    shape: list[Annotated[Int, Field(ge=1, le=1_000_000)]] = Field(
+        max_length=8, description="one example's shape, without the batch dimension (e.g. [128]: 128 tokens)")
+    dtype: InputDtype = Field("float32", description="the tensor's dtype: int64, int32, float32, float16, "
+                                                     "bfloat16 or bool")
+    high: Optional[Int] = Field(None, ge=1, le=10_000_000, description=(
+        "integer inputs only: capture's example values are drawn from [0, high) (the vocabulary size for "
+        "input_ids, 2 for a mask or token types; default 2)"))
+
+
 class InputSpec(_Strict):
+    named: dict[str, NamedInput] = Field(default_factory=dict, description=(
+        "the networks' named inputs, passed as keyword arguments (model(**inputs)), e.g. input_ids, "
+        "attention_mask, token_type_ids for a BERT; when given, channels and size are not used, batches are "
+        "dicts with these keys and 'labels' (or 'targets'), and batch:NAME taps read them"))
     channels: Int = Field(3, ge=1, le=256)
     size: tuple[Annotated[Int, Field(ge=1, le=MAX_SIDE)], Annotated[Int, Field(ge=1, le=MAX_SIDE)]] = Field(
         (224, 224), description=f"[height, width], 1 to {MAX_SIDE} pixels each")
@@ -81,6 +105,21 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _bounded(self) -> "InputSpec":
+        if len(self.named) > MAX_NAMED_INPUTS:
+            raise ValueError(f"named: {len(self.named)} inputs; at most {MAX_NAMED_INPUTS}")
+        for key, ni in self.named.items():
+            if not re.fullmatch(_IDENT, key) or key in ("images", "targets", "labels"):
+                raise ValueError(f"named: input name {key!r} must be an identifier other than images, targets "
+                                 f"and labels (the batch's label key)")
+            values = 1
+            for d in ni.shape:
+                values *= d
+            if values > MAX_INPUT_VALUES:
+                raise ValueError(f"named.{key}.shape: {ni.shape} is {values:,} values per example, more than "
+                                 f"kdgraph compiles ({MAX_INPUT_VALUES:,})")
+            if ni.high is not None and not ni.dtype.startswith("int"):
+                raise ValueError(f"named.{key}.high: only integer inputs (int64, int32) take high; "
+                                 f"this one is {ni.dtype}")
         n = self.channels * self.size[0] * self.size[1]
         if n > MAX_INPUT_VALUES:
             raise ValueError(f"an input of {self.channels} x {self.size[0]} x {self.size[1]} = {n:,} values per image "
