@@ -80,7 +80,7 @@ def test_every_example_is_tested():
     # tests/test_custom_loop.py
     # equality, not a subset: an empty or moved folder fails, and a new example must be added here (and tested)
     assert {p.name for p in EXAMPLES.glob("*.py")} == {"custom_loop.py", "custom_model_pair.py", "custom_loss.py",
-                                                       "lightning_loop.py", "accelerate_loop.py"}
+                                                       "lightning_loop.py", "accelerate_loop.py", "timm_pair.py"}
 
 
 def test_custom_model_pair(tmp_path):
@@ -138,6 +138,45 @@ def test_custom_model_pair(tmp_path):
     data = json.loads(re.search(r'<script id="kd-data" type="application/json">(.*?)</script>', text, re.S).group(1))
     drawn = {n["title"] for st in data["stages"] for n in st["nodes"] if n["kind"] == "loss"}
     assert drawn == {"ce", "kd", "at_stage2", "at_stage3"}
+
+
+def test_timm_pair():
+    import timm
+
+    out = run_example("timm_pair.py", "--steps", "4", "--batch", "8")
+    ex = load_example("timm_pair.py")
+    kw = ex.SPEC["teacher"]["kwargs"], ex.SPEC["student"]["kwargs"]
+
+    # the printed parameter counts and tap shapes are those of the timm models built here independently
+    teacher = timm.create_model("vit_small_patch16_224", **kw[0])
+    student = timm.create_model("vit_small_patch16_224", **kw[1])
+    counts = re.findall(r"^(teacher|student) timm\.models\.vision_transformer\.VisionTransformer: (\d+) parameters, "
+                        r"(\d+) blocks", out, re.M)
+    assert counts == [("teacher", str(sum(p.numel() for p in teacher.parameters())), "4"),
+                      ("student", str(sum(p.numel() for p in student.parameters())), "2")]
+    printed = {t: json.loads(s) for t, s in re.findall(r"^tap (\S+)\s+-> node \S+\s+shape (\[[\d, ]*\])", out, re.M)}
+    x = torch.randn(2, 3, 32, 32)
+    t_shapes = output_shapes(teacher, ["blocks.3"], x)
+    s_shapes = output_shapes(student, ["blocks.1"], x)
+    assert printed == {"student:@output": s_shapes["@output"], "teacher:@output": t_shapes["@output"],
+                       "batch:targets": [2], "student:blocks.1": s_shapes["blocks.1"],
+                       "teacher:blocks.3": t_shapes["blocks.3"]}
+    assert printed["teacher:blocks.3"] == [2, 17, 384]  # 16 patches of 8x8 + the class token, width 384
+
+    rows = steps(out)
+    assert len(rows) == 4 and all(set(r) == {"loss", "ce", "kd", "hidden"} for r in rows)
+    assert_loss_is_the_sum_of_its_terms(rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    # step 0 re-done here: the same total, and the hidden-state term is the MSE of the two blocks' outputs
+    torch.manual_seed(0)
+    d = kdgraph.compile(ex.SPEC)
+    images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    d.train()
+    first = d(images, targets, return_taps=True)
+    assert abs(first.loss.item() - rows[0]["loss"]) < 1e-3
+    mse = F.mse_loss(first.taps["student:blocks.1"], first.taps["teacher:blocks.3"])
+    assert abs(mse.item() - rows[0]["hidden"]) < 1e-3
 
 
 def test_custom_loss():

@@ -8,7 +8,7 @@ import torch
 import kdgraph
 from kdgraph.errors import ModelError
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402 - in the test extra: a missing timm fails here, it is not skipped
 
 RESNETS = {
     "name": "timm_resnets", "input": {"channels": 3, "size": [32, 32], "num_classes": 10},
