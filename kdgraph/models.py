@@ -91,7 +91,8 @@ def _refuse(field: str, path: str, module: str) -> ConsentError:
 def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
     """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised.
 
-    ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``kdgraph.zoo:NAME`` and ``registered:NAME``
+    ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``hf:CLASS`` (when transformers is
+    installed, :mod:`kdgraph.hf_support`), ``kdgraph.zoo:NAME`` and ``registered:NAME``
     always; ``package.module:factory``
     only with the user's consent (:mod:`kdgraph.trust`), checked before anything is imported.
     """
@@ -111,6 +112,10 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
         from .timm_support import build_timm_model
 
         return build_timm_model(name, dict(ref.kwargs), role)
+    if package == "hf":
+        from .hf_support import build_hf_model
+
+        return build_hf_model(name, dict(ref.kwargs), role)
     if package == "kdgraph.zoo":
         zoo = _zoo_factories()
         if name not in zoo:

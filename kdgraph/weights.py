@@ -207,11 +207,32 @@ def _torchvision_weights(ref: ModelRef, role: str) -> dict[str, torch.Tensor]:
             f"{role}.weights to a local path.") from None
 
 
+def _load_hf(model: nn.Module, ref: ModelRef, role: str) -> bool:
+    """An ``hf:`` network's weights: a save_pretrained folder or a weights file (see :mod:`kdgraph.hf_support`)."""
+    from .hf_support import hf_folder_state_dict, is_hf_folder, load_hf_weights
+
+    w = str(ref.weights)
+    what = f"{role}.weights: {w!r}"
+    if is_hf_folder(w):
+        sd = hf_folder_state_dict(w, what)
+    elif os.path.isfile(w):
+        try:
+            sd = state_dict_of(load_file(w, f"{role}.weights"), role, what)
+        except CheckpointError as e:
+            raise ModelError(str(e)) from None
+    else:
+        raise ModelError(f"{what} is neither a save_pretrained folder (model.safetensors, its sharded index or "
+                         f"pytorch_model.bin) nor a weights file; kdgraph never downloads (a hub name is not read)")
+    load_hf_weights(model, sd, what)
+    return True
+
+
 def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     """Load the weights ``ref.weights`` names into ``model`` (strict). Returns False when none are named.
 
     ``weights`` is a local file (a state_dict or a kdgraph checkpoint, whose ``role`` network is taken) or a
     torchvision weights enum member name (``IMAGENET1K_V1``, ``DEFAULT``), fetched through torchvision's cache.
+    An ``hf:`` network also reads a ``save_pretrained`` folder (:mod:`kdgraph.hf_support`).
     A ``cache:NAME`` reference must be resolved to its file first (:func:`resolve`).
     """
     w = ref.weights
@@ -220,6 +241,8 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     if w.startswith(CACHE_PREFIX):
         raise ModelError(f"{role}.weights: {w!r} is a cache entry; resolve it first (kdgraph.weights.resolve, "
                          f"as Distiller.load_weights does)")
+    if ref.model.startswith("hf:"):
+        return _load_hf(model, ref, role)
     if _is_file_ref(w):
         if not os.path.exists(w):
             raise ModelError(f"{role}.weights: file {w!r} does not exist")

@@ -49,7 +49,8 @@ def _read_spec_file(p: Path) -> str:
 def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] = ()) -> Spec:
     """Load a spec from a YAML path, a YAML string, a dict or a :class:`Spec` (returned as is).
 
-    Relative paths inside the spec (``init_from``, local weight files) are resolved against the
+    Relative paths inside the spec (``init_from``, local weight files, an ``hf:`` model's config folder,
+    ``data.tokenizer``) written ``./...`` or ``../...`` are resolved against the
     spec file's folder. ``overrides``: ``KEY=VALUE`` strings applied after loading, with the
     grammar and errors of the CLI's ``--set`` (see :mod:`kdgraph.overrides`), e.g.
     ``["stages.main.losses.crd.args.num_samples=50"]``; the result is a new, validated spec.
@@ -96,4 +97,8 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
     spec.init_from = fix(spec.init_from)
     for ref in (spec.teacher, spec.student):
         ref.weights = fix(ref.weights)
+        if ref.model.startswith("hf:") and isinstance(ref.kwargs.get("config"), str):  # a local config folder
+            ref.kwargs["config"] = fix(ref.kwargs["config"])
+    if spec.data.tokenizer:
+        spec.data.tokenizer = fix(spec.data.tokenizer)
     return spec

@@ -40,6 +40,7 @@ class ModelRef(_Strict):
     """A network: ``torchvision:resnet34``, ``timm:resnet34``, or a user factory ``package.module:factory``."""
 
     model: str = Field(description="'torchvision:NAME', 'timm:NAME' (timm.create_model, random init), "
+                                   "'hf:CLASS' (a transformers Auto/model class, built from kwargs.config), "
                                    "'kdgraph.zoo:NAME', 'registered:NAME' or 'package.module:factory'")
     weights: Optional[str] = Field(
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
@@ -255,12 +256,26 @@ class DataWrapperSpec(_Strict):
 class DataSpec(_Strict):
     """Where the training data is. ``dataset`` picks the loader; ``root`` may be overridden by --data."""
 
-    dataset: Literal["imagenet", "fashion_mnist", "synthetic"] = "imagenet"
+    dataset: Literal["imagenet", "fashion_mnist", "synthetic", "glue"] = "imagenet"
     root: Optional[str] = None
+    task: Optional[Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]] = Field(
+        None, description="dataset glue: the GLUE task (its local copy is under root, see kdgraph.train.data.glue)")
+    tokenizer: Optional[str] = Field(None, description="dataset glue: a local tokenizer folder (save_pretrained); "
+                                                       "'./DIR' is relative to the spec file")
+    max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated)")
+    padding: Literal["longest", "max_length"] = Field(
+        "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
     workers: Int = Field(8, ge=0, le=256)
     wrapper: Optional[DataWrapperSpec] = None
     train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")
     val_subset: Optional[Int] = Field(None, ge=1, description="use only the first N validation images")
+
+    @model_validator(mode="after")
+    def _glue_task(self) -> "DataSpec":
+        if (self.dataset == "glue") != (self.task is not None):
+            raise ValueError("task is given with dataset glue, and only then (cola, sst2, mrpc, stsb, qqp, mnli, "
+                             "qnli, rte, wnli)")
+        return self
 
 
 class RuntimeSpec(_Strict):
@@ -291,6 +306,9 @@ class Reference(_Strict):
 
     top1: Optional[Float] = None
     paper_top1: Optional[Float] = None
+    metrics: dict[str, Float] = Field(default_factory=dict, description="other published figures of this spec's "
+                                      "student by metric name, in percent (e.g. GLUE test: mcc, f1, accuracy)")
+    teacher_metrics: dict[str, Float] = Field(default_factory=dict, description="the same figures of its teacher")
     source: str = ""
 
 
