@@ -14,8 +14,8 @@ REGISTRIES = {"loss": LOSSES, "adapter": ADAPTERS, "transform": TRANSFORMS, "dat
 
 # written out by hand: what the built-in method files register (an independent record of the list's effect)
 EXPECTED = {
-    "loss": {"cross_entropy", "kd", "at", "mse", "ft", "hcl", "crd", "dist", "pad_l2", "aux_sskd", "sskd_kd",
-             "sskd_ss", "sskd_tf"},
+    "loss": {"cross_entropy", "kd", "at", "mse", "regression_mse", "ft", "hcl", "crd", "dist", "pad_l2", "aux_sskd",
+             "sskd_kd", "sskd_ss", "sskd_tf"},
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head"},
     "transform": {"sskd_rotations"},
     "data wrapper": {"crd"},

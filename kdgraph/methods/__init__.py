@@ -17,13 +17,14 @@ def builtin_methods() -> dict[str, ModuleType]:
 
     Imported on the first registry lookup, not with ``import kdgraph``.
     """
-    from . import at, ce, crd, dist, ft, kd, kr, l2, pad, sskd
+    from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
         "kd": kd,  # kd: Hinton et al., soft targets at a temperature
         "at": at,  # at: attention transfer (Zagoruyko & Komodakis)
-        "l2": l2,  # mse: feature regression (FitNets-style, with an adapter)
+        "l2": l2,  # mse: feature regression (FitNets-style, with an adapter; reduction mean or sum)
+        "regression": regression,  # regression_mse: the task loss of a one-output regression head (STS-B)
         "ft": ft,  # ft: factor transfer (paraphraser / translator)
         "kr": kr,  # abf + hcl: knowledge review
         "crd": crd,  # crd: contrastive representation distillation (memory bank, data wrapper)

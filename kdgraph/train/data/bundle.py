@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ...errors import DataError
 from ...spec import Spec
 from .fashion_mnist import TensorImages, fashion_mnist_datasets, find_fashion_mnist
+from .glue import GLUE_TASKS, find_glue, glue_datasets
 from .image_folder import check_image_folder, image_folder_datasets
 from .sampling import ResumableSampler, SeededView, ShardSampler, collate, has_batch_reader
 from .synthetic import synthetic_datasets
@@ -53,6 +54,13 @@ def check_data(spec: Spec, root: Optional[str] = None) -> None:
         if spec.input.num_classes != 10:
             raise DataError(f"Fashion-MNIST has 10 classes but the spec's input.num_classes is "
                             f"{spec.input.num_classes}")
+    elif spec.data.dataset == "glue":
+        task = str(spec.data.task)
+        find_glue(root, task)
+        if spec.input.num_classes != GLUE_TASKS[task][2]:
+            raise DataError(f"{spec.where('input', 'num_classes')}: GLUE {task} has {GLUE_TASKS[task][2]} "
+                            f"{'output (a regression score)' if task == 'stsb' else 'classes'} but the spec says "
+                            f"{spec.input.num_classes}")
 
 
 def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = True,
@@ -70,6 +78,10 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
         full, val, desc = fashion_mnist_datasets(root, size, c, need_train)
     elif ds == "imagenet":
         full, val, desc, skipped = image_folder_datasets(root, k, size, c, need_train, skip_bad_images)
+    elif ds == "glue":
+        check_data(spec, root)
+        d = spec.data
+        full, val, desc = glue_datasets(root, str(d.task), d.tokenizer, d.max_length, d.padding, need_train)
     elif ds == "synthetic":
         full, val, desc = synthetic_datasets(spec.data.train_subset, spec.data.val_subset, c, size, k,
                                              spec.runtime.seed)

@@ -152,4 +152,6 @@ def has_batch_reader(dataset: Any) -> bool:
 
 
 def collate(items: Any) -> Any:
-    return items if isinstance(items, Batch) else default_collate(items)
+    """A batch a dataset built whole (a :class:`Batch`, or a dict of tensors such as GLUE's) as it is; a list
+    of items through ``default_collate``."""
+    return items if isinstance(items, (Batch, dict)) else default_collate(items)
