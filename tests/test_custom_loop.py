@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, SPECS
 
-ALL_SPECS = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.yaml"))
+# specs/glue/ takes named token inputs and BERT-Large / BERT-Base, not 32x32 images: tests/test_glue.py covers it
+ALL_SPECS = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.yaml") if p.parent.name != "glue")
 
 
 def _example():

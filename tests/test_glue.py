@@ -1,0 +1,291 @@
+"""GLUE: the loader (GLUE TSVs and save_to_disk folders, a local WordPiece tokenizer, dict batches), the metrics
+(against sklearn / scipy), the shipped specs (against torchdistill's official configs) and the distillation terms'
+parity with torchdistill 1.1.5's KDLoss / WeightedSumLoss."""
+from __future__ import annotations
+
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats
+from sklearn import metrics as skm
+from torchdistill.losses.high_level import WeightedSumLoss
+
+import kdgraph
+from kdgraph.errors import DataError
+from kdgraph.registry import LOSSES
+from kdgraph.train.data import build_datasets, check_data, make_loader
+from kdgraph.train.data.glue import GLUE_TASKS, glue_splits
+from kdgraph.train.glue_metrics import glue_metrics, matthews_corr, pearson, spearman
+
+from conftest import SPECS
+
+WORDS = "the a cat dog sat on mat is good bad not very movie film was and it".split()
+# torchdistill's configs/official/glue/yoshitomo-matsubara/nlp-oss2023/<task>/kd/
+# bert_base_uncased_from_bert_large_uncased.yaml: epochs, batch, lr, temperature, alpha (None: STS-B's MSE)
+TORCHDISTILL = {"cola": (3, 16, 1e-4, 7.0, 0.9), "sst2": (3, 32, 1e-4, 3.0, 0.9), "mrpc": (5, 16, 1e-4, 11.0, 0.9),
+                "stsb": (3, 32, 3e-5, None, None), "qqp": (3, 32, 1e-4, 5.0, 0.9), "mnli": (3, 32, 1e-4, 5.0, 0.9),
+                "qnli": (3, 32, 5e-5, 1.0, 0.5), "rte": (3, 32, 1e-4, 5.0, 0.9), "wnli": (5, 32, 1e-4, 5.0, 0.9)}
+HEADERS = {"sst2": ["sentence", "label"], "mrpc": ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+           "stsb": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                    "score"],
+           "qqp": ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+           "mnli": ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                    "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+           "qnli": ["index", "question", "sentence", "label"], "rte": ["index", "sentence1", "sentence2", "label"],
+           "wnli": ["index", "sentence1", "sentence2", "label"]}
+TEXT = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("#1 String", "#2 String"), "qqp": ("question1", "question2"),
+        "qnli": ("question", "sentence")}
+LABEL = {"sst2": "label", "mrpc": "Quality", "stsb": "score", "qqp": "is_duplicate", "mnli": "gold_label",
+         "qnli": "label", "rte": "label", "wnli": "label"}
+NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+         "rte": ["entailment", "not_entailment"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d / "saved"))
+    return str(d / "saved")
+
+
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+
+
+def _rows(task, n, seed):
+    """``(texts, label id or score)`` per example, drawn at random."""
+    rng = random.Random(seed)
+    k = GLUE_TASKS[task][2]
+    n_texts = len(GLUE_TASKS[task][1])
+    return [(tuple(_sentence(rng) for _ in range(n_texts)), round(rng.uniform(0, 5), 3) if k == 1
+             else rng.randrange(k)) for _ in range(n)]
+
+
+def _write_tsv(folder, task, split_file, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    if task == "cola":
+        lines = [f"gj04\t{y}\t\t{t[0]}" for t, y in rows]
+    else:
+        header = HEADERS[task]
+        lines.append("\t".join(header))
+        text_cols = TEXT.get(task, ("sentence1", "sentence2"))
+        for i, (t, y) in enumerate(rows):
+            row = dict.fromkeys(header, "x")
+            row.update(zip(text_cols, t))
+            row[LABEL[task]] = NAMES[task][y] if task in NAMES else str(y)
+            row["index"] = str(i)
+            lines.append("\t".join(row[h] for h in header))
+    (folder / split_file).write_text("\n".join(lines) + "\n")
+
+
+def _tsv_copy(root, task, n_train=12, n_val=6):
+    train, val = _rows(task, n_train, 1), _rows(task, n_val, 2)
+    folder = root / GLUE_TASKS[task][0]
+    _write_tsv(folder, task, "train.tsv", train)
+    _write_tsv(folder, task, "dev_matched.tsv" if task == "mnli" else "dev.tsv", val)
+    if task == "mnli":
+        _write_tsv(folder, task, "dev_mismatched.tsv", _rows(task, 5, 3))
+    return train, val
+
+
+def _expected(tok_dir, texts, max_length=128):
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    return tok(*zip(*texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+@pytest.mark.parametrize("task", sorted(GLUE_TASKS))
+def test_glue_tsv_files_load_as_tokenized_dict_batches(tmp_path, tokenizer_dir, task):
+    train, val = _tsv_copy(tmp_path, task)
+    val_name = "validation_matched" if task == "mnli" else "validation"
+    splits = glue_splits(str(tmp_path), task, tokenizer_dir, splits=("train", val_name))
+    assert len(splits["train"]) == 12 and len(splits[val_name]) == 6
+    batch = splits["train"].get_batch([0, 3, 5])
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    expected = _expected(tokenizer_dir, [train[i][0] for i in (0, 3, 5)])
+    width = max(len(e) for e in expected)
+    assert batch["input_ids"].shape == (3, width) and batch["input_ids"].dtype == torch.int64
+    for row, ids, mask in zip(expected, batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        assert ids[: len(row)] == row and ids[len(row):] == [0] * (width - len(row))
+        assert mask == [1] * len(row) + [0] * (width - len(row))
+    if GLUE_TASKS[task][1][1:]:  # a sentence pair: the second segment has token type 1
+        assert batch["token_type_ids"].max() == 1
+    labels = [train[i][1] for i in (0, 3, 5)]
+    if task == "stsb":
+        assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx(labels)
+    else:
+        assert batch["labels"].dtype == torch.int64 and batch["labels"].tolist() == labels
+
+
+def test_save_to_disk_folder_and_max_length_padding(tmp_path, tokenizer_dir):
+    rows = {s: _rows("mrpc", n, seed) for s, n, seed in (("train", 10, 4), ("validation", 4, 5))}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({
+        "sentence1": [t[0] for t, _ in r], "sentence2": [t[1] for t, _ in r], "label": [y for _, y in r],
+        "idx": list(range(len(r)))}) for s, r in rows.items()})
+    dd.save_to_disk(str(tmp_path / "mrpc"))
+    splits = glue_splits(str(tmp_path), "mrpc", tokenizer_dir, max_length=12, padding="max_length")
+    batch = splits["validation"].get_batch([0, 1, 2, 3])
+    assert batch["input_ids"].shape == (4, 12)
+    assert batch["input_ids"].tolist() == [e + [0] * (12 - len(e)) for e in
+                                           _expected(tokenizer_dir, [t for t, _ in rows["validation"]], 12)]
+    assert batch["labels"].tolist() == [y for _, y in rows["validation"]]
+
+
+def _spec(task, root, tok, num_classes=None):
+    k = GLUE_TASKS[task][2]
+    cfg = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 20, "vocab_size": 30, "num_labels": k}
+    net = {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": cfg}}
+    return kdgraph.load_spec({
+        "name": "g", "input": {"num_classes": num_classes or k, "named": {"input_ids": {"shape": [16], "dtype": "int64",
+                                                                                          "high": 30}}},
+        "teacher": net, "student": net,
+        "stages": [{"name": "main", "batch_size": 4, "optimizer": {"type": "adamw", "lr": 1e-4},
+                    "losses": [{"type": "cross_entropy"}]}],
+        "data": {"dataset": "glue", "task": task, "root": str(root), "tokenizer": tok, "workers": 0}})
+
+
+def test_the_trainers_bundle_and_loader_give_dict_batches(tmp_path, tokenizer_dir):
+    _tsv_copy(tmp_path, "mnli", n_train=9)
+    bundle = build_datasets(_spec("mnli", tmp_path, tokenizer_dir))
+    assert len(bundle.train) == 9 and len(bundle.val) == 6 and "GLUE mnli" in bundle.description
+    loader = make_loader(bundle.train, batch_size=4, train=True, workers=0, seed=0)
+    batches = list(loader)
+    assert len(batches) == 2 and all(isinstance(b, dict) and b["labels"].shape == (4,) for b in batches)
+    assert sorted(set(torch.cat([b["labels"] for b in batches]).tolist())) <= [0, 1, 2]
+
+
+def test_missing_data_and_tokenizer_say_how_to_get_them(tmp_path, tokenizer_dir):
+    with pytest.raises(DataError) as e:
+        check_data(_spec("rte", tmp_path / "nowhere", tokenizer_dir))
+    msg = str(e.value)
+    assert "load_dataset('nyu-mll/glue', 'rte').save_to_disk" in msg and "AutoTokenizer.from_pretrained" in msg
+    _tsv_copy(tmp_path, "rte")
+    with pytest.raises(DataError, match="not a local tokenizer folder"):
+        build_datasets(_spec("rte", tmp_path, "bert-base-uncased"))
+    with pytest.raises(DataError, match=r"input.num_classes: GLUE rte has 2 classes but the spec says 3"):
+        check_data(_spec("rte", tmp_path, tokenizer_dir, num_classes=3))
+    (tmp_path / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(DataError, match=r"dev.tsv line 2: label 'maybe'"):
+        build_datasets(_spec("rte", tmp_path, tokenizer_dir))
+
+
+# ------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_sklearn_and_scipy(seed):
+    rng = np.random.default_rng(seed)
+    y2, p2 = rng.integers(0, 2, 200), rng.normal(size=(200, 2))
+    y3, p3 = rng.integers(0, 3, 150), rng.normal(size=(150, 3))
+    cola, mrpc, mnli = glue_metrics("cola", p2, y2), glue_metrics("mrpc", p2, y2), glue_metrics("mnli", p3, y3)
+    assert cola["mcc"] == pytest.approx(skm.matthews_corrcoef(y2, p2.argmax(1)), abs=1e-12)
+    assert mrpc["f1"] == pytest.approx(skm.f1_score(y2, p2.argmax(1)), abs=1e-12)
+    assert mrpc["accuracy"] == pytest.approx(skm.accuracy_score(y2, p2.argmax(1)), abs=1e-12)
+    assert mnli["accuracy"] == pytest.approx(skm.accuracy_score(y3, p3.argmax(1)), abs=1e-12)
+    assert matthews_corr(p3.argmax(1), y3) == pytest.approx(skm.matthews_corrcoef(y3, p3.argmax(1)), abs=1e-12)
+    scores = np.round(rng.uniform(0, 5, 100), 1)  # ties, as STS-B's scores have
+    out = scores + rng.normal(size=100)
+    sts = glue_metrics("stsb", out[:, None], scores)
+    assert sts["pearson"] == pytest.approx(stats.pearsonr(out, scores)[0], abs=1e-12)
+    assert sts["spearman"] == pytest.approx(stats.spearmanr(out, scores)[0], abs=1e-12)
+    assert spearman(np.round(out), scores) == pytest.approx(stats.spearmanr(np.round(out), scores)[0], abs=1e-12)
+    assert sts["score"] == pytest.approx((sts["pearson"] + sts["spearman"]) / 2)
+
+
+def test_metric_edge_cases_match_sklearn():
+    y = np.array([0, 1, 1, 0, 1])
+    const = np.zeros(5, dtype=int)
+    assert matthews_corr(const, y) == skm.matthews_corrcoef(y, const) == 0.0
+    assert glue_metrics("qqp", np.stack([np.ones(5), np.zeros(5)], 1), y)["f1"] == 0.0  # never predicts 1
+    assert skm.f1_score(y, const, zero_division=0) == 0.0
+    assert matthews_corr(y, y) == 1.0 and matthews_corr(1 - y, y) == pytest.approx(skm.matthews_corrcoef(y, 1 - y))
+    assert np.isnan(pearson(np.ones(5), np.arange(5.0))) and np.isnan(spearman(np.arange(5.0), np.ones(5)))
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        glue_metrics("squad", y, y)
+
+
+# ------------------------------------------------------------------ specs and torchdistill parity
+
+
+def _glue_spec(task):
+    return kdgraph.load_spec(SPECS / "glue" / f"{task}.yaml")
+
+
+def test_every_task_has_a_spec_with_torchdistills_recipe():
+    assert sorted(p.stem for p in (SPECS / "glue").glob("*.yaml")) == sorted(GLUE_TASKS)
+    for task, (epochs, batch, lr, temperature, alpha) in TORCHDISTILL.items():
+        spec = _glue_spec(task)
+        st = spec.stages[0]
+        assert (st.epochs, st.batch_size, st.optimizer.type, st.optimizer.lr, st.optimizer.weight_decay) == \
+            (epochs, batch, "adamw", lr, 0.0), task
+        assert spec.data.dataset == "glue" and spec.data.task == task
+        assert spec.input.num_classes == GLUE_TASKS[task][2] == spec.student.kwargs["config"]["num_labels"]
+        t, s = spec.teacher.kwargs["config"], spec.student.kwargs["config"]
+        assert (t["num_hidden_layers"], t["hidden_size"], t["num_attention_heads"], t["intermediate_size"]) == \
+            (24, 1024, 16, 4096)
+        assert (s["num_hidden_layers"], s["hidden_size"], s["num_attention_heads"], s["intermediate_size"]) == \
+            (12, 768, 12, 3072)
+        assert f"nlp-oss2023/{task}/kd/bert_base_uncased_from_bert_large_uncased.yaml" in spec.description
+        assert spec.reference.metrics and spec.reference.teacher_metrics
+        terms = {loss.type: loss for loss in st.losses}
+        if alpha is None:
+            assert terms["mse"].args == {"reduction": "sum"} and set(terms) == {"mse", "regression_mse"}
+        else:
+            assert terms["kd"].args["temperature"] == temperature
+            assert terms["cross_entropy"].weight == alpha and terms["kd"].weight == pytest.approx(1 - alpha)
+
+
+def _spec_loss(spec, **tensors):
+    """The weighted sum of the spec's loss terms, built from the registry with the spec's args."""
+    total = 0.0
+    for loss in spec.stages[0].losses:
+        cls = LOSSES.get(loss.type)
+        module = cls(**loss.args)
+        total = total + loss.weight * module(**{k: tensors[k] for k in cls.inputs})
+    return total
+
+
+@pytest.mark.parametrize("task", [t for t in TORCHDISTILL if t != "stsb"])
+def test_kd_terms_equal_torchdistills_kdloss(task):
+    _, _, _, temperature, alpha = TORCHDISTILL[task]
+    k = GLUE_TASKS[task][2]
+    g = torch.Generator().manual_seed(len(task))
+    student, teacher = torch.randn(32, k, generator=g) * 3, torch.randn(32, k, generator=g) * 3
+    labels = torch.randint(0, k, (32,), generator=g)
+    ref = WeightedSumLoss(sub_terms={"kd": {"criterion": {"key": "KDLoss", "kwargs": {
+        "student_module_path": "classifier", "student_module_io": "output", "teacher_module_path": "classifier",
+        "teacher_module_io": "output", "temperature": temperature, "alpha": alpha, "reduction": "batchmean"}},
+        "weight": 1.0}})
+    expected = ref({"student": {"classifier": {"output": student}}, "teacher": {"classifier": {"output": teacher}}},
+                   {}, labels)
+    ours = _spec_loss(_glue_spec(task), logits=student, targets=labels, student=student, teacher=teacher)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_stsb_terms_equal_torchdistills_weighted_sum_with_the_models_own_loss():
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model("bert", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=20, vocab_size=30, num_labels=1)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    ids = torch.randint(0, 30, (8, 7))
+    labels = torch.rand(8) * 5
+    out = model(input_ids=ids, labels=labels)  # the HF model's own regression loss (torchdistill's model_term)
+    teacher = torch.randn(8, 1)
+    ref = WeightedSumLoss(model_term={"weight": 1.0}, sub_terms={"mse": {
+        "criterion": {"key": "MSELoss", "kwargs": {"reduction": "sum"}},
+        "criterion_wrapper": {"key": "SimpleLossWrapper", "kwargs": {
+            "input": {"is_from_teacher": False, "module_path": "classifier", "io": "output"},
+            "target": {"is_from_teacher": True, "module_path": "classifier", "io": "output"}}},
+        "weight": 1.0}})
+    expected = ref({"student": {"classifier": {"output": out.logits}}, "teacher": {"classifier": {"output": teacher}}},
+                   {"loss": out.loss}, labels)
+    ours = _spec_loss(_glue_spec("stsb"), predictions=out.logits, targets=labels, student=out.logits, teacher=teacher)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    ours.backward()
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
