@@ -152,3 +152,60 @@ def test_without_transformers_a_clear_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ModelError, match=r"pip install 'kdgraph\[hf\]'"):
         build_model(_ref(), "teacher")
+
+
+def _checkpoint(tmp_path, student_model="hf:AutoModelForSequenceClassification"):
+    from kdgraph.train.checkpoint import Checkpoint
+
+    torch.manual_seed(4)
+    spec = kdgraph.load_spec({
+        "name": "hf_export", "input": {"num_classes": 3, "named": {"input_ids": {"shape": [8], "dtype": "int64",
+                                                                                   "high": 99}}},
+        "teacher": {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": dict(TINY)}},
+        "student": {"model": student_model, "kwargs": {"config": dict(TINY)}},
+        "stages": [{"name": "main", "optimizer": {"type": "adamw", "lr": 1e-4}, "losses": [{"type": "cross_entropy"}]}]})
+    student = build_model(spec.student, "student")
+    with torch.no_grad():  # weights no fresh model has: the export must carry them
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    Checkpoint(spec_name=spec.name, spec=spec.model_dump(mode="json"), stage_names=["main"], distiller={},
+               student=student.state_dict(), stage="main", stage_index=0, epoch=0, step=0).save(tmp_path / "last.pt")
+    return student
+
+
+def _cli(*args):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "kdgraph", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_export_hf_folder_round_trips_through_from_pretrained(tmp_path):
+    student = _checkpoint(tmp_path)
+    res = _cli("export", str(tmp_path / "last.pt"), "-o", str(tmp_path / "hf_student"), "--hf")
+    assert res.returncode == 0, res.stderr
+    assert "wrote" in res.stdout and (tmp_path / "hf_student" / "config.json").is_file()
+    loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path / "hf_student"), local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(loaded) is type(student) and loaded.config.num_labels == 3
+    assert torch.equal(_logits(student, _ids()), _logits(loaded, _ids()))
+    # the folder is also a kdgraph weights reference
+    again = build_model(_ref(), "student")
+    load_weights(again, _ref(weights=str(tmp_path / "hf_student")), "student")
+    assert torch.equal(_logits(student, _ids()), _logits(again, _ids()))
+
+
+def test_export_safetensors_of_an_hf_student_and_hf_refusals(tmp_path):
+    student = _checkpoint(tmp_path)
+    res = _cli("export", str(tmp_path / "last.pt"), "-o", str(tmp_path / "s.safetensors"))
+    assert res.returncode == 0, res.stderr
+    assert "checked against hf:AutoModelForSequenceClassification (strict)" in res.stdout
+    fresh = build_model(_ref(), "student")
+    load_weights(fresh, _ref(weights=str(tmp_path / "s.safetensors")), "student")
+    assert torch.equal(_logits(student, _ids()), _logits(fresh, _ids()))
+    from kdgraph.train.export import export_student
+
+    torch.save(student.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(kdgraph.errors.CheckpointError, match="--hf needs a kdgraph checkpoint"):
+        export_student(tmp_path / "plain.pt", tmp_path / "x", hf=True)

@@ -9,6 +9,10 @@ so it loads with the network's own class::
 Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.weightio`). With
 ``-o student.safetensors`` it is written as safetensors (no code, a checked format; the hash is in its
 metadata): ``model.load_state_dict(safetensors.torch.load_file("student.safetensors"), strict=True)``.
+
+An ``hf:`` student (a transformers network) can also be written as a ``save_pretrained`` folder with ``hf=True``
+(``kdgraph export CKPT -o DIR --hf``): config.json and model.safetensors, which
+``AutoModelForSequenceClassification.from_pretrained(DIR)`` loads with no missing or unexpected key.
 """
 from __future__ import annotations
 
@@ -27,15 +31,37 @@ from .checkpoint import Checkpoint
 __all__ = ["export_student", "evaluate_checkpoint"]
 
 
-def export_student(ckpt: str | Path, out: str | Path, verify: bool = True) -> dict[str, Any]:
+def _export_hf(ckpt: str | Path, out: str | Path, stored_spec: Optional[dict], sd: dict) -> dict[str, Any]:
+    """The student as a save_pretrained folder, built from the checkpoint's spec (an hf: student)."""
+    from ..hf_support import save_hf_folder
+    from ..models import build_model
+
+    if not stored_spec:
+        raise CheckpointError(f"{ckpt}: --hf needs a kdgraph checkpoint (it holds the spec that says how the student "
+                              f"is built); this file is a plain state_dict")
+    spec = validate_spec(stored_spec, f"{ckpt} (its spec)")
+    if not spec.student.model.startswith("hf:"):
+        raise CheckpointError(f"{ckpt}: --hf writes a Hugging Face save_pretrained folder, but the student is "
+                              f"{spec.student.model!r}, not an hf: model; export a .pt or .safetensors file instead")
+    model = build_model(spec.student, "student")
+    files = save_hf_folder(model, {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, out)
+    n = sum(p.numel() for p in model.parameters())
+    return {"out": str(out), "tensors": len(sd), "parameters": n, "model": spec.student.model, "verified": True,
+            "files": files}
+
+
+def export_student(ckpt: str | Path, out: str | Path, verify: bool = True, hf: bool = False) -> dict[str, Any]:
     """Write the student's weights of ``ckpt`` (a kdgraph checkpoint or a plain state_dict) to ``out``.
 
     With ``verify``, the weights are loaded (strict) into a fresh student built from the spec the
-    checkpoint holds. Returns ``{"out", "tensors", "parameters", "model", "verified"}``.
+    checkpoint holds. With ``hf``, ``out`` is a save_pretrained folder of the (hf:) student. Returns
+    ``{"out", "tensors", "parameters", "model", "verified"}``.
     """
     obj = load_file(ckpt)
     stored_spec = Checkpoint.from_dict(obj, ckpt).spec if is_checkpoint(obj) else None
     sd = state_dict_of(obj, "student", str(ckpt))
+    if hf:
+        return _export_hf(ckpt, out, stored_spec, sd)
     model_name, verified = None, False
     if verify and stored_spec:
         from ..models import build_model
