@@ -92,3 +92,31 @@ def test_timm_weights_from_a_local_file(tmp_path):
 def test_timm_errors_name_the_field(ref, message):
     with pytest.raises(ModelError, match=message):
         kdgraph.compile(dict(RESNETS, student=ref))
+
+
+def test_a_timm_model_without_timm_installed_says_which_extra_to_install(tmp_path):
+    """A fresh process where ``import timm`` fails (a meta-path finder refuses it): `kdgraph compile` exits 2
+    with one paragraph naming the extra, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = tmp_path / "timm.yaml"
+    spec.write_text(yaml.safe_dump(RESNETS))
+    block = tmp_path / "no_timm"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTimm:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'timm' or name.startswith('timm.'):\n"
+        "            raise ImportError('No module named timm (blocked by the test)')\n"
+        "sys.meta_path.insert(0, _NoTimm())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "kdgraph", "compile", str(spec)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'kdgraph[timm]'" in proc.stderr and "teacher.model" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..trust import consent_options
 from .console import plain_console
@@ -28,7 +29,7 @@ def print_table(res) -> None:
     plain_console().print(t)
     for r in res.rows:
         for e in r.errors:
-            plain_console().print(f"[bold red]{r.label}[/] {e}", soft_wrap=True)
+            plain_console().print(f"[bold red]{escape(r.label)}[/] {escape(str(e))}", soft_wrap=True)
 
 
 def dry_run_report(suite_path: str, data, out, seeds, only) -> None:

@@ -34,14 +34,16 @@ class KDGraphGroup(click.Group):
     """Turns KDGraphError into exit 2 with a clean message (no traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from rich.markup import escape
+
         try:
             return super().invoke(ctx)
         except KDGraphError as e:
-            console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            # escaped: a message's own brackets ("pip install 'kdgraph[timm]'") are text, not rich markup
+            console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
             sys.exit(2)
         except OSError as e:  # disk full, permissions, ... where no kdgraph code caught it first
             where = f" ({e.filename})" if e.filename else ""
-            from rich.markup import escape
 
             console(stderr=True).print(f"[bold red]error:[/] {escape(str(e.strerror or e))}{escape(where)}: the "
                                        f"operating system refused a file operation; check the path, permissions "
