@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -201,22 +203,37 @@ def time_method(short: str, args, device) -> dict:
             "ratio": med["kdgraph"] / med["hand"], "loss_rel": loss_rel}
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def memory_child(short: str, variant: str, args) -> None:
-    """Run one variant alone; print its peak memory (bytes) as JSON."""
+    """Run one variant alone; print its peak memory (bytes) as JSON: on CUDA the peak allocated; on CPU the
+    process's peak resident set (VmHWM) over the steps, and that peak minus the resident set before them."""
     device = torch.device(args.device)
-    fn = build(short, args, device)[0][variant]
+    steps, _ = build(short, args, device)
+    fn = steps.pop(variant)
+    steps.clear()  # the other variant's modules and optimiser go
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:  # give freed heap back to the kernel, then restart the high-water mark (Linux >= 4.0)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_kib("VmRSS") * 1024
     for _ in range(3):
         fn()
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak}))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    print(json.dumps({"peak": peak, "step": peak - base}))
 
 
 def main() -> None:
@@ -247,8 +264,8 @@ def main() -> None:
           f"{args.size}x{args.size}, amp {args.amp}, channels_last {args.channels_last}, steps {args.steps} "
           f"(median, interleaved); kdgraph teacher passes: fold {args.fold}, teacher_channels_last "
           f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}")
-    print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6} {'loss rel':>9}" + (" {:>12} {:>12}".format(
-        "kdgraph MiB", "hand MiB") if args.memory else ""))
+    print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6} {'loss rel':>9}" + (" {:>12} {:>12} {:>15} {:>12}".format(
+        "kdgraph MiB", "hand MiB", "kdgraph step", "hand step") if args.memory else ""))
     rows = []
     for short in args.specs:
         r = time_method(short, args, device)
@@ -261,11 +278,13 @@ def main() -> None:
                 cmd += ["--teacher-dtype", args.teacher_dtype] + ["--fold"] * args.fold \
                     + ["--teacher-channels-last"] * args.teacher_channels_last
                 p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                r[f"{variant}_peak_mib"] = json.loads(p.stdout.strip().splitlines()[-1])["peak"] / 2**20
+                mem = json.loads(p.stdout.strip().splitlines()[-1])
+                r[f"{variant}_peak_mib"], r[f"{variant}_step_mib"] = mem["peak"] / 2**20, mem["step"] / 2**20
         rows.append(r)
         line = f"{short:8} {r['kdgraph_ms']:11.1f} {r['hand_ms']:9.1f} {r['ratio']:6.3f} {r['loss_rel']:9.1e}"
         if args.memory:
-            line += f" {r['kdgraph_peak_mib']:12.0f} {r['hand_peak_mib']:12.0f}"
+            line += (f" {r['kdgraph_peak_mib']:12.0f} {r['hand_peak_mib']:12.0f} {r['kdgraph_step_mib']:15.0f}"
+                     f" {r['hand_step_mib']:12.0f}")
         print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
