@@ -2,18 +2,24 @@
 
     python benchmarks/step_time.py [--specs kd at l2 ft ...] [--batch 16] [--size 112] [--steps 15]
                                    [--device cpu|cuda] [--amp off|bf16] [--channels-last] [--memory]
+                                   [--fold] [--teacher-channels-last] [--teacher-dtype fp32|bf16|fp16]
 
 The hand-written loop is what people write without kdgraph: the teacher in eval mode under
 ``torch.no_grad()``, forward hooks on the tapped modules, the same adapter and loss modules (a
 deep copy, same weights) called by hand, the same weighted sum, the same SGD optimiser. Both
 variants run interleaved in one process (A, B, A, B, ...) after warm-up; the table reports the
-median step time of each and their ratio. ``--memory`` runs each variant alone in a subprocess
+median step time of each and their ratio, and the relative difference of their losses on the first
+batch (before any update). ``--fold``, ``--teacher-channels-last`` and ``--teacher-dtype`` switch
+kdgraph's teacher passes on (``runtime.fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``);
+the hand-written loop stays the careful plain one (its teacher in the student's memory format). ``--memory`` runs each variant alone in a subprocess
 and reports its peak resident memory (CPU) or peak CUDA memory.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -35,9 +41,13 @@ from kdgraph.spec import parse_tap  # noqa: E402
 ALL = ["kd", "at", "l2", "ft", "crd", "tfkd", "sskd", "pad_l2", "kr", "dist"]
 
 
-def load(short: str, size: int):
+def load(short: str, size: int, args=None):
     spec = kdgraph.load_spec(ROOT / "specs" / f"{short}_resnet18.yaml")
     spec.input.size = (size, size)
+    if args is not None:
+        spec.runtime.fold_teacher_bn = args.fold
+        spec.runtime.teacher_channels_last = args.teacher_channels_last
+        spec.runtime.teacher_dtype = args.teacher_dtype
     return spec
 
 
@@ -122,7 +132,7 @@ def make_batch(spec, d, batch: int, device):
 
 
 def build(short: str, args, device):
-    spec = load(short, args.size)
+    spec = load(short, args.size, args)
     d = kdgraph.compile(spec)
     d.enter_stage(len(d.stages) - 1)  # the student-training stage (FT, SSKD, PAD: the last)
     d.to(device)
@@ -159,7 +169,13 @@ def build(short: str, args, device):
         opt_h.step()
         return loss
 
-    return {"kdgraph": step_compiled, "hand": step_hand}
+    def parity() -> float:
+        """Relative difference of the two losses on the batch, no update."""
+        with torch.no_grad(), amp():
+            a, b = d(**batch).loss.float(), hand(**batch).float()
+        return float(((a - b).abs() / b.abs().clamp_min(1e-12)).item())
+
+    return {"kdgraph": step_compiled, "hand": step_hand}, parity
 
 
 def sync(device):
@@ -168,7 +184,8 @@ def sync(device):
 
 
 def time_method(short: str, args, device) -> dict:
-    steps = build(short, args, device)
+    steps, parity = build(short, args, device)
+    loss_rel = parity()
     for _ in range(args.warmup):
         for fn in steps.values():
             fn()
@@ -183,25 +200,40 @@ def time_method(short: str, args, device) -> dict:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"method": short, "kdgraph_ms": 1e3 * med["kdgraph"], "hand_ms": 1e3 * med["hand"],
-            "ratio": med["kdgraph"] / med["hand"]}
+            "ratio": med["kdgraph"] / med["hand"], "loss_rel": loss_rel}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(short: str, variant: str, args) -> None:
-    """Run one variant alone; print its peak memory (bytes) as JSON."""
+    """Run one variant alone; print its peak memory (bytes) as JSON: on CUDA the peak allocated; on CPU the
+    process's peak resident set (VmHWM) over the steps, and that peak minus the resident set before them."""
     device = torch.device(args.device)
-    fn = build(short, args, device)[variant]
+    steps, _ = build(short, args, device)
+    fn = steps.pop(variant)
+    steps.clear()  # the other variant's modules and optimiser go
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:  # give freed heap back to the kernel, then restart the high-water mark (Linux >= 4.0)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_kib("VmRSS") * 1024
     for _ in range(3):
         fn()
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak": peak}))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    print(json.dumps({"peak": peak, "step": peak - base}))
 
 
 def main() -> None:
@@ -216,6 +248,10 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the fused graph")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
+    ap.add_argument("--fold", action="store_true", help="kdgraph: runtime.fold_teacher_bn")
+    ap.add_argument("--teacher-channels-last", action="store_true", help="kdgraph: runtime.teacher_channels_last")
+    ap.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="kdgraph: runtime.teacher_dtype")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--_child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,9 +262,10 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"{args.size}x{args.size}, amp {args.amp}, channels_last {args.channels_last}, steps {args.steps} "
-          f"(median, interleaved)")
-    print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6}" + (" {:>12} {:>12}".format(
-        "kdgraph MiB", "hand MiB") if args.memory else ""))
+          f"(median, interleaved); kdgraph teacher passes: fold {args.fold}, teacher_channels_last "
+          f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}")
+    print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6} {'loss rel':>9}" + (" {:>12} {:>12} {:>15} {:>12}".format(
+        "kdgraph MiB", "hand MiB", "kdgraph step", "hand step") if args.memory else ""))
     rows = []
     for short in args.specs:
         r = time_method(short, args, device)
@@ -238,12 +275,16 @@ def main() -> None:
                        "--size", str(args.size), "--device", args.device, "--amp", args.amp]
                 if args.channels_last:
                     cmd.append("--channels-last")
+                cmd += ["--teacher-dtype", args.teacher_dtype] + ["--fold"] * args.fold \
+                    + ["--teacher-channels-last"] * args.teacher_channels_last
                 p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                r[f"{variant}_peak_mib"] = json.loads(p.stdout.strip().splitlines()[-1])["peak"] / 2**20
+                mem = json.loads(p.stdout.strip().splitlines()[-1])
+                r[f"{variant}_peak_mib"], r[f"{variant}_step_mib"] = mem["peak"] / 2**20, mem["step"] / 2**20
         rows.append(r)
-        line = f"{short:8} {r['kdgraph_ms']:11.1f} {r['hand_ms']:9.1f} {r['ratio']:6.3f}"
+        line = f"{short:8} {r['kdgraph_ms']:11.1f} {r['hand_ms']:9.1f} {r['ratio']:6.3f} {r['loss_rel']:9.1e}"
         if args.memory:
-            line += f" {r['kdgraph_peak_mib']:12.0f} {r['hand_peak_mib']:12.0f}"
+            line += (f" {r['kdgraph_peak_mib']:12.0f} {r['hand_peak_mib']:12.0f} {r['kdgraph_step_mib']:15.0f}"
+                     f" {r['hand_step_mib']:12.0f}")
         print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

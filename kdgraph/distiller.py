@@ -25,6 +25,7 @@ from torch import nn
 
 from .capture import TracedNetwork, capture_for_spec
 from .compiler import Prepared, StageReport, build_stage, with_tap_outputs
+from .compiler.passes.teacher_dtype import autocast_state_kept
 from .errors import KDGraphError, ModelError
 from .models import build_model
 from .spec import Spec, load_spec
@@ -231,8 +232,9 @@ class Distiller(nn.Module):
             # a plain attribute, not a registered submodule: state_dict() must not grow "_runner.*" keys
             # after the first forward (a checkpoint must load into a freshly compiled distiller)
             object.__setattr__(self, "_taps_runner" if return_taps else "_runner", runner)
-        # the graph switches grad mode off around the teacher; restore it even if a module raises
-        with torch.set_grad_enabled(torch.is_grad_enabled()):
+        # the graph switches grad mode (and, with runtime.teacher_dtype, autocast) around the teacher; restore them
+        # even if a module raises
+        with torch.set_grad_enabled(torch.is_grad_enabled()), autocast_state_kept(images.device.type):
             out = runner(images, targets, **extras)
         return DistillerOutput(out["loss"], out["terms"], out["logits"], out.get("taps"))
 

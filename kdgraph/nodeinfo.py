@@ -29,7 +29,7 @@ class Role(str, Enum):
     ADAPTER = "adapter"      # an adapter call, or an item of its tuple output
     LOSS = "loss"            # a loss call, its weighting, the running total
     OUTPUT = "output"        # the graph's output
-    GRAD_MODE = "grad_mode"  # switches autograd off around the teacher's nodes and back
+    GRAD_MODE = "grad_mode"  # switches autograd off (or autocast on) around the teacher's nodes and back
 
     def __str__(self) -> str:  # f"{role}" prints "loss", not "Role.LOSS"
         return self.value

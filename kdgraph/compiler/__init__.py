@@ -7,7 +7,7 @@ It knows no method by name. Its files are its pipeline:
 * :mod:`.fuse`: write one stage's graph (networks, taps, adapters, losses, output), every node with a
   :class:`~kdgraph.nodeinfo.NodeInfo`;
 * :mod:`.passes`: rewrite it, in the order :data:`~kdgraph.compiler.passes.PASSES` lists (in-place safety,
-  teacher pruning, teacher no-grad, cleanup);
+  teacher pruning, the teacher's BatchNorm folding, layout and precision, teacher no-grad, cleanup);
 * :mod:`.report`: what was built and what each pass changed (:class:`StageReport`);
 * :mod:`.pipeline`: :func:`build_stage` runs the three for one stage.
 

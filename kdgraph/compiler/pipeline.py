@@ -1,6 +1,7 @@
 """The pipeline of one stage: fuse the graph, run the passes in order, report what was built and what changed.
 
-    fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_no_grad, cleanup) -> StageReport
+    fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype,
+                          teacher_no_grad, cleanup) -> StageReport
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     root.losses = prep.losses
     root.transforms = prep.transforms
     fused = fuse_stage(prep, stage_index, root)
-    ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=prep.spec.runtime.fold_teacher_bn)
+    rt = prep.spec.runtime
+    ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=rt.fold_teacher_bn,
+                      teacher_channels_last=rt.teacher_channels_last, teacher_dtype=rt.teacher_dtype)
     results = run_passes(fused.gm, ctx)
     return fused.gm, stage_report(prep, stage_index, fused, results)
 
@@ -48,9 +51,11 @@ def stage_report(prep: Prepared, stage_index: int, fused: FusedStage, results: l
     report.pruned_nodes = list(pruned.details["teacher_pruned"]) if pruned is not None else []
     report.teacher_nodes_pruned = len(report.pruned_nodes)
     report.inplace_fixed = list(inplace.details["fixed"]) if inplace is not None else []
+    # a pass that hands a tap's readers a converted value (teacher_dtype, teacher_channels_last) names its node
+    retapped = {t: name for r in results for t, name in r.details.get("retapped", {}).items()}
     for text, node in fused.taps.items():
         meta = node.meta.get("tensor_meta")
-        report.taps.append(TapReport(text, node.name, prep.tap_shape(parse_tap(text)),
+        report.taps.append(TapReport(text, retapped.get(text, node.name), prep.tap_shape(parse_tap(text)),
                                      fmt_dtype(meta.dtype) if meta is not None else None,
                                      fused.tap_users.get(text, [])))
     for name in fused.adapters:

@@ -293,6 +293,14 @@ class RuntimeSpec(_Strict):
                                                      "convolution before it (exact in eval mode up to float rounding, "
                                                      "~1e-6 relative on the teacher's logits; the teacher module and "
                                                      "its state_dict stay as they are)")
+    teacher_channels_last: bool = Field(False, description="compiler pass: run the frozen teacher in channels_last "
+                                                           "memory whatever the student's layout (its input converted "
+                                                           "once, tapped values given back contiguous; the teacher's "
+                                                           "parameters and state_dict unchanged; ~1e-6 relative)")
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compiler pass: the precision the frozen teacher's nodes run in, under autocast (bf16 or "
+                            "fp16; fp32: unchanged, the step's own precision); tapped values go to the losses in fp32; "
+                            "not exact (docs/training.md, Teacher passes)")
 
     @field_validator("amp", mode="before")
     @classmethod

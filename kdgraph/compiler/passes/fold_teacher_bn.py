@@ -42,6 +42,9 @@ class FoldedConvBN(nn.Module):
         object.__setattr__(self, "_conv", conv)
         object.__setattr__(self, "_bn", bn)
         object.__setattr__(self, "_cache", None)
+        #: the folded weight's memory format (``teacher_channels_last`` sets ``torch.channels_last``), or None: the
+        #: convolution weight's own
+        self.memory_format: Optional[torch.memory_format] = None
         self.conv_name, self.bn_name = type(conv).__name__, type(bn).__name__
 
     def represented_parameters(self) -> list[nn.Parameter]:
@@ -54,7 +57,8 @@ class FoldedConvBN(nn.Module):
         return [c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var]
 
     def _key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None for t in self._sources())
+        return (self.memory_format,) + tuple((t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None
+                                             for t in self._sources())
 
     @torch.no_grad()
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +73,8 @@ class FoldedConvBN(nn.Module):
         if b.bias is not None:
             bias = bias + b.bias
         weight = c.weight * scale.reshape(-1, *([1] * (c.weight.dim() - 1)))
+        if self.memory_format is not None:
+            weight = weight.contiguous(memory_format=self.memory_format)
         return weight.detach(), bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
