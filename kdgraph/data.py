@@ -42,10 +42,16 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """``(images, targets, extras)`` from a collated batch: a :class:`Batch`, a pair, or a dict."""
+def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
+    """``(images, targets, extras)`` from a collated batch: a :class:`Batch`, a pair, or a dict. A dict of named
+    inputs with ``labels`` (or ``targets``) and no ``images`` gives ``(inputs, labels, {})``, the inputs a dict
+    that ``distiller(inputs, labels)`` and ``model(**inputs)`` take."""
     if isinstance(batch, Batch):
         return batch.images, batch.targets, dict(batch.extras)
+    if isinstance(batch, Mapping) and "images" not in batch and ("labels" in batch or "targets" in batch):
+        # a batch of named inputs (a tokenizer's input_ids, attention_mask, ...: spec input.named) and its labels
+        label = "labels" if "labels" in batch else "targets"
+        return {k: v for k, v in batch.items() if k != label}, batch[label], {}
     if isinstance(batch, Mapping):
         if "images" not in batch or "targets" not in batch:
             raise DataError(f"a batch dict needs 'images' and 'targets' keys, got {sorted(batch)}; a data wrapper "

@@ -17,7 +17,7 @@ Policy: the teacher is frozen (``requires_grad=False``) and in eval mode for goo
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -66,7 +66,7 @@ class Distiller(nn.Module):
         tnet = capture_for_spec(spec, "teacher", teacher)
         snet = capture_for_spec(spec, "student", student)
         c, (h, w) = spec.input.channels, spec.input.size
-        batch_shape = (2, c, h, w)
+        batch_shape = (2,) if spec.input.named else (2, c, h, w)
         prep = Prepared(spec, tnet, snet, batch_shape)
         self.teacher = teacher
         self.student = student
@@ -208,12 +208,46 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None, *, return_taps: bool = False,
+    def _named_call(self, images: Any, targets: Optional[torch.Tensor],
+                    extras: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], dict]:
+        """Split a dict batch (or keyword arguments) of a spec with ``input.named`` into the networks' inputs,
+        the targets (``labels`` or ``targets``) and the stage's extras."""
+        named = list(self.spec.input.named)
+        batch = dict(images) if isinstance(images, Mapping) else {}
+        if images is not None and not isinstance(images, Mapping):
+            raise KDGraphError(f"spec {self.spec.name!r} declares named inputs ({', '.join(named)}): call the "
+                               f"distiller with one dict batch, distiller({{{', '.join(repr(k) for k in named)}, "
+                               f"'labels': ...}}), or with those keyword arguments")
+        batch.update(extras)
+        if targets is not None:
+            batch["targets"] = targets
+        if "labels" in batch and "targets" in batch:
+            raise KDGraphError("the batch holds both 'labels' and 'targets'; give the labels once")
+        targets = batch.pop("labels", batch.pop("targets", None))
+        accepted = [*named, "labels", *self.report.batch_inputs]
+        unknown = [k for k in batch if k not in named and k not in self.report.batch_inputs]
+        missing = [k for k in named if k not in batch]
+        if unknown or missing:
+            raise KDGraphError(
+                f"stage {self.stage!r}: the batch " + (f"has unexpected keys {unknown}" if unknown else
+                                                       f"lacks the named inputs {missing}")
+                + f"; it takes {', '.join(accepted)} (or 'targets' for 'labels')")
+        return ({k: batch.pop(k) for k in named}, targets, batch)
+
+    def forward(self, images: Any = None, targets: Optional[torch.Tensor] = None, *, return_taps: bool = False,
                 **extras: torch.Tensor) -> DistillerOutput:
         """Run the current stage. ``extras``: the per-batch inputs it reads (``batch_inputs``, e.g.
         CRD's ``index``; see :mod:`kdgraph.data`). ``return_taps=True`` also returns ``out.taps``, each
         tap's value keyed by its spec text (``"teacher:layer4"``, ``"adapter:translator"``), from a
-        second graph built on first use; the default graph is never changed."""
+        second graph built on first use; the default graph is never changed.
+
+        A spec with named inputs (``input.named``, e.g. a BERT's ``input_ids``, ``attention_mask``) takes one
+        dict batch instead: ``distiller({"input_ids": ..., "attention_mask": ..., "labels": ...})``."""
+        named: dict[str, torch.Tensor] = {}
+        if self.spec.input.named:
+            named, targets, extras = self._named_call(images, targets, extras)
+        elif images is None:
+            raise KDGraphError("the distiller needs a batch of images: distiller(images, targets, **extras)")
         needed = self.report.batch_inputs
         missing = [k for k in needed if k not in extras]
         unknown = [k for k in extras if k not in needed]
@@ -232,10 +266,11 @@ class Distiller(nn.Module):
             # a plain attribute, not a registered submodule: state_dict() must not grow "_runner.*" keys
             # after the first forward (a checkpoint must load into a freshly compiled distiller)
             object.__setattr__(self, "_taps_runner" if return_taps else "_runner", runner)
+        device = next(iter(named.values())).device if named else images.device
         # the graph switches grad mode (and, with runtime.teacher_dtype, autocast) around the teacher; restore them
         # even if a module raises
-        with torch.set_grad_enabled(torch.is_grad_enabled()), autocast_state_kept(images.device.type):
-            out = runner(images, targets, **extras)
+        with torch.set_grad_enabled(torch.is_grad_enabled()), autocast_state_kept(device.type):
+            out = runner(**named, targets=targets, **extras) if named else runner(images, targets, **extras)
         return DistillerOutput(out["loss"], out["terms"], out["logits"], out.get("taps"))
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 * :mod:`.network`: :class:`TracedNetwork`, the name index and tap resolution (with did-you-mean);
 * :mod:`.leaves`: the leaf-module registry (:func:`register_leaf_module`, each entry with its reason);
 * :mod:`.fx_backend`: torch.fx symbolic tracing with scopes, and shape propagation on fake tensors;
+* :mod:`.export_backend`: torch.export (non-strict) for what fx cannot trace, rewritten over the user's module;
 * :mod:`.entry`: :func:`capture` (what compile calls) and :func:`capture_for_spec` (with the spec's
   ``leaf_modules``, what ``kdgraph inspect`` calls).
 """

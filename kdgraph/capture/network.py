@@ -50,6 +50,7 @@ class TracedNetwork:
     input_node: Optional[fx.Node] = None
     output_node: Optional[fx.Node] = None  # the node the network returns
     backend: str = "fx"  # the capture backend that built it (kdgraph.capture.BACKENDS)
+    fx_error: Optional[str] = None  # capture: auto fell back to torch.export: why fx could not capture it
 
     # ---------------------------------------------------------------- names
     def entries(self) -> list[tuple[str, fx.Node, str]]:
@@ -117,6 +118,10 @@ class TracedNetwork:
             return self.op_names[key]
         if not tap.path:
             node = self.input_node if tap.io == "input" else self.output_node
+            if node is None and tap.io == "input":
+                names = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+                raise TapError(f"tap {tap.text!r}: the {self.role} takes several inputs ({', '.join(names)}); "
+                               f"tap one of them as batch:NAME (e.g. batch:{names[0] if names else 'input_ids'})")
             if node is None:
                 raise TapError(f"tap {tap.text!r}: the {self.role} has no single {tap.io} to tap")
             return node

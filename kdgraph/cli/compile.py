@@ -32,7 +32,10 @@ def compile_summary(distiller) -> dict[str, Any]:
     from ..viz.shapes import ShapeText
 
     out: dict[str, Any] = {"spec": distiller.spec.name, "input": distiller.spec.input.model_dump(),
-                           "prepare_seconds": round(distiller.prepare_seconds, 3), "stages": []}
+                           "prepare_seconds": round(distiller.prepare_seconds, 3),
+                           "capture": {role: {"backend": net.backend, "fx_error": net.fx_error}
+                                       for role, net in distiller.traced.items()},
+                           "stages": []}
     for i, name in enumerate(distiller.stages):
         distiller.enter_stage(i)
         r = distiller.report
@@ -58,12 +61,18 @@ def compile_summary(distiller) -> dict[str, Any]:
 def print_compile(summary: dict[str, Any]) -> None:
     """The summary as tables: one rule per stage, then its taps, adapters and loss terms."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     con = console()
     inp = summary["input"]
-    con.print(f"[bold]{summary['spec']}[/]: input {inp['channels']}x{inp['size'][0]}x{inp['size'][1]}, "
-              f"{inp['num_classes']} classes, {len(summary['stages'])} stage(s); traced in {summary['prepare_seconds']} s")
+    shown = (", ".join(f"{k} {'x'.join(map(str, v['shape']))} {v['dtype']}" for k, v in inp["named"].items())
+             if inp.get("named") else f"{inp['channels']}x{inp['size'][0]}x{inp['size'][1]}")
+    con.print(f"[bold]{escape(summary['spec'])}[/]: input {escape(shown)}, {inp['num_classes']} classes, "
+              f"{len(summary['stages'])} stage(s); captured in {summary['prepare_seconds']} s")
+    for role, c in summary["capture"].items():
+        why = f" (torch.fx could not: {c['fx_error']})" if c["fx_error"] else ""
+        con.print(f"{role} captured with [bold]{c['backend']}[/]{escape(why)}", soft_wrap=True)
     for s in summary["stages"]:
         con.print()
         con.rule(f"stage [bold cyan]{s['stage']}[/]  trains: {', '.join(s['train'])}"

@@ -19,6 +19,7 @@ from typing import Optional
 import torch.fx as fx
 from torch import nn
 
+from ..errors import KDGraphError
 from ..nodeinfo import NodeInfo, Role, info_of, set_info
 from ..spec import StageSpec, parse_tap
 from .prepare import Prepared
@@ -74,12 +75,20 @@ class _Fuser:
             nets.add("student")
         return adapters, taps, nets
 
-    def copy_network(self, role: str, x: fx.Node) -> Optional[fx.Node]:
-        """Copy the captured network's nodes (modules under ``<role>.``); return the node of its output."""
+    def copy_network(self, role: str, x: fx.Node | dict[str, fx.Node]) -> Optional[fx.Node]:
+        """Copy the captured network's nodes (modules under ``<role>.``); return the node of its output.
+
+        ``x``: the node of its input, or (named inputs) the batch's node for each input name."""
         net = self.prep.nets[role]
         env = self.env[role]
         first = True
         for node in net.graph_module.graph.nodes:
+            if node.op == "placeholder" and isinstance(x, dict):
+                if node.name not in x:
+                    raise KDGraphError(f"the {role}'s captured graph takes an input {node.name!r}, which is not "
+                                       f"among the spec's input.named ({', '.join(x)})")
+                env[node] = x[node.name]
+                continue
             if node.op == "placeholder":
                 if first:
                     env[node] = x
@@ -121,14 +130,20 @@ class _Fuser:
         adapters, taps, nets = self.needed()
         batch_keys = sorted({parse_tap(t).path for t in taps if parse_tap(t).source == "batch"}
                             - {"images", "targets"})
-        inputs = {"images": g.placeholder("images"), "targets": g.placeholder("targets", default_value=None)}
+        named = list(prep.spec.input.named)
+        batch_keys = [k for k in batch_keys if k not in named]
+        if named:  # one placeholder per named input, in the spec's order, then targets and the extras
+            inputs = {k: g.placeholder(k) for k in named}
+            inputs["targets"] = g.placeholder("targets", default_value=None)
+        else:
+            inputs = {"images": g.placeholder("images"), "targets": g.placeholder("targets", default_value=None)}
         for k in batch_keys:
             inputs[k] = g.placeholder(k, default_value=None)
         for n in inputs.values():
             set_info(n, NodeInfo(Role.INPUT, f"batch:{n.name}"))
-        x = inputs["images"]
+        x = {k: inputs[k] for k in named} if named else inputs["images"]
         transform = None
-        if stage.name in prep.transforms:
+        if stage.name in prep.transforms and not named:
             transform = stage.transform.type
             x = set_info(g.call_module(f"transforms.{stage.name}", (x,)), NodeInfo(Role.TRANSFORM, transform))
         outputs = {role: self.copy_network(role, x) for role in ("teacher", "student") if role in nets}

@@ -104,6 +104,8 @@ class Prepared:
                 raise SpecError(f"tap {tap.text!r}: adapter {tap.path!r} returns a tuple of {len(shape)}; pick one "
                                 f"with 'adapter:{tap.path}.0' .. '.{len(shape) - 1}'")
             return shape
+        if tap.path in self.spec.input.named:
+            return (self.batch_shape[0], *self.spec.input.named[tap.path].shape)
         if tap.path == "images":
             return self.batch_shape
         if tap.path == "targets":
@@ -201,6 +203,10 @@ class Prepared:
                 per_stage[ls.name] = _instantiate(cls, args, where)
                 self.loss_inputs[(stage.name, ls.name)] = bound
             self.losses[stage.name] = per_stage
+            if stage.transform is not None and self.spec.input.named:
+                raise SpecError(f"{self.spec.where('stages', si, 'transform')}: a stage transform acts on images, "
+                                f"but this spec's networks take named inputs ({', '.join(self.spec.input.named)}); "
+                                f"remove the transform (prepare such inputs in your data pipeline)")
             if stage.transform is not None:
                 cls = TRANSFORMS.get(stage.transform.type, where=f"stages[{si}].transform.type")
                 args = check_args(cls, dict(stage.transform.args), ("stages", si, "transform"), self.spec,
@@ -246,7 +252,7 @@ class Prepared:
                 if wrapper_keys is not None:
                     declared = [parse_tap(t).path for t in (getattr(cls, "default_inputs", None) or {}).values()
                                 if parse_tap(t).source == "batch"]
-                    allowed = {"images", "targets", *wrapper_keys, *getattr(cls, "batch_keys", ()), *declared}
+                    allowed = {"images", "targets", *self.spec.input.named, *wrapper_keys, *getattr(cls, "batch_keys", ()), *declared}
                     for k, text in bound.items():
                         tap = parse_tap(text)
                         if tap.source == "batch" and tap.path not in allowed:

@@ -13,7 +13,14 @@ from ..spec import Spec
 from .data import make_loader
 from .distributed import DistEnv, all_reduce_sum
 
-__all__ = ["topk_counts", "evaluate_model", "autocast", "validation_loader"]
+__all__ = ["topk_counts", "evaluate_model", "autocast", "validation_loader", "batch_size", "describe"]
+
+
+def describe(ev: dict[str, Any]) -> str:
+    """``top-1 71.20%  top-5 90.10%``, or a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``)."""
+    if "task" in ev:
+        return "  ".join(f"{k} {ev[k]:.2f}%" for k in ev["metrics"]) + f"  (GLUE {ev['task']} score {ev['top1']:.2f}%)"
+    return f"top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%"
 
 
 def autocast(amp: str, device: torch.device) -> Any:
@@ -32,11 +39,39 @@ def topk_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def batch_size(inputs: Any) -> int:
+    """The number of examples of a batch's inputs: images, or a dict of named inputs."""
+    if isinstance(inputs, dict):
+        return int(next(iter(inputs.values())).shape[0])
+    return int(inputs.shape[0])
+
+
+def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's logits: ``model(images)``, or ``model(**inputs)`` for named inputs (a ModelOutput's logits)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _gathered(env: DistEnv, chunks: list[torch.Tensor]) -> torch.Tensor:
+    mine = torch.cat(chunks).cpu() if chunks else torch.zeros(0)
+    if not env.distributed:
+        return mine
+    import torch.distributed as dist
+
+    every: list[Any] = [None] * env.world_size
+    dist.all_gather_object(every, mine)
+    return torch.cat([t for t in every if t.numel()])
+
+
 def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off", channels_last: bool = False,
-                   restore: Optional[nn.Module] = None) -> dict[str, Any]:
+                   restore: Optional[nn.Module] = None, task: Optional[str] = None) -> dict[str, Any]:
     """Top-1 / top-5 (%) of ``model`` over a validation loader whose sampler shards without padding, so
     that with several processes every image is counted exactly once (counts are summed). Afterwards
-    ``restore`` (or else ``model``, if it was training) is put back in training mode."""
+    ``restore`` (or else ``model``, if it was training) is put back in training mode.
+
+    ``task``: a GLUE task: the outputs and labels of every process are gathered and scored with
+    :func:`~kdgraph.train.glue_metrics.glue_metrics` (in %), ``top1`` being their mean (the task's score);
+    batches are dicts of named inputs."""
     t0 = time.perf_counter()
     was = model.training
     model.eval()
@@ -46,23 +81,40 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
         for b in model.buffers():  # every process evaluates rank 0's BatchNorm statistics
             dist.broadcast(b.data, 0)
     c1 = c5 = n = 0
+    outputs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for batch in loader:
         images, targets, _ = unpack_batch(batch)
-        images = images.to(env.device, non_blocking=True)
-        if channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
+        if isinstance(images, dict):
+            images = {k: v.to(env.device, non_blocking=True) for k, v in images.items()}
+        else:
+            images = images.to(env.device, non_blocking=True)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(env.device, non_blocking=True)
         with autocast(amp, env.device):
-            logits = model(images)
-        a, b = topk_counts(logits.float(), targets)
-        c1, c5, n = c1 + a, c5 + b, n + int(targets.shape[0])
+            logits = _logits(model, images)
+        if task is not None:
+            outputs.append(logits.float().detach().cpu())
+            labels.append(targets.cpu())
+        else:
+            a, b = topk_counts(logits.float(), targets)
+            c1, c5 = c1 + a, c5 + b
+        n += int(targets.shape[0])
     c1, c5, n = all_reduce_sum(env, [c1, c5, n])
     if restore is not None:
         restore.train()
     elif was:
         model.train()
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "images": int(n),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    seconds = round(time.perf_counter() - t0, 2)
+    if task is not None:
+        from .glue_metrics import glue_metrics
+
+        metrics = glue_metrics(task, _gathered(env, outputs).numpy(), _gathered(env, labels).numpy())
+        pct = {k: 100.0 * v for k, v in metrics.items()}
+        return {"top1": pct["score"], "top5": pct["score"], **pct, "task": task,
+                "metrics": [k for k in metrics if k != "score"], "images": int(n), "seconds": seconds}
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "images": int(n), "seconds": seconds}
 
 
 def validation_loader(spec: Spec, dataset: Any, env: DistEnv, batch_size: Optional[int] = None) -> Any:

@@ -130,7 +130,8 @@ def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", 
         if spec.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader = validation_loader(spec, bundle.val, env, batch_size)
-        res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last)
+        res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last,
+                             task=spec.data.task if spec.data.dataset == "glue" else None)
         res.update(role=role, model=ref.model, weights=source, data=bundle.description, rank=env.rank)
         return res
     finally:

@@ -31,7 +31,7 @@ from ..weights import resolve, state_dict_of
 from .checkpoint import Checkpoint
 from .data import DataBundle, build_datasets, check_data, wrap_train_dataset
 from .distributed import DistEnv, all_gather_object, setup, teardown
-from .evaluation import evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
+from .evaluation import describe, evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
 from .monitor import Monitor
 from .networks import build_distiller, first_stage, load_init_from
 from .optim import build_optimizer, build_scheduler, lr_used
@@ -94,7 +94,8 @@ class Trainer:
         teacher_eval = resume.teacher_eval if resume is not None else None
         if spec.runtime.eval_teacher and teacher_eval is None:
             teacher_eval = steps.evaluate(d.teacher, val_loader)
-            self.say(f"teacher {spec.teacher.model}: top-1 {teacher_eval['top1']:.2f}%  top-5 "
+            self.say(f"teacher {spec.teacher.model}: {describe(teacher_eval)}" if "task" in teacher_eval else
+                     f"teacher {spec.teacher.model}: top-1 {teacher_eval['top1']:.2f}%  top-5 "
                      f"{teacher_eval['top5']:.2f}% on {teacher_eval['images']} validation images")
             self.monitor.record("teacher_eval", **teacher_eval)
         train_set = wrap_train_dataset(bundle.train, spec)
@@ -117,7 +118,7 @@ class Trainer:
         return LoopSettings(amp=rt.amp, channels_last=rt.channels_last,
                             flush_every=opts.log_every or (1 if self.env.device.type == "cpu" else 20),
                             ckpt_every=opts.ckpt_every, ckpt_minutes=opts.ckpt_minutes, eval_every=rt.eval_every,
-                            plot=opts.plot)
+                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else None)
 
     def _announce(self, bundle: DataBundle, resumed: bool) -> None:
         spec, env = self.spec, self.env
@@ -207,8 +208,10 @@ class Trainer:
         self.monitor.record("end", **{k: res[k] for k in ("student", "teacher", "wall_s", "time_to_first_step_s")})
         if self.opts.plot:
             self.monitor.plot()
-        parts = [f"teacher top-1 {teacher_eval['top1']:.2f}%"] if teacher_eval else []
-        if final:
+        parts = [f"teacher {describe(teacher_eval)}"] if teacher_eval else []
+        if final and "task" in final:
+            parts.append(f"student {describe(final)}, best score {best:.2f}%")
+        elif final:
             parts.append(f"student top-1 {final['top1']:.2f}% (top-5 {final['top5']:.2f}%, best top-1 {best:.2f}%)")
         self.say("")
         self.say(f"[bold green]done[/] {spec.name} in {seconds(wall)}: " + ", ".join(parts)

@@ -22,7 +22,7 @@ from ..formatting import seconds
 from ..spec import StageSpec
 from .data import make_loader, unpack_batch
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, wrap
-from .evaluation import autocast, evaluate_model
+from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
@@ -75,6 +75,7 @@ class LoopSettings:
     ckpt_minutes: float = 30.0  # ... and at least this often
     eval_every: int = 1
     plot: bool = True
+    task: Optional[str] = None  # a GLUE task: evaluation reports its metrics (glue_metrics), top1 = their mean
 
 
 @dataclass
@@ -137,6 +138,8 @@ class StepLoop:
         self.env, self.monitor, self.settings, self.progress, self.skipped = env, monitor, settings, progress, skipped
 
     def to_device(self, x: Any) -> Any:
+        if isinstance(x, dict):  # named inputs
+            return {k: self.to_device(v) for k, v in x.items()}
         if isinstance(x, torch.Tensor):
             x = x.to(self.env.device, non_blocking=True)
             if self.settings.channels_last and x.dim() == 4 and x.is_floating_point():
@@ -144,7 +147,8 @@ class StepLoop:
         return x
 
     def evaluate(self, model: nn.Module, loader: Any, restore: Optional[nn.Module] = None) -> dict[str, Any]:
-        return evaluate_model(model, loader, self.env, self.settings.amp, self.settings.channels_last, restore)
+        return evaluate_model(model, loader, self.env, self.settings.amp, self.settings.channels_last, restore,
+                              task=self.settings.task)
 
     # ------------------------------------------------------------------ epochs
     def run_epochs(self, run: StageRun, val_loader: Any, start: tuple[int, int] = (0, 0),
@@ -199,7 +203,7 @@ class StepLoop:
             self.progress.global_step += 1
             if self.progress.first_step_s is None:
                 self.progress.first_step_s = time.perf_counter() - self.progress.started
-            pending.append((step, loss.detach(), {k: v.detach() for k, v in out.terms.items()}, int(images.shape[0])))
+            pending.append((step, loss.detach(), {k: v.detach() for k, v in out.terms.items()}, batch_size(images)))
             due = save is not None and self.settings.ckpt_every > 0 and step % self.settings.ckpt_every == 0
             if len(pending) >= self.settings.flush_every or due or step == steps_per_epoch:
                 time_due = self._flush(run, epoch, steps_per_epoch, pending, interval)
@@ -222,8 +226,8 @@ class StepLoop:
             if run.save:
                 self.progress.history.append(ev)
             self.monitor.record("eval", **ev, **({} if run.save else {"pretrain": True}))
-            self.monitor.print(f"{run.name} epoch {epoch + 1}/{st.epochs}: top-1 {ev['top1']:.2f}%  top-5 "
-                               f"{ev['top5']:.2f}%  (best {run.best_top1:.2f}%, {ev['images']} images, "
+            self.monitor.print(f"{run.name} epoch {epoch + 1}/{st.epochs}: {describe(ev)}  "
+                               f"(best {run.best_top1:.2f}%, {ev['images']} images, "
                                f"{seconds(ev['seconds'])})", soft_wrap=True)
         if save is not None:
             self.checkpoint(run, Position(epoch, 0, epoch_done=True), save, best=improved)
