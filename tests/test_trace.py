@@ -109,5 +109,5 @@ def test_capture_without_an_example_records_no_shapes_and_an_unknown_backend_is_
 
     net = capture(torchvision.models.resnet18(), "teacher")
     assert net.shape(net.output_node) is None
-    with pytest.raises(kdgraph.KDGraphError, match="unknown capture backend 'onnx'; backends: fx"):
+    with pytest.raises(kdgraph.KDGraphError, match="unknown capture backend 'onnx'; backends: auto, fx, export"):
         capture(torchvision.models.resnet18(), "teacher", backend="onnx")

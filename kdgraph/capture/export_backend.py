@@ -293,8 +293,8 @@ def _names(gm: fx.GraphModule, role: str, module: nn.Module) -> TracedNetwork:
     node_names: dict[fx.Node, str] = {}
     counts: dict[str, int] = {}
     for n in nodes:
-        if n.op == "call_module":
-            continue
+        if n.op == "call_module" or not isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)):
+            continue  # a module call is named by its module; a size (sym_size) is no value to tap
         stack = _stack(n)
         scope = stack[-1][1] if stack else ""
         key = f"{scope}/{_op_stem(n)}"

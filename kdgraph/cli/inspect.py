@@ -31,13 +31,14 @@ def inspect_rows(net) -> list[dict[str, Any]]:
     return rows
 
 
-def _print_rows(result: dict[str, list], refs: dict, input_shape: tuple[int, int, int, int]) -> None:
+def _print_rows(result: dict[str, list], refs: dict, input_shape: tuple[int, int, int, int] | str) -> None:
     from rich import box
     from rich.table import Table
 
     con = console()
     for role, rows in result.items():
-        title = (f"{role} ({refs[role].model}), input {formatting.shape(input_shape, TRACE_BATCH)}: "
+        shown = formatting.shape(input_shape, TRACE_BATCH) if isinstance(input_shape, tuple) else input_shape
+        title = (f"{role} ({refs[role].model}), input {shown}: "
                  f"{len(rows)} tappable names")
         t = Table("tap name", "kind", "shape", "op", box=box.SIMPLE, pad_edge=False, title=title, title_justify="left")
         for r in rows:
@@ -65,7 +66,7 @@ def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, 
     import torch
 
     from .. import load_spec
-    from ..capture import capture, capture_for_spec, device_of
+    from ..capture import capture, capture_for_spec, device_of, example_input
     from ..models import build_model
     from ..spec import ModelRef
 
@@ -85,7 +86,8 @@ def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, 
     result: dict[str, list] = {}
     for role, ref in refs.items():
         module = build_model(ref, role)
-        example = torch.randn(TRACE_BATCH, c, h, w, device=device_of(module))
+        example = (example_input(spec, module, TRACE_BATCH) if is_spec
+                   else torch.randn(TRACE_BATCH, c, h, w, device=device_of(module)))
         # a spec's networks are captured exactly as compile captures them (its leaf_modules honoured)
         net = capture_for_spec(spec, role, module, example) if is_spec else capture(module, role, example=example)
         rows = inspect_rows(net)
@@ -95,4 +97,6 @@ def inspect_cmd(target: str, network: str, as_json: bool, input_size, channels, 
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    _print_rows(result, refs, (TRACE_BATCH, c, h, w))
+    named = spec.input.named if is_spec else {}
+    _print_rows(result, refs, ", ".join(f"{k} B×{'×'.join(map(str, v.shape))}" for k, v in named.items())
+                if named else (TRACE_BATCH, c, h, w))

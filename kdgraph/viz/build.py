@@ -123,7 +123,7 @@ class _Describer:
         if len(members) == 1 and gid == f"{kind}:{first['name'] or members[0]}":
             what = first["module_type"] or first["target"].split(" ")[-1].strip("<>")
             if first["op"] != "call_module":
-                what = f"{first['op'].removeprefix('call_')} {first['name'].rsplit('/', 1)[-1]}"
+                what = f"{first['op'].removeprefix('call_')} {(first['name'] or members[0]).rsplit('/', 1)[-1]}"
         else:
             what = _describe_module(root, "" if ":" not in gid else name) or "module"
             if ":" not in gid:
