@@ -278,6 +278,12 @@ class RuntimeSpec(_Strict):
                                                      "convolution before it (exact in eval mode up to float rounding, "
                                                      "~1e-6 relative on the teacher's logits; the teacher module and "
                                                      "its state_dict stay as they are)")
+    teacher_cache: Optional[str] = Field(
+        None, min_length=1, max_length=4096,
+        description="kdgraph train: a folder written by `kdgraph cache-teacher` (relative to the spec file, or "
+                    "absolute). Every stage without an input transform then reads teacher:@output from it (batch "
+                    "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
+                    "nodes only it needed are pruned; other teacher taps stay online")
 
     @field_validator("amp", mode="before")
     @classmethod
