@@ -122,8 +122,8 @@ def check_manifest(found: dict[str, Any], expected: dict[str, Any], where: str, 
         a, b = _get(found, path), _get(expected, path)
         if a != b:
             raise TeacherCacheError(
-                f"{where}: the teacher cache {folder} does not match this run: it was made with a different "
-                f"{what} (cache: {_short(a)}; this run: {_short(b)}). Nothing is recomputed or mixed: make the "
+                f"{where}: the teacher cache {folder} does not match this run: {what} differs (cache: "
+                f"{_short(a)}; this run: {_short(b)}). Nothing is recomputed or mixed: make the "
                 f"cache for this spec, teacher and data (kdgraph cache-teacher SPEC --out DIR"
                 f"{' --overwrite' if run_fields else ''}), or point runtime.teacher_cache at one made for it.")
 
