@@ -80,7 +80,7 @@ def test_round_trip_replayed_view_gives_the_online_teacher_loss(tmp_path):
         b = cached(batch.images, batch.targets, teacher_output=stored)
     assert torch.allclose(a.terms["ce"], b.terms["ce"])
     rel = (a.terms["kd"] - b.terms["kd"]).abs() / a.terms["kd"].abs()
-    assert rel < 1e-2, f"KD with cached fp16 logits differs by {rel.item():.2e} (relative)"
+    assert rel < 1e-3, f"KD with cached fp16 logits differs by {rel.item():.2e} (relative)"
     # the views differ between epochs for some images, and the view index follows the documented rule
     views = [view_of_epoch(0, e, 4, cache.views) for e in range(8)]
     assert len(set(views)) > 1
