@@ -46,6 +46,10 @@ class TrainingError(KDGraphError):
     """Training stopped (for example a non-finite loss)."""
 
 
+class TeacherCacheError(KDGraphError):
+    """A teacher output cache is missing, incomplete, or was made from another spec, teacher or data set."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """Return ``" Did you mean: a, b?"`` with the closest candidates, or ``""``."""
     candidates = list(dict.fromkeys(candidates))

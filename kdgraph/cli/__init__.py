@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from .bench import bench_cmd
+from .cache import cache_teacher_cmd
 from .compile import compile_cmd
 from .console import KDGraphGroup
 from .inspect import inspect_cmd
@@ -32,3 +33,4 @@ main.add_command(eval_cmd, "eval")
 main.add_command(export_cmd, "export")
 main.add_command(viz_cmd, "viz")
 main.add_command(bench_cmd, "bench")
+main.add_command(cache_teacher_cmd, "cache-teacher")

@@ -42,6 +42,7 @@ def compile_summary(distiller) -> dict[str, Any]:
         shapes = ShapeText(to_networkx(distiller))
         out["stages"].append({
             "stage": name, "train": r.train, "transform": r.transform, "batch_inputs": r.batch_inputs,
+            "cached_taps": r.cached_taps,
             "taps": [{"tap": t.tap, "node": t.node, "shape": shapes.of_tap(t.tap, t.shape), "dtype": t.dtype,
                       "used_by": t.used_by} for t in r.taps],
             "adapters": [{"name": a.name, "type": a.type, "args": a.args, "inputs": a.inputs,
@@ -77,7 +78,9 @@ def print_compile(summary: dict[str, Any]) -> None:
         con.print()
         con.rule(f"stage [bold cyan]{s['stage']}[/]  trains: {', '.join(s['train'])}"
                  + (f"  transform: {s['transform']}" if s["transform"] else "")
-                 + (f"  batch inputs: {', '.join(s['batch_inputs'])}" if s["batch_inputs"] else ""), align="left")
+                 + (f"  batch inputs: {', '.join(s['batch_inputs'])}" if s["batch_inputs"] else "")
+                 + (f"  from the teacher cache: {', '.join(s['cached_taps'])}" if s["cached_taps"] else ""),
+                 align="left")
         t = Table("tap", "shape", "dtype", "used by", box=box.SIMPLE, pad_edge=False, title="taps", title_justify="left")
         for tap in s["taps"]:
             t.add_row(f"[green]{tap['tap']}[/]", tap["shape"], tap["dtype"] or "", ", ".join(tap["used_by"]))

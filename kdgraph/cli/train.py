@@ -44,11 +44,13 @@ def _is_main() -> bool:
 @click.option("--log-every", default=0, type=int, metavar="STEPS", help="steps per logged record (default: auto)")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON at the end")
+@click.option("--teacher-cache", default=None, type=click.Path(file_okay=False), metavar="DIR",
+              help="replay the teacher's logits from DIR (written by kdgraph cache-teacher; sets runtime.teacher_cache)")
 @click.option("--skip-bad-images", is_flag=True,
               help="ImageFolder: skip unreadable image files (counted in the log) instead of stopping at the first")
 @consent_options
 def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ckpt_every, ckpt_minutes, log_every,
-              progress, as_json, skip_bad_images) -> None:
+              progress, as_json, teacher_cache, skip_bad_images) -> None:
     """Train SPEC(s): every stage in order, top-1/top-5 after each epoch, best and last checkpoints.
 
     Under torchrun, trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); the learning
@@ -59,6 +61,8 @@ def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ck
     from ..train.overrides import load_with_overrides
 
     loaded = [load_with_overrides(s, sets, data_root) for s in specs]  # every spec checked before training
+    for spec in loaded if teacher_cache else ():
+        spec.runtime.teacher_cache = str(Path(teacher_cache).resolve())
     results = []
     for spec in loaded:
         run_out = Path(out) / spec.name if (out and len(loaded) > 1) else (Path(out) if out else None)

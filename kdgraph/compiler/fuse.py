@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import KDGraphError
 from ..nodeinfo import NodeInfo, Role, info_of, set_info
 from ..spec import StageSpec, parse_tap
+from .cached import cached_taps
 from .prepare import Prepared
 
 __all__ = ["FusedStage", "fuse_stage"]
@@ -40,6 +41,7 @@ class FusedStage:
     networks: set[str]  # "teacher" and/or "student"
     batch_inputs: list[str]  # the batch keys beyond images / targets, sorted
     transform: Optional[str] = None  # the input transform's type
+    cached_taps: dict[str, str] = field(default_factory=dict)  # tap text -> batch key (teacher output cache)
     output_node: Optional[fx.Node] = field(default=None, repr=False)
 
 
@@ -51,6 +53,7 @@ class _Fuser:
         self.values: dict[str, fx.Node] = {}  # tap text -> fused node
         self.env: dict[str, dict[fx.Node, fx.Node]] = {"teacher": {}, "student": {}}
         self.tap_users: dict[str, list[str]] = {}
+        self.cached = cached_taps(prep.spec, self.stage)  # tap text -> batch key
 
     def needed(self) -> tuple[list[str], list[str], set[str]]:
         """Adapters (dependency order) and taps the stage's losses need, and which networks."""
@@ -70,7 +73,8 @@ class _Fuser:
         for ls in self.stage.losses:
             for text in self.prep.loss_inputs[(self.stage.name, ls.name)].values():
                 need_tap(text, f"loss {ls.name}")
-        nets = {parse_tap(t).source for t in taps} & {"teacher", "student"}
+        self.cached = {t: k for t, k in self.cached.items() if t in taps}
+        nets = {parse_tap(t).source for t in taps if t not in self.cached} & {"teacher", "student"}
         if "student" in self.stage.train:
             nets.add("student")
         return adapters, taps, nets
@@ -112,7 +116,9 @@ class _Fuser:
         if text in self.values:
             return self.values[text]
         tap = parse_tap(text)
-        if tap.source in ("teacher", "student"):
+        if text in self.cached:  # read from the batch: the teacher cache's stored value for this view
+            value = inputs[self.cached[text]]
+        elif tap.source in ("teacher", "student"):
             net = self.prep.nets[tap.source]
             value = self.env[tap.source][net.resolve(tap)]
         elif tap.source == "batch":
@@ -129,7 +135,7 @@ class _Fuser:
         stage, g, prep = self.stage, self.g, self.prep
         adapters, taps, nets = self.needed()
         batch_keys = sorted({parse_tap(t).path for t in taps if parse_tap(t).source == "batch"}
-                            - {"images", "targets"})
+                            - {"images", "targets"} | set(self.cached.values()))
         named = list(prep.spec.input.named)
         batch_keys = [k for k in batch_keys if k not in named]
         if named:  # one placeholder per named input, in the spec's order, then targets and the extras
@@ -171,7 +177,7 @@ class _Fuser:
         set_info(out, NodeInfo(Role.OUTPUT, "output"))
         gm = fx.GraphModule(root, g, class_name=f"Distill_{stage.name}")
         return FusedStage(gm, {t: self.values[t] for t in taps}, self.tap_users, adapters, nets, batch_keys,
-                          transform, out)
+                          transform, dict(self.cached), out)
 
 
 def fuse_stage(prep: Prepared, stage_index: int, root: nn.Module) -> FusedStage:

@@ -74,6 +74,7 @@ class StageReport:
     uses_teacher: bool = True
     uses_student: bool = True
     transform: Optional[str] = None
+    cached_taps: dict[str, str] = field(default_factory=dict)  # tap -> batch key, read from the teacher cache
     passes: list[PassResult] = field(default_factory=list)  # in the order they ran
 
     def pass_result(self, name: str) -> Optional[PassResult]:

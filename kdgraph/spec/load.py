@@ -95,6 +95,9 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
         return p
 
     spec.init_from = fix(spec.init_from)
+    cache = spec.runtime.teacher_cache
+    if cache and not Path(cache).expanduser().is_absolute():  # any relative folder: the spec file's
+        spec.runtime.teacher_cache = str((base / Path(cache).expanduser()).resolve())
     for ref in (spec.teacher, spec.student):
         ref.weights = fix(ref.weights)
         if ref.model.startswith("hf:") and isinstance(ref.kwargs.get("config"), str):  # a local config folder

@@ -301,6 +301,12 @@ class RuntimeSpec(_Strict):
         "fp32", description="compiler pass: the precision the frozen teacher's nodes run in, under autocast (bf16 or "
                             "fp16; fp32: unchanged, the step's own precision); tapped values go to the losses in fp32; "
                             "not exact (docs/training.md, Teacher passes)")
+    teacher_cache: Optional[str] = Field(
+        None, min_length=1, max_length=4096,
+        description="kdgraph train: a folder written by `kdgraph cache-teacher` (relative to the spec file, or "
+                    "absolute). Every stage without an input transform then reads teacher:@output from it (batch "
+                    "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
+                    "nodes only it needed are pruned; other teacher taps stay online")
 
     @field_validator("amp", mode="before")
     @classmethod

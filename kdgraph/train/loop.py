@@ -98,6 +98,7 @@ class Trainer:
                      f"teacher {spec.teacher.model}: top-1 {teacher_eval['top1']:.2f}%  top-5 "
                      f"{teacher_eval['top5']:.2f}% on {teacher_eval['images']} validation images")
             self.monitor.record("teacher_eval", **teacher_eval)
+        cache = self._open_teacher_cache(d, bundle, root)
         train_set = wrap_train_dataset(bundle.train, spec)
         results: list[dict[str, Any]] = []
         for i, st in enumerate(spec.stages):
@@ -109,7 +110,7 @@ class Trainer:
                 continue
             here = resume if resume is not None and resume.stage_index == i else None
             save = functools.partial(self._save, progress=progress, teacher_eval=teacher_eval)
-            results.append(self._run_stage(d, i, train_set, val_loader, here, steps, save, list(results)))
+            results.append(self._run_stage(d, i, train_set, val_loader, here, steps, save, list(results), cache))
             resume = None
         return self._finish(results, progress, teacher_eval, pretrain_s, steps.skipped.total)
 
@@ -132,16 +133,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, d: nn.Module, i: int, train_set: Any, val_loader: Any, resume: Optional[Checkpoint],
-                   steps: StepLoop, save: Any, done: list[dict[str, Any]]) -> dict[str, Any]:
+                   steps: StepLoop, save: Any, done: list[dict[str, Any]], cache: Any = None) -> dict[str, Any]:
         spec, env = self.spec, self.env
         st = spec.stages[i]
         d.enter_stage(i)
         d.train()
         info = self._announce_stage(i)
         trains_student = "student" in st.train
+        view = self._replay_view(d, train_set, cache)
         run = make_stage_run(st.name, i, st, d, d.student if trains_student else None, train_set, env=env,
                              workers=spec.data.workers, seed=spec.runtime.seed, amp=spec.runtime.amp, save=True,
-                             evaluate="epoch" if trains_student else "never", batch_inputs=d.batch_inputs)
+                             evaluate="epoch" if trains_student else "never", batch_inputs=d.batch_inputs,
+                             view=view)
         start, rng = (0, 0), None
         if resume is not None:
             start, rng = _restore(run, resume, env)
@@ -151,6 +154,27 @@ class Trainer:
         steps.checkpoint(run, Position(st.epochs - 1, 0, epoch_done=True, stage_done=True),
                          functools.partial(save, done=done + [result]))
         return result
+
+    def _open_teacher_cache(self, d: nn.Module, bundle: DataBundle, root: Any) -> Any:
+        """``runtime.teacher_cache``, checked against this run (spec, loaded teacher, data) before any step."""
+        if not self.spec.runtime.teacher_cache:
+            return None
+        from .teacher_cache import open_for_training
+
+        return open_for_training(self.spec, d.teacher, bundle.train, root)
+
+    def _replay_view(self, d: nn.Module, train_set: Any, cache: Any) -> Any:
+        """The training view replaying the cache's draws, for a stage that reads cached taps (else None)."""
+        cached = d.report.cached_taps
+        if cache is None or not cached:
+            return None
+        from .teacher_cache import ReplayView
+
+        online = [t.tap for t in d.report.taps if t.tap.startswith("teacher:") and t.tap not in cached]
+        self.say(f"  teacher cache: {', '.join(cached)} replayed from {cache.folder} ({cache.views} views per image"
+                 + (f", top-{cache.topk}" if cache.topk else "") + "); online teacher: "
+                 + (", ".join(online) if online else "none (pruned)"))
+        return ReplayView(train_set, self.spec.runtime.seed, cache)
 
     def _announce_stage(self, i: int) -> dict[str, Any]:
         st, env = self.spec.stages[i], self.env

@@ -116,10 +116,11 @@ class SkipCounter:
 
 def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_model: Optional[nn.Module],
                    train_set: Any, *, env: DistEnv, workers: int, seed: int, amp: str, save: bool, evaluate: str,
-                   batch_inputs: list[str]) -> StageRun:
-    """The loader, optimizer, schedule, grad scaler and DDP wrapper of one stage over ``train_set``."""
+                   batch_inputs: list[str], view: Any = None) -> StageRun:
+    """The loader, optimizer, schedule, grad scaler and DDP wrapper of one stage over ``train_set`` (read
+    through ``view`` when given: the teacher cache's replay)."""
     loader = make_loader(train_set, batch_size=stage.batch_size, train=True, workers=workers, seed=seed,
-                         world_size=env.world_size, rank=env.rank, pin_memory=env.device.type == "cuda")
+                         world_size=env.world_size, rank=env.rank, pin_memory=env.device.type == "cuda", view=view)
     lr = lr_used(stage, env.world_size)
     opt = build_optimizer(stage, task.trainable_parameters(), lr)
     scaler = torch.amp.GradScaler(env.device.type) if amp == "fp16" else None

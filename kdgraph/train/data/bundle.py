@@ -95,11 +95,12 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, seed: int, world_size: int = 1,
-                rank: int = 0, pin_memory: bool = False) -> DataLoader:
+                rank: int = 0, pin_memory: bool = False, view: Optional[Dataset] = None) -> DataLoader:
     """A DataLoader over ``(index, epoch)`` keys: a :class:`ResumableSampler` for training (drop_last),
-    a :class:`ShardSampler` for evaluation. In-memory datasets are read in the main process."""
+    a :class:`ShardSampler` for evaluation. In-memory datasets are read in the main process.
+    ``view``: the keyed view over ``dataset`` to read instead of a :class:`SeededView` (teacher cache replay)."""
     n = len(dataset)  # type: ignore[arg-type]
-    view = SeededView(dataset, seed, train)
+    view = view if view is not None else SeededView(dataset, seed, train)
     if train:
         sampler: Sampler = ResumableSampler(n, world_size, rank, shuffle=True, seed=seed, drop_last=True)
         if n // world_size < batch_size:
