@@ -291,6 +291,34 @@ def test_stsb_terms_equal_torchdistills_weighted_sum_with_the_models_own_loss():
     assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
 
 
+def _tiny_glue_spec(tmp_path, tokenizer_dir, epochs=2):
+    """A tiny BERT pair (hf: models, inline configs) on MRPC TSV files in tmp_path, as a spec file."""
+    import yaml
+
+    _tsv_copy(tmp_path / "data", "mrpc", n_train=16, n_val=8)
+
+    def cfg(layers, hidden):
+        return {"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+                "intermediate_size": 2 * hidden, "vocab_size": 64, "num_labels": 2, "max_position_embeddings": 64,
+                "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # DDP below: no random masks
+
+    named = {k: {"shape": [32], "dtype": "int64", "high": 64 if k == "input_ids" else 2}
+             for k in ("input_ids", "attention_mask", "token_type_ids")}
+    spec = {"name": "tiny_glue", "input": {"num_classes": 2, "named": named},
+            "teacher": {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": cfg(2, 32)}},
+            "student": {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": cfg(1, 16)}},
+            "stages": [{"name": "main", "epochs": epochs, "batch_size": 4, "optimizer": {"type": "adamw", "lr": 1e-3},
+                        "losses": [{"name": "ce", "type": "cross_entropy", "weight": 0.9,
+                                    "inputs": {"logits": "student:classifier"}},
+                                   {"name": "kd", "type": "kd", "weight": 0.1, "args": {"temperature": 4.0},
+                                    "inputs": {"student": "student:classifier", "teacher": "teacher:classifier"}}]}],
+            "data": {"dataset": "glue", "task": "mrpc", "root": str(tmp_path / "data"), "tokenizer": tokenizer_dir,
+                     "workers": 0, "max_length": 32}}
+    path = tmp_path / "tiny_glue.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def test_kdgraph_train_distils_a_tiny_bert_pair_on_glue_tsv_files_and_reports_the_task_metrics(tmp_path,
                                                                                              tokenizer_dir):
     """End to end through the CLI: TSV files and a tokenizer folder on disk, `hf:` models from inline configs,
@@ -305,26 +333,7 @@ def test_kdgraph_train_distils_a_tiny_bert_pair_on_glue_tsv_files_and_reports_th
     from kdgraph.train.checkpoint import Checkpoint
     from kdgraph.train.glue_metrics import glue_metrics
 
-    _tsv_copy(tmp_path / "data", "mrpc", n_train=16, n_val=8)
-
-    def cfg(layers, hidden):
-        return {"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
-                "intermediate_size": 2 * hidden, "vocab_size": 64, "num_labels": 2, "max_position_embeddings": 64}
-
-    named = {k: {"shape": [32], "dtype": "int64", "high": 64 if k == "input_ids" else 2}
-             for k in ("input_ids", "attention_mask", "token_type_ids")}
-    spec = {"name": "tiny_glue", "input": {"num_classes": 2, "named": named},
-            "teacher": {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": cfg(2, 32)}},
-            "student": {"model": "hf:AutoModelForSequenceClassification", "kwargs": {"config": cfg(1, 16)}},
-            "stages": [{"name": "main", "epochs": 2, "batch_size": 4, "optimizer": {"type": "adamw", "lr": 1e-3},
-                        "losses": [{"name": "ce", "type": "cross_entropy", "weight": 0.9,
-                                    "inputs": {"logits": "student:classifier"}},
-                                   {"name": "kd", "type": "kd", "weight": 0.1, "args": {"temperature": 4.0},
-                                    "inputs": {"student": "student:classifier", "teacher": "teacher:classifier"}}]}],
-            "data": {"dataset": "glue", "task": "mrpc", "root": str(tmp_path / "data"), "tokenizer": tokenizer_dir,
-                     "workers": 0, "max_length": 32}}
-    path = tmp_path / "tiny_glue.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = _tiny_glue_spec(tmp_path, tokenizer_dir)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "kdgraph", "train", str(path), "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -345,3 +354,32 @@ def test_kdgraph_train_distils_a_tiny_bert_pair_on_glue_tsv_files_and_reports_th
     expected = glue_metrics("mrpc", logits.numpy(), batch["labels"].numpy())
     assert evals[-1]["f1"] == pytest.approx(100 * expected["f1"], abs=1e-4)
     assert evals[-1]["accuracy"] == pytest.approx(100 * expected["accuracy"], abs=1e-4)
+
+
+def test_two_gloo_processes_train_the_bert_pair_like_one_process(tmp_path, tokenizer_dir):
+    """DDP with dict batches: 2 processes x 4 examples end with the student one process reaches with batches of 8
+    (BERT normalises per example, and each half batch is padded to its own longest sequence under the mask)."""
+    import os
+    import subprocess
+    import sys
+
+    from kdgraph.train import train
+    from kdgraph.train.checkpoint import Checkpoint
+
+    path = _tiny_glue_spec(tmp_path, tokenizer_dir, epochs=1)
+    # SGD: Adam's normalised step turns a ~1e-9 difference in a rarely used embedding row's gradient into +-lr
+    sgd = ["stages.main.optimizer.type=sgd", "stages.main.optimizer.lr=0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdgraph",
+           "train", str(path), "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress",
+           "--set", "stages.main.reference_world_size=2", *[a for o in sgd for a in ("--set", o)]]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 processes (gloo)" in proc.stdout and "effective batch 8" in proc.stdout
+    one = train(kdgraph.load_spec(path, overrides=["stages.main.batch_size=8", *sgd]),
+                out=tmp_path / "one", device="cpu", progress=False, plot=False, tensorboard=False)
+    assert one["stages"][0]["effective_batch"] == 8 and one["stages"][0]["lr_used"] == 0.5  # lr x 2 / 2 in both
+    a, b = Checkpoint.load(tmp_path / "one" / "last.pt"), Checkpoint.load(tmp_path / "two" / "last.pt")
+    assert a.global_step == b.global_step == 2
+    for k, v in a.student.items():
+        torch.testing.assert_close(b.student[k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
