@@ -254,3 +254,36 @@ def test_capture_errors_are_one_clear_paragraph():
         d({k: v for k, v in _tokens(2, 8).items() if k != "token_type_ids"})
     with pytest.raises(KDGraphError, match="declares named inputs"):
         d(torch.randn(2, 3, 8, 8))
+
+
+class WithConstant(nn.Module):
+    """A forward that creates a tensor constant and a tensor on a device (export bakes both in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 1:
+            x = x * 2
+        scale = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        pos = torch.arange(x.shape[-1], device=x.device, dtype=x.dtype)
+        return self.fc((x * scale + pos).flatten(1))
+
+
+def test_constants_and_devices_the_capture_baked_in_are_rebuilt_from_the_input():
+    spec = {"name": "const", "input": {"channels": 1, "size": [1, 4], "num_classes": 3},
+            "teacher": {"model": "registered:t"}, "student": {"model": "registered:s"},
+            "stages": [{"name": "main", "optimizer": {"lr": 0.1}, "losses": [
+                {"type": "cross_entropy"}, {"name": "kd", "type": "kd", "args": {"temperature": 2.0}}]}]}
+    torch.manual_seed(6)
+    t, s = WithConstant(), WithConstant()
+    d = kdgraph.compile(spec, teacher=t, student=s)
+    assert d.traced["student"].backend == "export"
+    for node in d.graph_module.graph.nodes:  # no device of the capture is left in any op's arguments
+        flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        assert not any(isinstance(a, torch.device) for a in flat), node.format_node()
+        assert node.target is not torch.ops.aten._assert_tensor_metadata.default
+    x = torch.randn(5, 1, 1, 4)
+    out = d.eval()(x, torch.randint(0, 3, (5,)))
+    torch.testing.assert_close(out.logits, s(x), rtol=0, atol=1e-6)

@@ -13,6 +13,9 @@ rewrites the exported graph into a plain :class:`torch.fx.GraphModule` over the 
 * an in-place op on a value the network computed (``relu_`` after a BatchNorm, ``add_`` of a residual) becomes
   its out-of-place twin, later readers of the value reading the result, so a tap on the value before the op
   reads what the eager module's forward hook sees;
+* a device the capture baked into an op (``arange(..., device=cpu)``) becomes the input's device, and
+  ``_assert_tensor_metadata`` checks are dropped, so a distiller moved with ``.to()`` after compiling still runs;
+  a small constant tensor the forward creates is rebuilt in the graph;
 * the output is the network's tensor output, or the ``logits`` of a dict / Hugging Face ``ModelOutput``.
 
 Names come from each node's ``nn_module_stack`` (the module calls it ran in): a module call's output is the
@@ -136,10 +139,15 @@ class _Rewriter:
         sig = ep.graph_signature
         self.lifted: dict[str, str] = {}  # placeholder name -> attribute path on the module
         self.user_inputs: list[str] = []
+        self.constants: dict[str, torch.Tensor] = {}  # placeholder name -> a constant tensor the forward created
+        self.device: Optional[torch.device] = None  # the device the capture ran on
+        self.device_node: Optional[fx.Node] = None
         for spec in sig.input_specs:
             kind = spec.kind.name
-            if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            if kind in ("PARAMETER", "BUFFER"):
                 self.lifted[spec.arg.name] = spec.target
+            elif kind == "CONSTANT_TENSOR" and isinstance(ep.constants.get(spec.target), torch.Tensor):
+                self.constants[spec.arg.name] = ep.constants[spec.target]
             elif kind == "USER_INPUT":
                 self.user_inputs.append(spec.arg.name)
             else:
@@ -174,12 +182,32 @@ class _Rewriter:
             external = []
             for n in nodes:
                 for a in n.all_input_nodes:
-                    if a not in members and a.name not in self.lifted and a not in external:
+                    if a not in members and a.name not in self.lifted and a.name not in self.constants \
+                            and a not in external:
                         external.append(a)
             escaping = [n for n in nodes if any(u not in members for u in n.users)]
             if len(external) == 1 and len(escaping) == 1:
                 out[nodes[0]] = (paths[key], external[0], nodes)
         return out
+
+    # ---------------------------------------------------------------- what the rewrite adds
+    def _runtime_device(self) -> fx.Node:
+        """``first_input.device``: where the capture baked its device into an op (``arange(..., device=cpu)``),
+        the graph uses the input's, so a distiller moved with ``.to()`` after compiling still runs."""
+        if self.device_node is None:
+            with self.g.inserting_after(self.inputs[-1]):
+                self.device_node = self.g.call_function(getattr, (self.inputs[0], "device"))
+        return self.device_node
+
+    def _constant(self, name: str) -> fx.Node:
+        c = self.constants[name]
+        if c.numel() > 65536:
+            raise TraceError(f"the {self.role}'s forward creates a constant tensor of {c.numel():,} values ({name}); "
+                             f"kdgraph rebuilds constants in the graph only up to 65,536 values: register it as a "
+                             f"buffer of the module instead")
+        node = self.g.call_function(torch.tensor, (c.tolist(),), {"dtype": c.dtype, "device": self._runtime_device()})
+        node.meta["val"] = c
+        return node
 
     # ---------------------------------------------------------------- rewrite
     def run(self) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
@@ -194,20 +222,37 @@ class _Rewriter:
                 n = redirect[n][1]
             return self.env[n]
 
+        def mapped(a: Any, at: fx.Node) -> Any:
+            if isinstance(a, fx.Node):
+                return arg(a, at)
+            if isinstance(a, torch.device) and self.device is not None and a == self.device:
+                return self._runtime_device()
+            if isinstance(a, (list, tuple)):
+                return type(a)(mapped(x, at) for x in a)
+            if isinstance(a, dict):
+                return {k: mapped(v, at) for k, v in a.items()}
+            return a
+
+        for node in self.ep.graph.nodes:  # the inputs first: constants and devices are computed from them
+            if node.op == "placeholder" and node.name in self.user_inputs:
+                new = self.g.placeholder(node.name)
+                new.meta = dict(node.meta)
+                self.inputs.append(new)
+                self.env[node] = new
+                val = node.meta.get("val")
+                if self.device is None and isinstance(val, torch.Tensor):
+                    self.device = val.device
         for node in self.ep.graph.nodes:
-            if node in skip:
+            if node in skip or node in self.env:
                 continue
             if node.op == "placeholder":
-                if node.name in self.lifted:
-                    new = self.g.get_attr(self.lifted[node.name])
-                else:
-                    new = self.g.placeholder(node.name)
-                    self.inputs.append(new)
-                new.meta = dict(node.meta)
+                new = (self.g.get_attr(self.lifted[node.name]) if node.name in self.lifted
+                       else self._constant(node.name))
+                new.meta = {**node.meta, **new.meta}
                 self.env[node] = new
                 continue
-            if node.op == "output":
-                continue
+            if node.op == "output" or node.target is torch.ops.aten._assert_tensor_metadata.default:
+                continue  # a check of the capture's device and dtype, which a moved distiller would fail
             if node in groups:
                 path, x, members = groups[node]
                 new = self.g.call_module(path, (arg(x, node),))
@@ -224,8 +269,8 @@ class _Rewriter:
                     and not _is_view(first)):
                 target = twin
                 redirect[first] = (node, node)
-            new = self.g.create_node(node.op, target, fx.map_arg(node.args, lambda a: arg(a, node)),
-                                     fx.map_arg(node.kwargs, lambda a: arg(a, node)), name=node.name)
+            new = self.g.create_node(node.op, target, mapped(node.args, node), mapped(node.kwargs, node),
+                                     name=node.name)
             new.meta = dict(node.meta)
             self.env[node] = new
             new_of[node] = new
