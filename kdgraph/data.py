@@ -89,9 +89,15 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
     found: set[str] = set()
     seen: set[str] = set()
 
+    from .compiler.cached import cached_taps
+
+    cached = cached_taps(spec, st)  # runtime.teacher_cache: the teacher's logits come with the batch
+
     def visit(text: str) -> None:
         tap = parse_tap(text)
-        if tap.source == "batch" and tap.path not in ("images", "targets"):
+        if text in cached:
+            found.add(cached[text])
+        elif tap.source == "batch" and tap.path not in ("images", "targets", *spec.input.named):
             found.add(tap.path)
         elif tap.source == "adapter" and tap.path in spec.adapters and tap.path not in seen:
             seen.add(tap.path)

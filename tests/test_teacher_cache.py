@@ -207,3 +207,14 @@ def test_topk_cache_fill_and_kd_difference_bounded(tmp_path):
     lg = torch.randn(4, 10)
     v, i = lg.topk(9, dim=1)
     assert torch.allclose(fill_topk(v, i, torch.logsumexp(lg, 1), 10), lg, atol=1e-5)
+
+
+def test_stage_batch_inputs_lists_the_cached_logits_as_the_compiled_stage_does(tmp_path):
+    """What a custom loop asks without compiling (kdgraph.data.stage_batch_inputs) is what the compiled stage
+    takes: the cached teacher logits are a batch input; with an online teacher there is none."""
+    from kdgraph.data import stage_batch_inputs
+
+    for cache, expected in (("cache", ["teacher_output"]), (None, [])):
+        spec = kdgraph.load_spec(make_spec(tmp_path, cache))
+        assert stage_batch_inputs(spec, 0) == expected
+        assert kdgraph.compile(spec).batch_inputs == expected
