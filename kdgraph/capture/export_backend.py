@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
-from .network import ModuleCall, TracedNetwork
+from .network import ModuleCall, TracedNetwork, name_ops
 
 __all__ = ["NAME", "capture"]
 
@@ -334,20 +334,10 @@ def _names(gm: fx.GraphModule, role: str, module: nn.Module) -> TracedNetwork:
         while len(calls[path]) < k:  # a call index torch skipped (a call with no op of its own)
             calls[path].append(ModuleCall(path, None, None))
         calls[path].append(ModuleCall(path, first_in, out))
-    op_names: dict[str, fx.Node] = {}
-    node_names: dict[fx.Node, str] = {}
-    counts: dict[str, int] = {}
-    for n in nodes:
-        if n.op == "call_module" or not isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)):
-            continue  # a module call is named by its module; a size (sym_size) is no value to tap
-        stack = _stack(n)
-        scope = stack[-1][1] if stack else ""
-        key = f"{scope}/{_op_stem(n)}"
-        i = counts.get(key, 0)
-        counts[key] = i + 1
-        name = key if i == 0 else f"{key}_{i}"
-        op_names[name] = n
-        node_names[n] = name
+    # a module call is named by its module; a size (sym_size) is no value to tap
+    op_names, node_names = name_ops((n, _stack(n)[-1][1] if _stack(n) else "", _op_stem(n)) for n in nodes
+                                    if n.op != "call_module"
+                                    and isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     net = TracedNetwork(role, module, gm, calls, op_names, node_names,
                         placeholders[0] if len(placeholders) == 1 else None,

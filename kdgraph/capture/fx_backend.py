@@ -19,7 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TraceError
-from .network import ModuleCall, TracedNetwork
+from .network import ModuleCall, TracedNetwork, name_ops
 
 __all__ = ["NAME", "capture", "trace_network", "propagate_shapes"]
 
@@ -103,10 +103,8 @@ def trace_network(module: nn.Module, role: str, leaf_types: Iterable[type] = ())
             f"  leaf_modules:\n    - {{module: 'package.module:ClassName', reason: 'why'}}\n"
             f"so it becomes one node (its inside can then not be tapped).") from None
     gm = fx.GraphModule(module, graph, class_name=f"{role.capitalize()}Traced")
-    op_names: dict[str, fx.Node] = {}
-    counts: dict[str, int] = {}
     input_node = output_node = None
-    node_names: dict[fx.Node, str] = {}
+    ops: list[tuple[fx.Node, str, str]] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             input_node = input_node or node
@@ -117,14 +115,8 @@ def trace_network(module: nn.Module, role: str, leaf_types: Iterable[type] = ())
             continue
         if node.op == "call_module":
             continue
-        scope = node.meta.get("kd_scope", "")
-        stem = _op_stem(node)
-        key = f"{scope}/{stem}"
-        k = counts.get(key, 0)
-        counts[key] = k + 1
-        name = key if k == 0 else f"{key}_{k}"
-        op_names[name] = node
-        node_names[node] = name
+        ops.append((node, node.meta.get("kd_scope", ""), _op_stem(node)))
+    op_names, node_names = name_ops(ops)
     net = TracedNetwork(role, module, gm, tracer.calls, op_names, node_names, input_node, output_node, NAME)
     for path, calls in net.calls.items():
         for k, c in enumerate(calls):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch.fx as fx
 from torch import nn
@@ -25,7 +25,23 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from ..errors import TapError, did_you_mean
 from ..spec import Tap
 
-__all__ = ["ModuleCall", "TracedNetwork"]
+__all__ = ["ModuleCall", "TracedNetwork", "name_ops"]
+
+
+def name_ops(scoped: "Iterable[tuple[fx.Node, str, str]]") -> tuple[dict[str, fx.Node], dict[fx.Node, str]]:
+    """Functional-op names ``scope/op``, numbered per scope (``layer1.0/add``, ``layer1.0/add_1``), from
+    ``(node, scope, op stem)`` in graph order: ``(name -> node, node -> name)``. Both backends name ops this way."""
+    op_names: dict[str, fx.Node] = {}
+    node_names: dict[fx.Node, str] = {}
+    counts: dict[str, int] = {}
+    for node, scope, stem in scoped:
+        key = f"{scope}/{stem}"
+        k = counts.get(key, 0)
+        counts[key] = k + 1
+        name = key if k == 0 else f"{key}_{k}"
+        op_names[name] = node
+        node_names[node] = name
+    return op_names, node_names
 
 
 @dataclass
