@@ -175,6 +175,47 @@ def test_hcl_weights_halve_per_used_pooled_size():
     assert_rel(hcl(s, t), mse(s, t), "hcl on 1 x 1 (avgpool level) is a plain MSE")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sizes", [((3, 5), (6, 10)), ((4, 4), (7, 7)), ((1, 1), (4, 4)), ((5, 5), (5, 5))],
+                         ids=["x2", "4to7", "1to4", "same"])
+def test_nearest_upsample_equals_interpolate(sizes, channels_last):
+    """The expanded-view upsampling gives F.interpolate's values exactly, and its gradient up to summation order."""
+    from kdgraph.methods.kr import nearest_upsample
+    torch.manual_seed(4)
+    small, big = sizes
+    x = torch.randn(2, 6, *small)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = nearest_upsample(a, big), nn.functional.interpolate(b, size=big, mode="nearest")
+    assert ya.shape == yb.shape and torch.equal(ya, yb)
+    g = torch.randn_like(yb)
+    ya.backward(g), yb.backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [((7, 7), (4, 4)), ((8, 8), (4, 4)), ((4, 4), (1, 1))], ids=["4to7", "4to8", "1to4"])
+def test_abf_fusion_equals_torchdistills_concatenation(shapes):
+    """kdgraph's ABF splits the attention convolution instead of concatenating [x, up(r)]; outputs and gradients
+    equal torchdistill's ABF (the authors' formulation) at integer and non-integer upsampling factors."""
+    torch.manual_seed(5)
+    (h, w), (rh, rw) = shapes
+    td = TdABF(in_channels=16, mid_channels=32, out_channels=24, uses_attention=True).train()
+    ours = ADAPTERS.get("abf")(in_channels=16, out_channels=24, mid_channels=32, uses_attention=True).train()
+    _copy_abf(td, ours)
+    x, r = torch.randn(3, 16, h, w), torch.randn(3, 32, rh, rw)
+    xa, ra, xb, rb = (t.clone().requires_grad_() for t in (x, r, x, r))
+    out_td, fused_td = td(xa, ra, size=h)
+    out, fused = ours(xb, rb)
+    assert_rel(out, out_td, "abf output"), assert_rel(fused, fused_td, "abf fused map")
+    (out_td.square().sum() + fused_td.sum()).backward()
+    (out.square().sum() + fused.sum()).backward()
+    for what, a, b in [("grad x", xb.grad, xa.grad), ("grad residual", rb.grad, ra.grad),
+                       ("grad attention", ours.attention[0].weight.grad, td.attention_conv[0].weight.grad),
+                       ("grad reduce", ours.reduce[0].weight.grad, td.conv1[0].weight.grad)]:
+        assert_rel(a, b, what)
+
+
 def test_abf_reads_a_flat_embedding_as_1x1_map():
     torch.manual_seed(2)
     cls = ADAPTERS.get("abf")
