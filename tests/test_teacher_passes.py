@@ -169,6 +169,35 @@ def test_low_precision_teacher_losses_close_to_fp32_and_only_the_student_gets_gr
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_folded_weights_are_derived_in_the_teacher_dtype_with_the_values_autocast_used(nets, batch, dtype):
+    """fold + teacher_dtype: the folded weights are stored in bf16/fp16 (half the derived memory) and the taps are
+    bitwise those of fp32-stored folded weights cast by autocast on every call."""
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    d = _compile(nets, fold_teacher_bn=True, teacher_dtype=dtype)
+    r = d.report.pass_result("teacher_dtype")
+    assert len(r.details["folded_dtype"]) == 36 and "36 folded weight(s) derived in " + dtype in r.summary
+    folded = [m for m in d.graph_module.modules() if isinstance(m, FoldedConvBN)]
+    assert len(folded) == 36 and all(m.dtype is low for m in folded)
+    stored = _taps(d, batch)
+    weights = [m._cache[1] for m in folded]
+    assert all(w.dtype is low and b.dtype is low for w, b in weights)
+    assert all(p.dtype is torch.float32 for p in d.teacher.parameters())  # the user's module is as it was
+    for m in folded:  # the same graph with the folded weights kept in fp32 (autocast casts them per call)
+        m.dtype = None
+    cast_per_call = _taps(d, batch)
+    assert all(m._cache[1][0].dtype is torch.float32 for m in folded)
+    for t in TAPS + ["loss"]:
+        assert torch.equal(stored[t], cast_per_call[t]), t
+    # a low-precision folded call outside autocast computes in its input's dtype
+    m = folded[0]
+    m.dtype = low
+    x = torch.randn(1, m._conv.in_channels, 9, 9)
+    y = m(x)
+    assert y.dtype is torch.float32
+    torch.testing.assert_close(y, m._bn(m._conv(x)), rtol=1e-2, atol=1e-2 * float(y.abs().max()))
+
+
 def test_autocast_state_is_restored_when_the_teacher_raises():
     assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(RuntimeError):

@@ -45,6 +45,9 @@ class FoldedConvBN(nn.Module):
         #: the folded weight's memory format (``teacher_channels_last`` sets ``torch.channels_last``), or None: the
         #: convolution weight's own
         self.memory_format: Optional[torch.memory_format] = None
+        #: the folded weight's and bias's dtype (``teacher_dtype`` sets bf16 / fp16, the dtype autocast would cast
+        #: them to on every call: stored once, half the derived memory, the same values), or None: the weight's own
+        self.dtype: Optional[torch.dtype] = None
         self.conv_name, self.bn_name = type(conv).__name__, type(bn).__name__
 
     def represented_parameters(self) -> list[nn.Parameter]:
@@ -57,7 +60,7 @@ class FoldedConvBN(nn.Module):
         return [c.weight, c.bias, b.weight, b.bias, b.running_mean, b.running_var]
 
     def _key(self) -> tuple:
-        return (self.memory_format,) + tuple((t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None
+        return (self.memory_format, self.dtype) + tuple((t._version, t.data_ptr(), t.device, t.dtype) if t is not None else None
                                              for t in self._sources())
 
     @torch.no_grad()
@@ -73,6 +76,8 @@ class FoldedConvBN(nn.Module):
         if b.bias is not None:
             bias = bias + b.bias
         weight = c.weight * scale.reshape(-1, *([1] * (c.weight.dim() - 1)))
+        if self.dtype is not None:
+            weight, bias = weight.to(self.dtype), bias.to(self.dtype)
         if self.memory_format is not None:
             weight = weight.contiguous(memory_format=self.memory_format)
         return weight.detach(), bias.detach()
@@ -88,6 +93,8 @@ class FoldedConvBN(nn.Module):
             if self._cache is None or self._cache[0] != key:
                 object.__setattr__(self, "_cache", (key, self.folded()))
             weight, bias = self._cache[1]
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)  # called outside the teacher's autocast
         if c.padding_mode != "zeros":
             return F.conv2d(F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode), weight, bias,
                             c.stride, 0, c.dilation, c.groups)

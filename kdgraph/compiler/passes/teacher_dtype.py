@@ -8,7 +8,9 @@ tapped teacher value is cast back to fp32 for its readers (:func:`~.tap_values.r
 the dtype it gets without this pass.
 
 The teacher module is not changed (autocast casts per call; no bf16 copy of a parameter is stored), so its
-``state_dict``, checkpoints and weight loading are untouched and new weights take effect at once. Not exact: bf16
+``state_dict``, checkpoints and weight loading are untouched and new weights take effect at once. Weights that
+``fold_teacher_bn`` derived are derived in the low precision (:attr:`FoldedConvBN.dtype`): the values autocast
+would cast them to on every call, stored once at half the size. Not exact: bf16
 keeps 8 bits of mantissa (docs/training.md, "Teacher passes", has the measured errors); the teacher gets no
 gradient either way. :class:`kdgraph.Distiller` restores the autocast state if a module raises in between.
 
@@ -24,6 +26,7 @@ import torch.fx as fx
 from ...nodeinfo import NodeInfo, Role, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
+from .fold_teacher_bn import FoldedConvBN
 from .tap_values import restore_tap_node, teacher_tap_nodes
 
 __all__ = ["NAME", "run", "DTYPES", "teacher_autocast_on", "teacher_autocast_restore", "autocast_state_kept"]
@@ -79,6 +82,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         r = restore_tap_node(graph, node, dtype=torch.float32)
         if r is not None:
             restored[text] = r.name
+    folded = []
+    for n in nodes:
+        mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+        if isinstance(mod, FoldedConvBN):
+            mod.dtype = DTYPES[ctx.teacher_dtype]
+            folded.append(n.name)
     nodes = [n for n in graph.nodes if role_of(n) is Role.TEACHER]  # with the restore_tap nodes
     with graph.inserting_before(nodes[0]):
         prev = set_info(graph.call_function(teacher_autocast_on, (source, DTYPES[ctx.teacher_dtype])),
@@ -87,5 +96,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         set_info(graph.call_function(teacher_autocast_restore, (prev,)),
                  NodeInfo(Role.GRAD_MODE, "teacher_autocast_restore"))
     return PassResult(NAME, True, f"teacher's {len(nodes)} node(s) under {ctx.teacher_dtype} autocast; "
+                                  f"{len(folded)} folded weight(s) derived in {ctx.teacher_dtype}; "
                                   f"{len(restored)} tap(s) cast back to fp32",
-                      {"dtype": ctx.teacher_dtype, "teacher_nodes": len(nodes), "retapped": restored})
+                      {"dtype": ctx.teacher_dtype, "teacher_nodes": len(nodes), "folded_dtype": folded,
+                       "retapped": restored})
