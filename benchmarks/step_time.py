@@ -13,6 +13,12 @@ batch (before any update). ``--fold``, ``--teacher-channels-last`` and ``--teach
 kdgraph's teacher passes on (``runtime.fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``);
 the hand-written loop stays the careful plain one (its teacher in the student's memory format). ``--memory`` runs each variant alone in a subprocess
 and reports its peak resident memory (CPU) or peak CUDA memory.
+
+Where kdgraph computes an adapter differently from the method's reference code, the hand-written loop
+runs the reference code (``--hand-adapters reference``, the default), as a user porting the method
+would: KR's ABF as the authors (and torchdistill) write it, interpolating the residual and
+concatenating it with the reduced map before the attention convolution. ``--hand-adapters kdgraph``
+gives the hand-written loop kdgraph's own adapter code instead, to separate the two gains.
 """
 from __future__ import annotations
 
@@ -31,11 +37,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kdgraph  # noqa: E402
+from kdgraph.methods.kr import AttentionBasedFusion  # noqa: E402
 from kdgraph.spec import parse_tap  # noqa: E402
 
 ALL = ["kd", "at", "l2", "ft", "crd", "tfkd", "sskd", "pad_l2", "kr", "dist"]
@@ -51,13 +59,33 @@ def load(short: str, size: int, args=None):
     return spec
 
 
+class ReferenceABF(AttentionBasedFusion):
+    """KR's ABF as the authors write it (ReviewKD, ImageNet/models/reviewkd.py; torchdistill's
+    ``AttentionBasedFusion``): upsample the residual, concatenate, attention convolution, fuse."""
+
+    def forward(self, x, residual=None):
+        if self.vector_input:
+            x = x[:, :, None, None]
+        x = self.reduce(x)
+        if self.attention is not None:
+            n, _, h, w = x.shape
+            y = F.interpolate(residual, (h, w), mode="nearest")
+            z = self.attention(torch.cat([x, y], dim=1))
+            x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+        return self.project(x), x
+
+
 class HandWritten:
     """The eager loop: hooks capture taps; adapters and losses are called by hand."""
 
-    def __init__(self, d: "kdgraph.distiller.Distiller"):
+    def __init__(self, d: "kdgraph.distiller.Distiller", reference_adapters: bool = True):
         self.teacher = copy.deepcopy(d.teacher).eval()
         self.student = copy.deepcopy(d.student)
         self.adapters = copy.deepcopy(d.adapters)
+        if reference_adapters:  # same parameters, the reference code's forward
+            for a in self.adapters.values():
+                if type(a) is AttentionBasedFusion:
+                    a.__class__ = ReferenceABF
         self.losses = copy.deepcopy(d.losses[d.stage])
         self.transform = copy.deepcopy(d.transforms[d.stage]) if d.stage in d.transforms else None
         self.stage = d.spec.stage(d.stage)
@@ -136,7 +164,7 @@ def build(short: str, args, device):
     d = kdgraph.compile(spec)
     d.enter_stage(len(d.stages) - 1)  # the student-training stage (FT, SSKD, PAD: the last)
     d.to(device)
-    hand = HandWritten(d)
+    hand = HandWritten(d, reference_adapters=args.hand_adapters == "reference")
     hand.teacher.to(device), hand.student.to(device), hand.adapters.to(device), hand.losses.to(device)
     if args.channels_last:
         for m in (d, hand.teacher, hand.student, hand.adapters):
@@ -252,6 +280,8 @@ def main() -> None:
     ap.add_argument("--teacher-channels-last", action="store_true", help="kdgraph: runtime.teacher_channels_last")
     ap.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="kdgraph: runtime.teacher_dtype")
+    ap.add_argument("--hand-adapters", choices=["reference", "kdgraph"], default="reference",
+                    help="the hand-written loop's adapter code: the method's reference code or kdgraph's")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--_child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,7 +293,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"{args.size}x{args.size}, amp {args.amp}, channels_last {args.channels_last}, steps {args.steps} "
           f"(median, interleaved); kdgraph teacher passes: fold {args.fold}, teacher_channels_last "
-          f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}")
+          f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}; hand-written adapters {args.hand_adapters}")
     print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6} {'loss rel':>9}" + (" {:>12} {:>12} {:>15} {:>12}".format(
         "kdgraph MiB", "hand MiB", "kdgraph step", "hand step") if args.memory else ""))
     rows = []
@@ -275,7 +305,8 @@ def main() -> None:
                        "--size", str(args.size), "--device", args.device, "--amp", args.amp]
                 if args.channels_last:
                     cmd.append("--channels-last")
-                cmd += ["--teacher-dtype", args.teacher_dtype] + ["--fold"] * args.fold \
+                cmd += ["--teacher-dtype", args.teacher_dtype, "--hand-adapters", args.hand_adapters] \
+                    + ["--fold"] * args.fold \
                     + ["--teacher-channels-last"] * args.teacher_channels_last
                 p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 mem = json.loads(p.stdout.strip().splitlines()[-1])
