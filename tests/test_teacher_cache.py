@@ -1,10 +1,13 @@
 """The teacher output cache: kdgraph cache-teacher writes R views per image with the teacher's logits, training
 replays them (no teacher node runs), stale or incomplete caches are refused, a killed cache-teacher resumes, a
 resumed training replays the same draws, and --topk changes the KD loss by a bounded amount. Tiny Fashion-MNIST
-subsets, TinyCNN teacher (width 8) -> student (width 4), random init, CPU."""
+subsets, TinyCNN teacher (width 8) -> student (width 4), random init, CPU; and an ImageNet-layout folder of real
+JPEGs, whose replayed views are the recorded crop boxes and flips applied to the decoded image.
+Multi-process (torchrun) caches: tests/test_teacher_cache_ranks.py."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,9 @@ from kdgraph.errors import TeacherCacheError
 from kdgraph.train.data import ResumableSampler, build_datasets
 from kdgraph.train.teacher_cache import ReplayView, cache_teacher, fill_topk, open_for_training, view_of_epoch
 from kdgraph.zoo import tiny_cnn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import foolbox_image_folder  # noqa: E402
 
 N = 96
 
@@ -218,3 +224,79 @@ def test_stage_batch_inputs_lists_the_cached_logits_as_the_compiled_stage_does(t
         spec = kdgraph.load_spec(make_spec(tmp_path, cache))
         assert stage_batch_inputs(spec, 0) == expected
         assert kdgraph.compile(spec).batch_inputs == expected
+
+
+def test_image_folder_replay_is_the_recorded_crop_and_flip_of_the_decoded_jpeg(tmp_path):
+    """ImageFolder (data.dataset: imagenet, the 20 real JPEGs foolbox ships, one of them 1024 x 683) with the
+    ImageNet training transform at 64 x 64 (RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize):
+    every replayed view is exactly (torch.equal) the recorded box (top, left, height, width) and flip applied by
+    hand to the decoded JPEG with torchvision's functional ops, the R views of an image have different boxes,
+    and the replayed logits are the teacher's on the replayed view (fp16: rtol 2**-11, half an ulp; atol 1e-5
+    for the float32 teacher recomputed on another batch). A fresh random crop (the transform without the stored
+    seed) is not the recorded view: the equality check is what would catch a replay that drew its own."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from kdgraph.train.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+
+    views, size = 4, [64, 64]
+    k = foolbox_image_folder(tmp_path / "inet")
+    torch.manual_seed(3)
+    torch.save(tiny_cnn(in_channels=3, num_classes=k, width=8).state_dict(), tmp_path / "teacher.pt")
+    spec = kdgraph.load_spec({
+        "name": "tc_inet", "input": {"channels": 3, "size": size, "num_classes": k},
+        "teacher": {"model": "kdgraph.zoo:tiny_cnn", "kwargs": {"in_channels": 3, "num_classes": k, "width": 8},
+                    "weights": str(tmp_path / "teacher.pt")},
+        "student": {"model": "kdgraph.zoo:tiny_cnn", "kwargs": {"in_channels": 3, "num_classes": k, "width": 4}},
+        "stages": [{"name": "main", "batch_size": 4, "optimizer": {"lr": 0.01},
+                    "losses": [{"name": "ce", "type": "cross_entropy", "weight": 0.5},
+                               {"name": "kd", "type": "kd", "weight": 0.5}]}],
+        "data": {"dataset": "imagenet", "root": str(tmp_path / "inet"), "workers": 0},
+        "runtime": {"seed": 0, "teacher_cache": str(tmp_path / "cache")}})
+    cache_teacher(spec, views, tmp_path / "cache", device="cpu", batch_size=8, progress=False, say=lambda m: None)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["data"]["kind"] == "image folder" and manifest["data"]["images"] == 20
+    assert manifest["transform"]["params"] == ["top", "left", "height", "width", "flip"]
+
+    bundle = build_datasets(spec)
+    d = kdgraph.compile(spec)
+    d.load_weights()
+    cache = open_for_training(spec, d.teacher, bundle.train, None)
+    replay = ReplayView(bundle.train, spec.runtime.seed, cache)
+    samples = bundle.train.samples
+    wide = next(i for i, (path, _) in enumerate(samples) if Image.open(path).size == (1024, 683))
+    params = np.load(tmp_path / "cache" / "rank000-of-001.params.npy")  # 20 x R x (top, left, h, w, flip)
+    assert params.shape == (20, views, 5)
+
+    def by_hand(index: int, view: int) -> torch.Tensor:
+        top, left, h, w, flip = (int(p) for p in params[index, view])
+        with Image.open(samples[index][0]) as im:
+            x = F.resized_crop(im.convert("RGB"), top, left, h, w, size, InterpolationMode.BILINEAR, antialias=True)
+        x = F.hflip(x) if flip else x
+        return F.normalize(F.to_tensor(x), IMAGENET_MEAN, IMAGENET_STD)
+
+    keys = [(i, e) for i in (0, 7, wide, 19) for e in range(3)]
+    batch = replay.__getitems__(keys)
+    _, chosen = replay._views(keys)
+    assert len(set(chosen)) > 1  # the epochs replay different views
+    flips = set()
+    for b, ((i, _), v) in enumerate(zip(keys, chosen)):
+        assert torch.equal(batch.images[b], by_hand(i, v)), f"image {i}, view {v}"
+        flips.add(int(params[i, v, 4]))
+    assert flips == {0, 1}  # both the flipped and the unflipped path are checked
+    for i in (0, wide):
+        boxes = {tuple(int(p) for p in params[i, v, :4]) for v in range(views)}
+        assert len(boxes) == views, f"image {i}: the {views} views share a crop box"
+        _, height, width = F.get_dimensions(Image.open(samples[i][0]))
+        assert all(t + h <= height and l + w <= width for t, l, h, w in boxes)
+    assert all(not torch.equal(by_hand(wide, 0), by_hand(wide, v)) for v in range(1, views))
+    torch.manual_seed(12345)
+    assert not torch.equal(bundle.train[wide][0], by_hand(wide, chosen[keys.index((wide, 0))]))  # a fresh crop
+
+    d.teacher.eval()
+    with torch.no_grad():
+        now = d.teacher(batch.images)
+    torch.testing.assert_close(batch.extras["teacher_output"], now, rtol=2.0 ** -11, atol=1e-5)
+    other = cache.outputs([i for i, _ in keys], [(v + 1) % views for v in chosen])["teacher_output"]
+    assert not torch.allclose(other, now, rtol=2.0 ** -11, atol=1e-5)  # another view's logits would fail

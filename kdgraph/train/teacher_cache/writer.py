@@ -140,7 +140,8 @@ def _run(spec: Spec, views: int, folder: Path, topk: Optional[int], data: Option
             + (f" (top-{topk})" if topk else " (full fp16 logits)")
             + (f", resuming at image {done * env.world_size}" if 0 < done < len(indices) else "")
             + (f", {env.world_size} processes" if env.distributed else ""))
-    bar = _Progress(progress and env.is_main, len(indices), done, f"cache-teacher {spec.name}", say)
+    bar = _Progress(progress and env.is_main, len(indices), done, f"cache-teacher {spec.name}",
+                    say if env.is_main else (lambda m: None))  # rank 0 alone reports, as kdgraph train
     seed, computed = spec.runtime.seed, 0
     t_run = time.perf_counter()
     try:
