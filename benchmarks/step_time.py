@@ -3,14 +3,16 @@
     python benchmarks/step_time.py [--specs kd at l2 ft ...] [--batch 16] [--size 112] [--steps 15]
                                    [--device cpu|cuda] [--amp off|bf16] [--channels-last] [--memory]
                                    [--fold] [--teacher-channels-last] [--teacher-dtype fp32|bf16|fp16]
+                                   [--teacher-mkldnn] [--hand-adapters reference|kdgraph]
 
 The hand-written loop is what people write without kdgraph: the teacher in eval mode under
 ``torch.no_grad()``, forward hooks on the tapped modules, the same adapter and loss modules (a
 deep copy, same weights) called by hand, the same weighted sum, the same SGD optimiser. Both
 variants run interleaved in one process (A, B, A, B, ...) after warm-up; the table reports the
 median step time of each and their ratio, and the relative difference of their losses on the first
-batch (before any update). ``--fold``, ``--teacher-channels-last`` and ``--teacher-dtype`` switch
-kdgraph's teacher passes on (``runtime.fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``);
+batch (before any update). ``--fold``, ``--teacher-channels-last``, ``--teacher-dtype`` and ``--teacher-mkldnn``
+switch kdgraph's teacher passes on (``runtime.fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``,
+``teacher_mkldnn``);
 the hand-written loop stays the careful plain one (its teacher in the student's memory format). ``--memory`` runs each variant alone in a subprocess
 and reports its peak resident memory (CPU) or peak CUDA memory.
 
@@ -56,6 +58,7 @@ def load(short: str, size: int, args=None):
         spec.runtime.fold_teacher_bn = args.fold
         spec.runtime.teacher_channels_last = args.teacher_channels_last
         spec.runtime.teacher_dtype = args.teacher_dtype
+        spec.runtime.teacher_mkldnn = args.teacher_mkldnn
     return spec
 
 
@@ -280,6 +283,7 @@ def main() -> None:
     ap.add_argument("--teacher-channels-last", action="store_true", help="kdgraph: runtime.teacher_channels_last")
     ap.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="kdgraph: runtime.teacher_dtype")
+    ap.add_argument("--teacher-mkldnn", action="store_true", help="kdgraph: runtime.teacher_mkldnn (CPU)")
     ap.add_argument("--hand-adapters", choices=["reference", "kdgraph"], default="reference",
                     help="the hand-written loop's adapter code: the method's reference code or kdgraph's")
     ap.add_argument("--json", default=None, help="write results here")
@@ -293,7 +297,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
           f"{args.size}x{args.size}, amp {args.amp}, channels_last {args.channels_last}, steps {args.steps} "
           f"(median, interleaved); kdgraph teacher passes: fold {args.fold}, teacher_channels_last "
-          f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}; hand-written adapters {args.hand_adapters}")
+          f"{args.teacher_channels_last}, teacher_dtype {args.teacher_dtype}, teacher_mkldnn {args.teacher_mkldnn}; hand-written adapters {args.hand_adapters}")
     print(f"{'method':8} {'kdgraph ms':>11} {'hand ms':>9} {'ratio':>6} {'loss rel':>9}" + (" {:>12} {:>12} {:>15} {:>12}".format(
         "kdgraph MiB", "hand MiB", "kdgraph step", "hand step") if args.memory else ""))
     rows = []
@@ -307,7 +311,8 @@ def main() -> None:
                     cmd.append("--channels-last")
                 cmd += ["--teacher-dtype", args.teacher_dtype, "--hand-adapters", args.hand_adapters] \
                     + ["--fold"] * args.fold \
-                    + ["--teacher-channels-last"] * args.teacher_channels_last
+                    + ["--teacher-channels-last"] * args.teacher_channels_last \
+                    + ["--teacher-mkldnn"] * args.teacher_mkldnn
                 p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
                 mem = json.loads(p.stdout.strip().splitlines()[-1])
                 r[f"{variant}_peak_mib"], r[f"{variant}_step_mib"] = mem["peak"] / 2**20, mem["step"] / 2**20

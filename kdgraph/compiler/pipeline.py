@@ -1,7 +1,7 @@
 """The pipeline of one stage: fuse the graph, run the passes in order, report what was built and what changed.
 
     fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype,
-                          teacher_no_grad, cleanup) -> StageReport
+                          teacher_mkldnn, teacher_no_grad, cleanup) -> StageReport
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     fused = fuse_stage(prep, stage_index, root)
     rt = prep.spec.runtime
     ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=rt.fold_teacher_bn,
-                      teacher_channels_last=rt.teacher_channels_last, teacher_dtype=rt.teacher_dtype)
+                      teacher_channels_last=rt.teacher_channels_last, teacher_dtype=rt.teacher_dtype,
+                      teacher_mkldnn=rt.teacher_mkldnn)
     results = run_passes(fused.gm, ctx)
     return fused.gm, stage_report(prep, stage_index, fused, results)
 
@@ -51,7 +52,7 @@ def stage_report(prep: Prepared, stage_index: int, fused: FusedStage, results: l
     report.pruned_nodes = list(pruned.details["teacher_pruned"]) if pruned is not None else []
     report.teacher_nodes_pruned = len(report.pruned_nodes)
     report.inplace_fixed = list(inplace.details["fixed"]) if inplace is not None else []
-    # a pass that hands a tap's readers a converted value (teacher_dtype, teacher_channels_last) names its node
+    # a pass that hands a tap's readers another node (teacher_dtype, teacher_channels_last, teacher_mkldnn) names it
     retapped = {t: name for r in results for t, name in r.details.get("retapped", {}).items()}
     for text, node in fused.taps.items():
         meta = node.meta.get("tensor_meta")

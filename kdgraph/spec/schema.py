@@ -301,6 +301,11 @@ class RuntimeSpec(_Strict):
         "fp32", description="compiler pass: the precision the frozen teacher's nodes run in, under autocast (bf16 or "
                             "fp16; fp32: unchanged, the step's own precision); tapped values go to the losses in fp32; "
                             "not exact (docs/training.md, Teacher passes)")
+    teacher_mkldnn: bool = Field(False, description="compiler pass, CPU: run the frozen teacher as one subgraph in "
+                                                    "oneDNN's blocked layout with its BatchNorm folded (torch.fx's "
+                                                    "optimize_for_inference; a derived copy of its weights, rebuilt "
+                                                    "when they change; ~1e-6 relative). Not with fold_teacher_bn, "
+                                                    "teacher_channels_last or teacher_dtype, which it replaces")
     teacher_cache: Optional[str] = Field(
         None, min_length=1, max_length=4096,
         description="kdgraph train: a folder written by `kdgraph cache-teacher` (relative to the spec file, or "
@@ -313,6 +318,18 @@ class RuntimeSpec(_Strict):
     def _yaml_off(cls, v: Any) -> Any:
         # YAML 1.1 reads an unquoted `off` as False
         return "off" if v is False else v
+
+    @model_validator(mode="after")
+    def _teacher_mkldnn_alone(self) -> "RuntimeSpec":
+        if self.teacher_mkldnn:
+            mixed = [name for name, on in [("fold_teacher_bn", self.fold_teacher_bn),
+                                           ("teacher_channels_last", self.teacher_channels_last),
+                                           ("teacher_dtype", self.teacher_dtype != "fp32")] if on]
+            if mixed:
+                raise ValueError(f"teacher_mkldnn folds the teacher's BatchNorm and chooses its layout itself, in "
+                                 f"fp32; it cannot be combined with {', '.join(mixed)}: switch "
+                                 f"{'that' if len(mixed) == 1 else 'those'} off, or teacher_mkldnn")
+        return self
 
 
 class Reference(_Strict):

@@ -12,17 +12,18 @@ import torch.fx as fx
 
 from ..report import PassResult
 from . import (cleanup, fold_teacher_bn, inplace_safety, prune_teacher, teacher_channels_last, teacher_dtype,
-               teacher_no_grad)
+               teacher_mkldnn, teacher_no_grad)
 from .context import PassContext
 from .teacher_no_grad import teacher_grad_off, teacher_grad_restore
 
 __all__ = ["PASSES", "PassContext", "run_passes", "teacher_grad_off", "teacher_grad_restore"]
 
 #: in order: in-place safety must see every tap's users before pruning; BatchNorm folding works on the teacher
-#: nodes that survived pruning; the teacher's layout and precision passes see the folded calls; no-grad brackets
-#: every teacher node (theirs too); cleanup (lint, unused submodules, recompile) is last
-PASSES = (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype, teacher_no_grad,
-          cleanup)
+#: nodes that survived pruning; the teacher's layout and precision passes see the folded calls; teacher_mkldnn
+#: (exclusive with those three: the spec refuses the mix) turns the surviving teacher into one call; no-grad
+#: brackets every teacher node (theirs too); cleanup (lint, unused submodules, recompile) is last
+PASSES = (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype, teacher_mkldnn,
+          teacher_no_grad, cleanup)
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Iterable = PASSES) -> list[PassResult]:

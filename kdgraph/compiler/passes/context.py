@@ -15,14 +15,15 @@ __all__ = ["PassContext"]
 @dataclass(frozen=True)
 class PassContext:
     """``stage``: the stage's spec; ``taps``: tap text -> the fused node whose value that tap reads;
-    ``fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``: the spec's ``runtime`` switches of the
-    teacher passes."""
+    ``fold_teacher_bn``, ``teacher_channels_last``, ``teacher_dtype``, ``teacher_mkldnn``: the spec's ``runtime``
+    switches of the teacher passes."""
 
     stage: StageSpec
     taps: Mapping[str, fx.Node] = field(default_factory=dict)
     fold_teacher_bn: bool = False
     teacher_channels_last: bool = False
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    teacher_mkldnn: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", MappingProxyType(dict(self.taps)))

@@ -1,0 +1,120 @@
+"""The teacher_mkldnn pass: a ResNet-34 teacher run as one oneDNN subgraph gives the plain graph's tap values
+(rtol 1e-5 of each tap's scale) at an odd input size, follows new teacher weights after compile, leaves the teacher
+module and the state_dict as they were, falls back to the plain subgraph where oneDNN cannot run it, and is refused
+beside the other teacher passes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+import kdgraph
+from kdgraph.compiler.passes.teacher_mkldnn import HOLDER, MkldnnTeacher, fast_copy
+from kdgraph.errors import SpecError
+from kdgraph.nodeinfo import Role, role_of
+from test_teacher_passes import SPEC, TAPS, _close, _teacher
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(1)
+    return _teacher(0), resnet18(num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(3, 3, 33, 47, generator=g), torch.randint(0, 10, (3,), generator=g)
+
+
+def _compile(nets, **runtime):
+    return kdgraph.compile({**SPEC, "runtime": runtime}, teacher=nets[0], student=nets[1]).train()
+
+
+def _taps(d, batch) -> dict:
+    with torch.no_grad():
+        out = d(*batch, return_taps=True)
+    return {t: out.taps[t] for t in TAPS} | {"loss": out.loss}
+
+
+def test_one_onednn_call_gives_the_plain_teachers_taps(nets, batch):
+    plain, d = _compile(nets), _compile(nets, teacher_mkldnn=True)
+    r = d.report.pass_result("teacher_mkldnn")
+    assert r.changed and len(r.details["converted"]) == 37  # 36 convolutions + fc
+    assert set(r.details["retapped"]) == set(TAPS)
+    teacher_nodes = [n for n in d.graph_module.graph.nodes if role_of(n) is Role.TEACHER]
+    calls = [n for n in teacher_nodes if n.op == "call_module"]
+    assert [n.target for n in calls] == [HOLDER] and len(teacher_nodes) == 1 + len(TAPS)  # the call + one item each
+    assert fast_copy(d.graph_module) is None  # built at the first CPU call, not at compile
+    fast, ref = _taps(d, batch), _taps(plain, batch)
+    holder = d.graph_module.get_submodule(HOLDER)
+    assert holder.builds == 1 and fast_copy(d.graph_module) is not None
+    assert "to_mkldnn" in fast_copy(d.graph_module).code  # it really ran in the blocked layout
+    for t in TAPS + ["loss"]:
+        assert fast[t].dtype == torch.float32 and fast[t].layout == torch.strided
+        _close(fast[t], ref[t], 1e-5)
+    _close(fast["teacher:@output"], nets[0](batch[0]).detach(), 1e-5)
+    _taps(d, batch)
+    assert holder.builds == 1  # same weights: the copy is reused
+
+
+def test_teacher_module_state_dict_and_training_step_are_as_without_the_pass(nets, batch):
+    before = {k: v.clone() for k, v in nets[0].state_dict().items()}
+    plain, d = _compile(nets), _compile(nets, teacher_mkldnn=True)
+    assert list(d.state_dict()) == list(plain.state_dict())
+    assert not list(d.graph_module.get_submodule(HOLDER).parameters())  # the teacher is not listed twice
+    for p in d.parameters():
+        p.grad = None
+    out = d(*batch)
+    out.loss.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in d.student.parameters() if p.grad is not None) > 0
+    assert all(torch.equal(v, before[k]) for k, v in nets[0].state_dict().items())
+
+
+def test_new_teacher_weights_after_compile_rebuild_the_copy(nets, batch):
+    d = _compile(nets, teacher_mkldnn=True)
+    first = _taps(d, batch)
+    other = _teacher(7)
+    d.teacher.load_state_dict(other.state_dict())
+    try:
+        again = _taps(d, batch)
+        assert d.graph_module.get_submodule(HOLDER).builds == 2
+        _close(again["teacher:@output"], other(batch[0]).detach(), 1e-5)
+        assert not torch.allclose(again["teacher:@output"], first["teacher:@output"])
+    finally:
+        d.teacher.load_state_dict(nets[0].state_dict())
+
+
+def test_falls_back_to_the_plain_subgraph_where_onednn_cannot_run(nets, batch):
+    d = _compile(nets, teacher_mkldnn=True)
+    holder: MkldnnTeacher = d.graph_module.get_submodule(HOLDER)
+    x = batch[0]
+    expected = holder.plain(x)
+    with torch.enable_grad():  # autograd on: oneDNN tensors have none
+        assert torch.equal(holder(x)[0], expected[0])
+    with torch.no_grad():
+        y = holder(x.double().float().contiguous())[0]  # the usable case, for contrast
+        assert holder.builds == 1
+        d.teacher.double()
+        try:
+            z = holder(x.double())[0]  # another dtype: the plain subgraph, no build
+            assert z.dtype == torch.float64 and holder.builds == 1
+        finally:
+            d.teacher.float()
+        d.teacher.layer1.train()  # a teacher module in training mode
+        try:
+            holder(x)
+            assert holder.builds == 1
+        finally:
+            d.teacher.layer1.eval()
+    _close(y, expected[0].detach(), 1e-5)
+
+
+@pytest.mark.parametrize("other", [{"fold_teacher_bn": True}, {"teacher_channels_last": True},
+                                   {"teacher_dtype": "bf16"}])
+def test_refused_beside_the_other_teacher_passes(nets, other):
+    with pytest.raises(SpecError) as e:
+        kdgraph.compile({**SPEC, "runtime": {"teacher_mkldnn": True, **other}}, teacher=nets[0], student=nets[1])
+    text = str(e.value)
+    assert "runtime" in text and "teacher_mkldnn" in text and next(iter(other)) in text
