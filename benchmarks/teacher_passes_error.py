@@ -1,5 +1,6 @@
 """How far the teacher passes move the numbers: for each combination of fold_teacher_bn, teacher_channels_last and
-teacher_dtype, the teacher's logits and layer4 features and the KD / AT loss terms against the plain fp32 graph.
+teacher_dtype, and for teacher_mkldnn (alone: the spec refuses it with the others), the teacher's logits and
+layer4 features and the KD / AT loss terms against the plain fp32 graph.
 
 ResNet-34 teacher -> ResNet-18 student, random init with non-trivial BatchNorm statistics (no weights are
 downloaded), one batch of --batch images at --size x --size, no update.
@@ -60,17 +61,19 @@ def main() -> None:
     ref = run()
     print(f"ResNet-34 -> ResNet-18, batch {a.batch} at {a.size}x{a.size}; errors against the plain fp32 graph "
           f"(rel = max |a - b| / max |b|)")
-    print("| fold | teacher channels_last | teacher dtype | logits max abs | logits max rel | layer4 max rel "
-          "| KD loss rel | AT loss rel |")
-    print("|---|---|---|---|---|---|---|---|")
-    for fold, cl, dt in itertools.product((False, True), (False, True), ["fp32", *a.dtypes]):
-        if not (fold or cl or dt != "fp32"):
-            continue
-        out = run(fold_teacher_bn=fold, teacher_channels_last=cl, teacher_dtype=dt)
+    print("| pass(es) | logits max abs | logits max rel | layer4 max rel | KD loss rel | AT loss rel |")
+    print("|---|---|---|---|---|---|")
+    combos = [dict(fold_teacher_bn=fold, teacher_channels_last=cl, teacher_dtype=dt)
+              for fold, cl, dt in itertools.product((False, True), (False, True), ["fp32", *a.dtypes])
+              if fold or cl or dt != "fp32"] + [dict(teacher_mkldnn=True)]
+    for rt in combos:
+        out = run(**rt)
         t, r = out.taps["teacher:@output"], ref.taps["teacher:@output"]
         f, rf = out.taps["teacher:layer4"], ref.taps["teacher:layer4"]
         rel = lambda p, q: float((p - q).abs().max() / q.abs().max())  # noqa: E731
-        print(f"| {'on' if fold else 'off'} | {'on' if cl else 'off'} | {dt} | {float((t - r).abs().max()):.2e} "
+        name = " + ".join(k if v is True else f"{k}: {v}" for k, v in rt.items() if v not in (False, "fp32")) \
+            or "none"
+        print(f"| {name} | {float((t - r).abs().max()):.2e} "
               f"| {rel(t, r):.2e} | {rel(f, rf):.2e} | {rel(out.terms['kd'], ref.terms['kd']):.2e} "
               f"| {rel(out.terms['at'], ref.terms['at']):.2e} |", flush=True)
 

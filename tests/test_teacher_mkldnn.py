@@ -40,7 +40,7 @@ def _taps(d, batch) -> dict:
 def test_one_onednn_call_gives_the_plain_teachers_taps(nets, batch):
     plain, d = _compile(nets), _compile(nets, teacher_mkldnn=True)
     r = d.report.pass_result("teacher_mkldnn")
-    assert r.changed and len(r.details["converted"]) == 37  # 36 convolutions + fc
+    assert r.changed and len(r.details["converted"]) == 36  # ResNet-34's convolutions
     assert set(r.details["retapped"]) == set(TAPS)
     teacher_nodes = [n for n in d.graph_module.graph.nodes if role_of(n) is Role.TEACHER]
     calls = [n for n in teacher_nodes if n.op == "call_module"]
@@ -49,7 +49,8 @@ def test_one_onednn_call_gives_the_plain_teachers_taps(nets, batch):
     fast, ref = _taps(d, batch), _taps(plain, batch)
     holder = d.graph_module.get_submodule(HOLDER)
     assert holder.builds == 1 and fast_copy(d.graph_module) is not None
-    assert "to_mkldnn" in fast_copy(d.graph_module).code  # it really ran in the blocked layout
+    code = fast_copy(d.graph_module).code  # it really ran in the blocked layout, BatchNorms folded
+    assert "to_mkldnn" in code and "onednn_conv_35" in code and "bn" not in code
     for t in TAPS + ["loss"]:
         assert fast[t].dtype == torch.float32 and fast[t].layout == torch.strided
         _close(fast[t], ref[t], 1e-5)
@@ -118,3 +119,51 @@ def test_refused_beside_the_other_teacher_passes(nets, other):
         kdgraph.compile({**SPEC, "runtime": {"teacher_mkldnn": True, **other}}, teacher=nets[0], student=nets[1])
     text = str(e.value)
     assert "runtime" in text and "teacher_mkldnn" in text and next(iter(other)) in text
+
+
+class _Awkward(torch.nn.Module):
+    """In-place ops whose inputs are read again, ops oneDNN does not run, a pooling it cannot, a conv with bias
+    feeding two readers, and a strided, dilated, grouped convolution."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d((2, 3))  # not divisible: stays dense
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        a = self.bn1(self.conv1(x))
+        b = self.relu(a)            # in place: a's later readers see b
+        c = a * 0.5 + b             # a read after the in-place ReLU (dense op on a blocked value)
+        d = self.bn2(self.conv2(c))
+        d.mul_(2.0)                 # in place, run dense on a converted copy: conv3 must read the doubled value
+        e = self.conv3(d)           # two readers: not folded into anything, read twice
+        f = torch.relu_(e) + torch.sigmoid(e)
+        g = self.maxpool(f)
+        g += g                      # in-place add
+        return self.pool(g), torch.flatten(g, 1), e
+
+
+def test_onednn_copy_keeps_eager_in_place_semantics_and_runs_other_ops_dense():
+    from kdgraph.compiler.passes.onednn_layout import OneDNNConv, onednn_copy
+    torch.manual_seed(3)
+    m = _Awkward().eval()
+    for bn in (m.bn1, m.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 1.5)
+    gm = torch.fx.symbolic_trace(m)
+    fast = onednn_copy(gm)
+    convs = [mod for mod in fast.modules() if isinstance(mod, OneDNNConv)]
+    assert len(convs) == 3 and [c.folded for c in convs] == [True, True, False]
+    assert "to_mkldnn" in fast.code and "torch.sigmoid" in fast.code
+    x = torch.randn(2, 3, 17, 23)
+    with torch.no_grad():
+        expected, got = m(x.clone()), fast(x.clone())
+    for e, g in zip(expected, got):
+        assert g.layout == torch.strided and g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert list(gm.state_dict()) == list(m.state_dict())  # the traced module is not changed

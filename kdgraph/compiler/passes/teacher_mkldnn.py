@@ -2,19 +2,18 @@
 
 The teacher's nodes that survived pruning become one subgraph (its inputs: what they read from outside the
 teacher; its outputs: every teacher value read outside it, i.e. the taps and the logits), called by one node,
-:class:`MkldnnTeacher`. On a CPU float32 input with autograd off, that call runs a copy of the subgraph prepared
-by torch.fx's own inference passes (``torch.fx.experimental.optimization``): ``fuse`` folds each BatchNorm into
-the convolution before it, and ``optimize_for_inference`` reorders the convolution and linear weights once for
-oneDNN and keeps the activations in oneDNN's blocked layout between the ops it supports (convolution, ReLU,
-pooling, addition), converting them back to dense tensors only where a value leaves the subgraph. A hand-written
-loop reorders every activation to and from the blocked layout at every convolution.
+:class:`MkldnnTeacher`. On a CPU float32 input with autograd off, that call runs a copy of the subgraph made by
+:func:`~.onednn_layout.onednn_copy`: each ``Conv2d`` with its weight reordered once for oneDNN and the BatchNorm
+after it folded in, the activations kept in oneDNN's blocked layout between the ops that support it
+(convolution, ReLU, pooling, addition) and converted back to dense tensors only where a value leaves the
+subgraph or meets another op. An eager teacher reorders every activation into and out of that layout at every
+convolution, and reorders the weights at every call; that is what this pass saves.
 
 The copy is derived data, like ``fold_teacher_bn``'s folded weights: the teacher module, its ``state_dict`` and
 checkpoints are the user's and stay as they are; the copy is rebuilt when a teacher parameter or buffer changes
 (weights loaded when training starts, ``load_state_dict``, ``--resume``), at the next call. It costs memory: one
-oneDNN copy of the teacher's convolution and linear weights (ResNet-34: ~87 MB). Exact up to float rounding (a
-folded, reordered convolution sums in another order: ~1e-6 relative on ResNet-34's logits, measured in
-``tests/test_teacher_mkldnn.py``).
+oneDNN copy of the teacher's convolution weights (ResNet-34: ~85 MB). Exact up to float rounding (a folded,
+reordered convolution sums in another order: ~1e-6 relative on ResNet-34's logits; docs/training.md).
 
 Everything else runs the plain subgraph, the teacher's own modules: an input on another device or in another
 dtype, autograd on, a teacher module in training mode, tracing by ``torch.compile``. That keeps the graph correct
@@ -27,7 +26,6 @@ refuses it together with ``fold_teacher_bn``, ``teacher_channels_last`` or ``tea
 from __future__ import annotations
 
 import operator
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -37,24 +35,13 @@ from torch import nn
 from ...nodeinfo import NodeInfo, Role, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
+from .onednn_layout import onednn_copy
 
 __all__ = ["NAME", "run", "MkldnnTeacher", "HOLDER"]
 
 NAME = "teacher_mkldnn"
 HOLDER = "teacher_mkldnn"  # the GraphModule's submodule that runs the teacher's subgraph
-_CONVERTED = (nn.Conv2d, nn.Linear)  # the modules optimize_for_inference reorders for oneDNN
-
-
-class _CalledModulesAreLeaves(fx.Tracer):
-    """Re-trace a subgraph without entering the modules it calls (they were leaves when the teacher was captured:
-    a user's leaf module need not be traceable)."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+_CONVERTED = (nn.Conv2d,)  # the modules onednn_copy reorders for oneDNN
 
 
 class MkldnnTeacher(nn.Module):
@@ -97,28 +84,7 @@ class MkldnnTeacher(nn.Module):
 
     def build(self) -> fx.GraphModule:
         """A fresh oneDNN copy of the subgraph for the teacher's current weights."""
-        with warnings.catch_warnings():
-            # optimize_for_inference builds torch.utils.mkldnn's modules, which are still TorchScript classes:
-            # torch warns on their first use that torch.jit.script_method is deprecated (nothing for a user to do)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*deprecated", category=FutureWarning)
-            try:
-                from torch.fx.experimental.optimization import fuse, optimize_for_inference
-            except ImportError as e:  # pragma: no cover - depends on the installed torch
-                raise RuntimeError(f"runtime.teacher_mkldnn needs torch.fx.experimental.optimization, which this "
-                                   f"torch {torch.__version__} does not provide ({e}); switch teacher_mkldnn off") from e
-            plain = self._plain
-            folded = fuse(plain, inplace=False, no_trace=True)  # a deep copy: the teacher's modules are not touched
-            leaves = {str(n.target) for n in folded.graph.nodes if n.op == "call_module"}
-
-            class Tracer(_CalledModulesAreLeaves):
-                def __init__(self) -> None:
-                    super().__init__(leaves)
-
-            fast = optimize_for_inference(folded, {"conv_bn_fuse": False}, tracer=Tracer)
-        # optimize_for_inference keeps the dense modules it replaced, to revert a subgraph its heuristic rejects;
-        # once it returned they are not needed, and holding them would keep a second copy of the weights alive
-        if hasattr(fast.graph, "old_modules"):
-            del fast.graph.old_modules
+        fast = onednn_copy(self._plain)
         self.builds += 1
         return fast
 
@@ -162,9 +128,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = [n for n in graph.nodes if role_of(n) is Role.TEACHER]
     if not nodes:
         return PassResult(NAME, False, "no teacher nodes", {"teacher_nodes": 0})
-    converted = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), _CONVERTED)]
+    converted = [n for n in nodes if n.op == "call_module" and type(gm.get_submodule(str(n.target))) in _CONVERTED]
     if not converted:
-        return PassResult(NAME, False, "the teacher calls no Conv2d or Linear module (an exported graph's aten "
+        return PassResult(NAME, False, "the teacher calls no Conv2d module (an exported graph's aten "
                                        "convolutions are not converted)", {"teacher_nodes": len(nodes)})
     sub, inputs, outputs = _subgraph(gm, nodes)
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -187,7 +153,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph.erase_node(n)
     retapped = {text: items[node].name for text, node in ctx.taps.items() if node in items}
     return PassResult(NAME, True, f"teacher's {len(nodes)} node(s) run as one oneDNN subgraph on the CPU "
-                                  f"({len(converted)} Conv2d/Linear reordered, BatchNorm folded); "
+                                  f"({len(converted)} Conv2d reordered, BatchNorm folded); "
                                   f"{len(outputs)} value(s) leave it",
                       {"teacher_nodes": len(nodes), "converted": [str(n.target) for n in converted],
                        "outputs": [o.name for o in outputs], "retapped": retapped})
