@@ -6,35 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision.models import resnet18
 
 import kdgraph
 from kdgraph.compiler.passes.teacher_mkldnn import HOLDER, MkldnnTeacher, fast_copy
 from kdgraph.errors import SpecError
 from kdgraph.nodeinfo import Role, role_of
-from test_teacher_passes import SPEC, TAPS, _close, _teacher
-
-
-@pytest.fixture(scope="module")
-def nets():
-    torch.manual_seed(1)
-    return _teacher(0), resnet18(num_classes=10)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(3, 3, 33, 47, generator=g), torch.randint(0, 10, (3,), generator=g)
-
-
-def _compile(nets, **runtime):
-    return kdgraph.compile({**SPEC, "runtime": runtime}, teacher=nets[0], student=nets[1]).train()
-
-
-def _taps(d, batch) -> dict:
-    with torch.no_grad():
-        out = d(*batch, return_taps=True)
-    return {t: out.taps[t] for t in TAPS} | {"loss": out.loss}
+from test_teacher_passes import SPEC, TAPS, _close, _compile, _taps, _teacher, batch, nets  # noqa: F401 (fixtures)
 
 
 def test_one_onednn_call_gives_the_plain_teachers_taps(nets, batch):

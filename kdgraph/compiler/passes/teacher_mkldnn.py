@@ -54,6 +54,9 @@ class MkldnnTeacher(nn.Module):
         super().__init__()
         object.__setattr__(self, "_plain", plain)
         object.__setattr__(self, "_fast", None)  # (key, the optimised copy)
+        # the teacher's modules the subgraph calls (not the containers fx made for them), looked up once
+        object.__setattr__(self, "_modules_called", [plain.get_submodule(str(n.target)) for n in plain.graph.nodes
+                                                     if n.op == "call_module"])
         self.builds = 0  # how many times the copy was (re)built, for tests and the curious
 
     @property
@@ -63,9 +66,6 @@ class MkldnnTeacher(nn.Module):
     def represented_parameters(self) -> list[nn.Parameter]:
         """The teacher's parameters this call stands for (for views that count parameters per node)."""
         return list(self._plain.parameters())
-
-    def _called(self) -> list[nn.Module]:
-        return [self._plain.get_submodule(str(n.target)) for n in self._plain.graph.nodes if n.op == "call_module"]
 
     def _key(self) -> tuple:
         return tuple((t._version, t.data_ptr(), t.device, t.dtype)
@@ -77,7 +77,7 @@ class MkldnnTeacher(nn.Module):
         if not all(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dtype == torch.float32
                    and a.layout == torch.strided for a in args):
             return False
-        if any(m.training for m in self._called()):  # the teacher's modules (not the containers fx made for them)
+        if any(m.training for m in self._modules_called):
             return False
         return all(t.device.type == "cpu" and t.dtype == torch.float32
                    for t in [*self._plain.parameters(), *self._plain.buffers()] if t.is_floating_point())
