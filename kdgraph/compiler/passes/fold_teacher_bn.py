@@ -33,6 +33,22 @@ NAME = "fold_teacher_bn"
 HOLDER = "teacher_folded"  # the GraphModule's ModuleDict holding the folded calls
 
 
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(weight, bias)`` of one convolution computing ``bn(conv(x))`` in eval mode, from the live modules:
+    ``w * s`` and ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    return weight.detach(), bias.detach()
+
+
 class FoldedConvBN(nn.Module):
     """``bn(conv(x))`` computed as one convolution with folded weights, derived from the live modules."""
 
@@ -66,16 +82,7 @@ class FoldedConvBN(nn.Module):
     @torch.no_grad()
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The folded ``(weight, bias)`` for the modules' current values."""
-        c, b = self._conv, self._bn
-        scale = torch.rsqrt(b.running_var + b.eps)
-        if b.weight is not None:
-            scale = scale * b.weight
-        bias = -b.running_mean * scale
-        if c.bias is not None:
-            bias = bias + c.bias * scale
-        if b.bias is not None:
-            bias = bias + b.bias
-        weight = c.weight * scale.reshape(-1, *([1] * (c.weight.dim() - 1)))
+        weight, bias = fold_conv_bn(self._conv, self._bn)
         if self.dtype is not None:
             weight, bias = weight.to(self.dtype), bias.to(self.dtype)
         if self.memory_format is not None:

@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .fold_teacher_bn import fold_conv_bn
+
 __all__ = ["OneDNNConv", "onednn_copy"]
 
 _RELU_FNS = (torch.relu, torch.relu_, torch.nn.functional.relu)
@@ -38,15 +40,10 @@ class OneDNNConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None):
         super().__init__()
         with torch.no_grad():
-            weight = conv.weight.detach()
-            bias = conv.bias.detach() if conv.bias is not None else None
             if bn is not None:
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight
-                shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-                bias = shift + (bias * scale if bias is not None else 0.0)
-                weight = weight * scale.reshape(-1, 1, 1, 1)
+                weight, bias = fold_conv_bn(conv, bn)
+            else:
+                weight, bias = conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None
             self.padding, self.stride = list(conv.padding), list(conv.stride)
             self.dilation, self.groups = list(conv.dilation), conv.groups
             self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(

@@ -67,11 +67,7 @@ class MkldnnTeacher(nn.Module):
         """The teacher's parameters this call stands for (for views that count parameters per node)."""
         return list(self._plain.parameters())
 
-    def _key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.device, t.dtype)
-                     for t in [*self._plain.parameters(), *self._plain.buffers()])
-
-    def _usable(self, args: tuple) -> bool:
+    def _usable(self, args: tuple, tensors: list[torch.Tensor]) -> bool:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         if not all(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dtype == torch.float32
@@ -79,8 +75,7 @@ class MkldnnTeacher(nn.Module):
             return False
         if any(m.training for m in self._modules_called):
             return False
-        return all(t.device.type == "cpu" and t.dtype == torch.float32
-                   for t in [*self._plain.parameters(), *self._plain.buffers()] if t.is_floating_point())
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t.is_floating_point())
 
     def build(self) -> fx.GraphModule:
         """A fresh oneDNN copy of the subgraph for the teacher's current weights."""
@@ -89,9 +84,10 @@ class MkldnnTeacher(nn.Module):
         return fast
 
     def forward(self, *args: Any) -> Any:
-        if not self._usable(args):
+        tensors = [*self._plain.parameters(), *self._plain.buffers()]  # listed once per call, read twice
+        if not self._usable(args, tensors):
             return self._plain(*args)
-        key = self._key()
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
         if self._fast is None or self._fast[0] != key:
             object.__setattr__(self, "_fast", None)  # free the stale copy before building the next one
             object.__setattr__(self, "_fast", (key, self.build()))
