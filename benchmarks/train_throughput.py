@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 sys.path.insert(0, sys.argv[3])
 from kdgraph.train.data import load_fashion_mnist, FASHION_MEAN, FASHION_STD
-from kdgraph.zoo import resnet18_small, resnet34_small
+from kdgraph.models.zoo import resnet18_small, resnet34_small
 torch.manual_seed(0)
 teacher = resnet34_small().eval().to(memory_format=torch.channels_last)
 student = resnet18_small().train().to(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from kdgraph.zoo import resnet18_small, resnet34_small
+from kdgraph.models.zoo import resnet18_small, resnet34_small
 
 
 def median_ms(fn, steps: int, batch: int) -> float:

@@ -13,7 +13,7 @@ import torch
 import kdgraph
 from kdgraph.errors import CheckpointError, ModelError
 from kdgraph.train.checkpoint import HASH_KEY, Checkpoint, atomic_save, load_checkpoint
-from kdgraph.weights import state_dict_of
+from kdgraph.models.weights import state_dict_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_state_dict_of_unwraps_compile_prefixes_and_the_distiller():
 
 def test_core_never_imports_the_runtime_and_a_missing_cache_entry_says_how_to_make_it(tmp_path):
     code = (
-        "import sys, kdgraph, kdgraph.distiller, kdgraph.weights, kdgraph.models\n"
+        "import sys, kdgraph, kdgraph.distiller, kdgraph.models.weights, kdgraph.models\n"
         "from kdgraph.errors import ModelError\n"
         f"spec = {dict(SPEC, teacher=dict(SPEC['teacher'], weights='cache:ck_teacher', pretrain={'epochs': 1, 'optimizer': {'lr': 0.1}}))!r}\n"
         "d = kdgraph.compile(spec)\n"
@@ -158,7 +158,7 @@ def test_core_never_imports_the_runtime_and_a_missing_cache_entry_says_how_to_ma
 
 def test_a_plain_cache_entry_loads_verified_through_the_core(tmp_path, monkeypatch):
     monkeypatch.setenv("KDGRAPH_CACHE", str(tmp_path))
-    teacher = kdgraph.zoo.tiny_cnn(width=8)
+    teacher = kdgraph.models.zoo.tiny_cnn(width=8)
     atomic_save(teacher.state_dict(), tmp_path / "my_teacher.pt")  # hash in my_teacher.pt.sha256
     spec = dict(SPEC, teacher=dict(SPEC["teacher"], weights="cache:my_teacher"))
     d = kdgraph.compile(spec)

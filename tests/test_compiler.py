@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import kdgraph
 from kdgraph.methods.kd import kd_divergence
-from kdgraph.nodeinfo import Role, role_of
+from kdgraph.compiler.nodeinfo import Role, role_of
 from conftest import small_spec
 
 

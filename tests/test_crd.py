@@ -10,7 +10,7 @@ from torchvision.models import resnet18, resnet34
 
 from kdgraph.errors import DataError, ShapeError
 from kdgraph.methods.crd import ContrastiveDataset, CRDHead, CRDLoss, crd_wrapper, dataset_targets
-from kdgraph.registry import ADAPTERS, DATA_WRAPPERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES
 
 td_mid = pytest.importorskip("torchdistill.losses.mid_level")
 td_wrap = pytest.importorskip("torchdistill.models.wrapper")
@@ -239,7 +239,7 @@ def test_wrapper_targets_sources_and_batches():
 def test_wrapper_builds_whole_batches_from_the_in_memory_data_set():
     """The trainer's batched path: the wrapped data set's own get_batch (its batched augmentation), every
     draw a function of the sample's seed, negatives from the other classes only, no repeats."""
-    from kdgraph.data import batch_kwargs
+    from kdgraph.distiller.data import batch_kwargs
     from kdgraph.train.data import TensorImages
 
     g = torch.Generator().manual_seed(0)

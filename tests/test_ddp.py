@@ -52,7 +52,7 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
 
     a, b = Checkpoint.load(tmp_path / "one" / "last.pt"), Checkpoint.load(tmp_path / "two" / "last.pt")
     assert a.global_step == b.global_step == 8
-    assert not torch.equal(a.student["fc.weight"], kdgraph.zoo.tiny_cnn(width=4, norm="group").fc.weight)
+    assert not torch.equal(a.student["fc.weight"], kdgraph.models.zoo.tiny_cnn(width=4, norm="group").fc.weight)
     for k, v in a.student.items():
         torch.testing.assert_close(b.student[k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     for k, v in a.distiller.items():

@@ -9,7 +9,7 @@ from torchdistill.losses.mid_level import DISTLoss as TdDISTLoss
 
 import kdgraph
 from kdgraph.errors import ShapeError
-from kdgraph.registry import LOSSES
+from kdgraph.methods.registry import LOSSES
 from conftest import assert_rel, small_spec
 
 

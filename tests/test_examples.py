@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import kdgraph
-from kdgraph.zoo import tiny_cnn
+from kdgraph.models.zoo import tiny_cnn
 from conftest import ROOT
 
 EXAMPLES = ROOT / "examples"

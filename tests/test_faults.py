@@ -118,7 +118,7 @@ def test_safetensors_export_loads_strictly_into_the_student(tmp_path):
     train(tiny(), out=tmp_path / "run", **QUIET)
     r = _invoke(["export", str(tmp_path / "run" / "last.pt"), "-o", str(tmp_path / "student.safetensors")])
     assert r.exit_code == 0, r.output
-    student = kdgraph.zoo.tiny_cnn(width=4)
+    student = kdgraph.models.zoo.tiny_cnn(width=4)
     student.load_state_dict(st_load(str(tmp_path / "student.safetensors")), strict=True)
     ck = Checkpoint.load(tmp_path / "run" / "last.pt")
     for k, v in student.state_dict().items():

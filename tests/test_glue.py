@@ -16,7 +16,7 @@ from torchdistill.losses.high_level import WeightedSumLoss
 
 import kdgraph
 from kdgraph.errors import DataError
-from kdgraph.registry import LOSSES
+from kdgraph.methods.registry import LOSSES
 from kdgraph.train.data import build_datasets, check_data, make_loader
 from kdgraph.train.data.glue import GLUE_TASKS, glue_splits
 from kdgraph.train.glue_metrics import glue_metrics, matthews_corr, pearson, spearman

@@ -7,8 +7,8 @@ import torch
 
 import kdgraph
 from kdgraph.errors import TapError
-from kdgraph.graphview import collapse, tap_node, tap_to_loss_path, to_networkx
-from kdgraph.nodeinfo import Role, role_of
+from kdgraph.distiller.graphview import collapse, tap_node, tap_to_loss_path, to_networkx
+from kdgraph.compiler.nodeinfo import Role, role_of
 
 from conftest import small_spec
 

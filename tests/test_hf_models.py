@@ -14,7 +14,7 @@ import kdgraph
 from kdgraph.errors import ModelError
 from kdgraph.models import build_model
 from kdgraph.spec import ModelRef
-from kdgraph.weights import load_weights
+from kdgraph.models.weights import load_weights
 
 TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 37, "vocab_size": 99, "max_position_embeddings": 64, "num_labels": 3}

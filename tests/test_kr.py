@@ -13,7 +13,7 @@ from torchdistill.models.wrapper import Student4KnowledgeReview
 
 import kdgraph
 from kdgraph.errors import ShapeError
-from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, LOSSES
 from conftest import assert_rel, sgd_steps_change_only_trained, small_spec
 
 LEVELS = ["layer1", "layer2", "layer3", "layer4", "avgpool"]  # fine to coarse, as torchdistill lists them

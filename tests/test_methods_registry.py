@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from kdgraph import methods
-from kdgraph.registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
+from kdgraph.methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
 from conftest import ROOT
 
 REGISTRIES = {"loss": LOSSES, "adapter": ADAPTERS, "transform": TRANSFORMS, "data wrapper": DATA_WRAPPERS}
@@ -31,7 +31,7 @@ def _builtin_entries() -> dict[str, dict[str, str]]:
 
 
 def test_every_method_file_is_listed():
-    files = {p.stem for p in (ROOT / "kdgraph" / "methods").glob("*.py")} - {"__init__", "base", "args"}
+    files = {p.stem for p in (ROOT / "kdgraph" / "methods").glob("*.py")} - {"__init__", "base", "args", "registry"}
     assert set(methods.builtin_methods()) == files
 
 
@@ -44,7 +44,7 @@ def test_registry_holds_what_the_listed_methods_register():
 
 
 def test_methods_load_on_first_lookup_not_on_import():
-    code = ("import json, sys, kdgraph; from kdgraph.registry import LOSSES\n"
+    code = ("import json, sys, kdgraph; from kdgraph.methods.registry import LOSSES\n"
             "before = sorted(m for m in sys.modules if m.startswith('kdgraph.methods.'))\n"
             "LOSSES.get('kd')\n"
             "after = sorted(m for m in sys.modules if m.startswith('kdgraph.methods.'))\n"
@@ -52,5 +52,5 @@ def test_methods_load_on_first_lookup_not_on_import():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     before, after = json.loads(out.stdout)
-    assert before == ["kdgraph.methods.base"]  # the base classes kdgraph re-exports, no method
-    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args"]}
+    assert before == ["kdgraph.methods.base", "kdgraph.methods.registry"]  # what kdgraph re-exports, no method
+    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args", "registry"]}

@@ -10,7 +10,7 @@ from torchdistill.models.wrapper import VarianceBranch4PAD
 
 import kdgraph
 from kdgraph.errors import ShapeError
-from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, LOSSES
 from conftest import SPECS, assert_rel, sgd_steps_change_only_trained, small_spec
 
 

@@ -22,7 +22,7 @@ from torchdistill.models.wrapper import Paraphraser4FactorTransfer, Translator4F
 
 import kdgraph
 from kdgraph.errors import ModelError
-from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, LOSSES
 from conftest import assert_rel, small_spec
 
 

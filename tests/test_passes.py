@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import kdgraph
 from kdgraph.compiler import PASSES, PassContext, PassResult, run_passes
 from kdgraph.compiler.passes import cleanup, inplace_safety, prune_teacher, teacher_no_grad
-from kdgraph.nodeinfo import NodeInfo, Role, info_of, role_of, set_info
+from kdgraph.compiler.nodeinfo import NodeInfo, Role, info_of, role_of, set_info
 from kdgraph.spec import StageSpec
 
 from conftest import small_spec

@@ -19,7 +19,7 @@ import kdgraph
 from kdgraph.errors import ModelError
 from kdgraph.models import REGISTERED_MODELS
 from kdgraph.train.checkpoint import HASH_KEY, atomic_save, content_hash, load_checkpoint
-from kdgraph.trust import ENV_VAR, ConsentError
+from kdgraph.models.trust import ENV_VAR, ConsentError
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -155,7 +155,7 @@ def test_registered_models_need_no_consent(monkeypatch):
 
     @kdgraph.register_model("safety_test_net")
     def safety_test_net(width: int = 4) -> nn.Module:
-        return kdgraph.zoo.tiny_cnn(width=width)
+        return kdgraph.models.zoo.tiny_cnn(width=width)
 
     try:
         d = kdgraph.compile(spec_with({"model": "registered:safety_test_net", "kwargs": {"width": 8}}))

@@ -11,7 +11,7 @@ from kdgraph.errors import ShapeError
 from kdgraph.methods.ce import CrossEntropy
 from kdgraph.methods.sskd import (AuxSSKDLoss, SSKDHead, SSKDKDLoss, SSKDRotations, SSKDSelfSupervisionLoss,
                                   SSKDTransformLoss, keep_ranked, split_views, view_similarities)
-from kdgraph.registry import ADAPTERS, LOSSES, TRANSFORMS
+from kdgraph.methods.registry import ADAPTERS, LOSSES, TRANSFORMS
 
 td_mid = pytest.importorskip("torchdistill.losses.mid_level")
 td_wrap = pytest.importorskip("torchdistill.models.wrapper")

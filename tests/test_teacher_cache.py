@@ -21,7 +21,7 @@ from kdgraph.cli import main
 from kdgraph.errors import TeacherCacheError
 from kdgraph.train.data import ResumableSampler, build_datasets
 from kdgraph.train.teacher_cache import ReplayView, cache_teacher, fill_topk, open_for_training, view_of_epoch
-from kdgraph.zoo import tiny_cnn
+from kdgraph.models.zoo import tiny_cnn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import foolbox_image_folder  # noqa: E402
@@ -218,7 +218,7 @@ def test_topk_cache_fill_and_kd_difference_bounded(tmp_path):
 def test_stage_batch_inputs_lists_the_cached_logits_as_the_compiled_stage_does(tmp_path):
     """What a custom loop asks without compiling (kdgraph.data.stage_batch_inputs) is what the compiled stage
     takes: the cached teacher logits are a batch input; with an online teacher there is none."""
-    from kdgraph.data import stage_batch_inputs
+    from kdgraph.distiller.data import stage_batch_inputs
 
     for cache, expected in (("cache", ["teacher_output"]), (None, [])):
         spec = kdgraph.load_spec(make_spec(tmp_path, cache))

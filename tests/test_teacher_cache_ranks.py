@@ -181,6 +181,6 @@ def test_two_processes_train_from_the_two_rank_cache_like_one_process(two_rank_c
     assert one["stages"][0]["effective_batch"] == 8
     a, b = Checkpoint.load(tmp_path / "one" / "last.pt"), Checkpoint.load(tmp_path / "two" / "last.pt")
     assert a.global_step == b.global_step == N // 8
-    assert not torch.equal(a.student["fc.weight"], kdgraph.zoo.tiny_cnn(width=4, norm="group").fc.weight)
+    assert not torch.equal(a.student["fc.weight"], kdgraph.models.zoo.tiny_cnn(width=4, norm="group").fc.weight)
     for k, v in a.student.items():
         torch.testing.assert_close(b.student[k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -10,7 +10,7 @@ import torch
 import kdgraph
 from kdgraph.compiler.passes.teacher_mkldnn import HOLDER, MkldnnTeacher, fast_copy
 from kdgraph.errors import SpecError
-from kdgraph.nodeinfo import Role, role_of
+from kdgraph.compiler.nodeinfo import Role, role_of
 from test_teacher_passes import SPEC, TAPS, _close, _compile, _taps, _teacher, batch, nets  # noqa: F401 (fixtures)
 
 

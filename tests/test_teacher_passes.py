@@ -17,7 +17,7 @@ from kdgraph.compiler.passes.fold_teacher_bn import FoldedConvBN
 from kdgraph.compiler.passes.tap_values import restore_tap
 from kdgraph.compiler.passes.teacher_dtype import autocast_state_kept, teacher_autocast_on
 from kdgraph.errors import SpecError
-from kdgraph.weights import load_weights
+from kdgraph.models.weights import load_weights
 
 TAPS = ["teacher:layer2", "teacher:layer4", "teacher:@output"]
 SPEC = {
@@ -128,7 +128,7 @@ def test_new_teacher_weights_after_compile_change_the_outputs(nets, batch, tmp_p
     expected = other(batch[0]).detach()
     assert (after - before).abs().max() > 1e-2
     _close(after, expected, 1e-5)
-    # kdgraph.weights.load_weights from a file, as Distiller.load_weights does
+    # kdgraph.models.weights.load_weights from a file, as Distiller.load_weights does
     third = _teacher(11)
     torch.save(third.state_dict(), tmp_path / "t.pt")
     ref = d.spec.teacher.model_copy(update={"weights": str(tmp_path / "t.pt")})

@@ -16,7 +16,7 @@ from kdgraph.errors import CheckpointError, SpecError, TrainingError
 from kdgraph.train import export_student, train
 from kdgraph.train.checkpoint import Checkpoint
 from kdgraph.train.networks import load_init_from
-from kdgraph.zoo import tiny_cnn
+from kdgraph.models.zoo import tiny_cnn
 
 
 def tiny_spec(name: str = "tiny_kd", epochs: int = 1, train_subset: int = 128, val_subset: int = 64,

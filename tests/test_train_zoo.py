@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import kdgraph
-from kdgraph.zoo import CenterTapConv2d, resnet18_small, resnet34_small
+from kdgraph.models.zoo import CenterTapConv2d, resnet18_small, resnet34_small
 
 
 @pytest.mark.parametrize("stem, sizes", [("imagenet", (7, 4, 2, 1)), ("s2", (14, 7, 4, 2)), ("s1", (28, 14, 7, 4))])

@@ -160,7 +160,7 @@ def _train_one(spec_data: dict, out: str, data: Optional[str], device: Optional[
                resume: bool, threads: int, allow_imports: tuple[str, ...] = ()
                ) -> tuple[Optional[dict], Optional[str], Optional[str]]:
     """Train one run (in this process or a worker process): (results, error message, traceback).
-    ``allow_imports``: the consent of the calling process (kdgraph.trust), handed to a worker process."""
+    ``allow_imports``: the consent of the calling process (kdgraph.models.trust), handed to a worker process."""
     import torch
 
     from ..train.loop import TrainOptions, train
@@ -263,7 +263,7 @@ def _parallel(runs: list[PlannedRun], jobs: int, data, device, fresh, say, bar, 
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from ..trust import allowed_prefixes
+    from ..models.trust import allowed_prefixes
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     say(f"{len(runs)} run(s) on {jobs} worker processes x {threads} thread(s)")

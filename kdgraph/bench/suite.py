@@ -115,7 +115,7 @@ class LoadedSuite:
 
     def load_entry(self, entry: SuiteEntry, seed: Optional[int] = None) -> Spec:
         """The entry's spec with its overrides (and ``runtime.seed``) applied; SpecError naming the entry."""
-        from ..overrides import apply_overrides
+        from ..spec.overrides import apply_overrides
 
         where = f"suite entry {entry.label!r}"
         path = self.spec_path(entry)

@@ -31,7 +31,7 @@ class _ScopeTracer(fx.Tracer):
     """Records, for every node, the path of the module whose forward created it."""
 
     def __init__(self, leaf_types: tuple[type, ...]):
-        from ..timm_support import timm_autowrap_functions
+        from ..models.timm_support import timm_autowrap_functions
 
         # functions a model library marks as not traceable are called as one node (timm's, when imported)
         super().__init__(autowrap_functions=timm_autowrap_functions())

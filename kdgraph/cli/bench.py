@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..trust import consent_options
+from ..models.trust import consent_options
 from .console import plain_console
 
 __all__ = ["bench_cmd", "print_table", "dry_run_report"]

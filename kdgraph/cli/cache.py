@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..trust import consent_options
+from ..models.trust import consent_options
 
 __all__ = ["cache_teacher_cmd"]
 

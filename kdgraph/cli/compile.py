@@ -9,7 +9,7 @@ from typing import Any, Optional
 import click
 
 from .. import formatting
-from ..trust import consent_options
+from ..models.trust import consent_options
 from .console import console
 
 __all__ = ["compile_cmd", "compile_summary", "print_compile", "override_input_size"]
@@ -19,7 +19,7 @@ def override_input_size(spec, input_size: Optional[tuple[int, int]]):
     """``--input-size H W``: the spec with its input size replaced (shapes are traced at that size), validated
     as the spec's own ``input.size`` is (the same bounds, the same error)."""
     if input_size:
-        from ..overrides import apply_overrides
+        from ..spec.overrides import apply_overrides
 
         h, w = input_size
         return apply_overrides(spec, [f"input.size=[{int(h)}, {int(w)}]"])
@@ -28,7 +28,7 @@ def override_input_size(spec, input_size: Optional[tuple[int, int]]):
 
 def compile_summary(distiller) -> dict[str, Any]:
     """The compile summary as plain data (what ``--json`` prints). Shapes read as in ``kdgraph viz``."""
-    from ..graphview import to_networkx
+    from ..distiller.graphview import to_networkx
     from ..viz.shapes import ShapeText
 
     out: dict[str, Any] = {"spec": distiller.spec.name, "input": distiller.spec.input.model_dump(),

@@ -10,7 +10,7 @@ import click
 
 from .. import formatting
 from ..errors import KDGraphError
-from ..trust import consent_options
+from ..models.trust import consent_options
 from .compile import override_input_size
 from .console import console
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..trust import consent_options
+from ..models.trust import consent_options
 from .console import plain_console
 
 __all__ = ["train_cmd", "eval_cmd", "export_cmd", "print_comparison"]

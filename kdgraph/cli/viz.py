@@ -7,7 +7,7 @@ from typing import Optional
 import click
 
 from ..errors import KDGraphError
-from ..trust import consent_options
+from ..models.trust import consent_options
 
 __all__ = ["viz_cmd"]
 

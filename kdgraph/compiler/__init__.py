@@ -5,7 +5,7 @@ It knows no method by name. Its files are its pipeline:
 * :mod:`.prepare`: once per spec, build adapters / losses / transforms from the registry, bind their inputs to
   taps, check shapes and wiring (:class:`Prepared`);
 * :mod:`.fuse`: write one stage's graph (networks, taps, adapters, losses, output), every node with a
-  :class:`~kdgraph.nodeinfo.NodeInfo`;
+  :class:`~kdgraph.compiler.nodeinfo.NodeInfo`;
 * :mod:`.passes`: rewrite it, in the order :data:`~kdgraph.compiler.passes.PASSES` lists (in-place safety,
   teacher pruning, the teacher's BatchNorm folding, layout and precision, teacher no-grad, cleanup);
 * :mod:`.report`: what was built and what each pass changed (:class:`StageReport`);

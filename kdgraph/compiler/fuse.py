@@ -7,7 +7,7 @@
 
 Only what the stage's losses need is written: the adapters they read (in dependency order), the
 networks they tap (the student always when the stage trains it). Every node it creates gets a
-:class:`~kdgraph.nodeinfo.NodeInfo`. The result is a :class:`FusedStage`, whose GraphModule the
+:class:`~kdgraph.compiler.nodeinfo.NodeInfo`. The result is a :class:`FusedStage`, whose GraphModule the
 passes (:mod:`kdgraph.compiler.passes`) then rewrite.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import KDGraphError
-from ..nodeinfo import NodeInfo, Role, info_of, set_info
+from .nodeinfo import NodeInfo, Role, info_of, set_info
 from ..spec import StageSpec, parse_tap
 from .cached import cached_taps
 from .prepare import Prepared

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..formatting import dtype as fmt_dtype
-from ..nodeinfo import NodeInfo, Role, set_info
+from .nodeinfo import NodeInfo, Role, set_info
 from ..spec import parse_tap
 from .fuse import FusedStage, fuse_stage
 from .passes import PassContext, inplace_safety, prune_teacher, run_passes

@@ -18,7 +18,7 @@ from torch import nn
 from ..capture import TracedNetwork
 from ..errors import KDGraphError, ShapeError, SpecError, did_you_mean
 from ..methods.args import check_args
-from ..registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
+from ..methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
 from ..spec import Spec, Tap, parse_tap
 from .report import Shape
 

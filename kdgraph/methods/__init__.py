@@ -1,7 +1,7 @@
 """The built-in distillation methods, one file each, named here (:func:`builtin_methods`).
 
-Each method file registers its losses, adapters, transforms and data wrappers in :mod:`kdgraph.registry`
-when it is imported; :mod:`kdgraph.methods.base` holds the small base classes, :mod:`kdgraph.methods.args`
+Each method file registers its losses, adapters, transforms and data wrappers in
+:mod:`kdgraph.methods.registry` when it is imported; :mod:`kdgraph.methods.base` holds the small base classes, :mod:`kdgraph.methods.args`
 the argument models. A new method is a new file *and* a line in :func:`builtin_methods` (a test checks that
 every file is listed and that the registry holds exactly what the listed files register).
 """
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from .registry import load_builtins_with
+
 __all__ = ["builtin_methods"]
 
 
 def builtin_methods() -> dict[str, ModuleType]:
     """Import every built-in method (each registers its classes) and return them by file name.
 
-    Imported on the first registry lookup, not with ``import kdgraph``.
+    Imported on the first registry lookup, not with ``import kdgraph`` (the registry imports no method: this
+    package hands it this function below).
     """
     from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
 
@@ -32,3 +35,6 @@ def builtin_methods() -> dict[str, ModuleType]:
         "pad": pad,  # pad_l2: prime-aware adaptive distillation (variance head)
         "sskd": sskd,  # sskd_*: self-supervised KD (rotations transform, heads, four terms)
     }
+
+
+load_builtins_with(builtin_methods)

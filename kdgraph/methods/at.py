@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..errors import ShapeError
 from pydantic import Field
 
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs
 from .base import DistillLoss, Shape
 

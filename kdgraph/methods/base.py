@@ -1,4 +1,5 @@
-"""Base classes for the pieces a method contributes: losses, adapters and input transforms.
+"""Base classes for the pieces a method contributes: losses, adapters and input transforms, and the
+:class:`Batch` a data wrapper's dataset builds (CRD's indices ride in its ``extras``).
 
 The compiler binds each name in ``inputs`` to one tap of the spec and calls ``forward`` with the
 tapped tensors as keyword arguments, in that order. It asks the class, before building anything,
@@ -7,8 +8,10 @@ follow from them (:meth:`Adapter.infer_args`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
@@ -112,3 +115,13 @@ def require_arg(args: dict[str, Any], key: str, value: Any) -> None:
     if args.get(key) is None:
         args[key] = value
 
+
+@dataclass
+class Batch:
+    """An already collated batch (the in-memory datasets and data wrappers build whole batches at once).
+
+    ``extras`` holds a data wrapper's per-batch inputs (CRD's ``index`` and ``contrast_index``)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -48,11 +48,10 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..data import Batch
 from ..errors import DataError, ShapeError
-from ..registry import register_adapter, register_data_wrapper, register_loss
+from .registry import register_adapter, register_data_wrapper, register_loss
 from .args import Features, Flag, MethodArgs, NonNegative, PosInt, Positive
-from .base import DistillLoss, FlatInputAdapter, Shape, _fmt
+from .base import Batch, DistillLoss, FlatInputAdapter, Shape, _fmt
 
 
 # --------------------------------------------------------------------------------------------

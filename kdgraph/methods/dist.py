@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from pydantic import Field
 
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs, NonNegative, Positive
 from .base import DistillLoss
 

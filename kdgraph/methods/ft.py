@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from ..registry import register_adapter, register_loss
+from .registry import register_adapter, register_loss
 from .args import Channels, Flag, MethodArgs, PosInt, Positive
 from .base import Adapter, DistillLoss, Shape, channels, require_arg
 

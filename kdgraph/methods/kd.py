@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from pydantic import Field
 
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs, Positive
 from .base import DistillLoss
 

@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ShapeError
-from ..registry import register_adapter, register_loss
+from .registry import register_adapter, register_loss
 from .args import Features, MethodArgs, NonNegative
 from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg
 

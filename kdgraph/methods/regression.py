@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import ShapeError
-from ..registry import register_loss
+from .registry import register_loss
 from .args import NoArgs
 from .base import DistillLoss, Shape, _fmt
 

@@ -62,7 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ShapeError
-from ..registry import register_adapter, register_loss, register_transform
+from .registry import register_adapter, register_loss, register_transform
 from .args import Features, Fraction, MethodArgs, NoArgs, Positive
 from .base import DistillLoss, FlatInputAdapter, InputTransform
 

@@ -52,11 +52,11 @@ def load_spec(source: str | Path | dict | Spec, overrides: Iterable[str] = ()) -
     Relative paths inside the spec (``init_from``, local weight files, an ``hf:`` model's config folder,
     ``data.tokenizer``) written ``./...`` or ``../...`` are resolved against the
     spec file's folder. ``overrides``: ``KEY=VALUE`` strings applied after loading, with the
-    grammar and errors of the CLI's ``--set`` (see :mod:`kdgraph.overrides`), e.g.
+    grammar and errors of the CLI's ``--set`` (see :mod:`kdgraph.spec.overrides`), e.g.
     ``["stages.main.losses.crd.args.num_samples=50"]``; the result is a new, validated spec.
     """
     if overrides:
-        from ..overrides import apply_overrides
+        from .overrides import apply_overrides
 
         return apply_overrides(load_spec(source), overrides)
     if isinstance(source, Spec):

@@ -51,7 +51,7 @@ class ModelRef(_Strict):
                             "'export' (torch.export, non-strict) or 'auto' (fx, and torch.export when fx fails)")
     pretrain: Optional["PretrainSpec"] = Field(
         None, description="train this network with cross-entropy on the spec's data when its weights file does "
-                          "not exist yet, and write it there (kdgraph train; see kdgraph.weights). "
+                          "not exist yet, and write it there (kdgraph train; see kdgraph.models.weights). "
                           "Needs weights: a local path or 'cache:NAME' (kdgraph's cache folder)")
 
     @field_validator("model")

@@ -15,7 +15,7 @@ still load)::
 
 :meth:`Checkpoint.save` writes it atomically with its content hash inside, :meth:`Checkpoint.load` reads it
 with ``weights_only=True`` and refuses a file whose bytes no longer match that hash (see
-:mod:`kdgraph.weightio`); everything else reads the typed fields.
+:mod:`kdgraph.models.weightio`); everything else reads the typed fields.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from typing import Any, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..weightio import (CHECKPOINT_MARK, HASH_KEY, atomic_save, brief, content_hash, load_file,  # noqa: F401
+from ..models.weightio import (CHECKPOINT_MARK, HASH_KEY, atomic_save, brief, content_hash, load_file,  # noqa: F401
                         save_safetensors)
-from ..weights import state_dict_of
+from ..models.weights import state_dict_of
 
 __all__ = ["Checkpoint", "FORMAT", "load_checkpoint", "atomic_save", "load_file", "save_safetensors",
            "content_hash", "HASH_KEY", "brief"]
@@ -74,7 +74,7 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, obj: Any, path: str | Path = "checkpoint") -> "Checkpoint":
-        """A checkpoint from its on-disk form (as :func:`kdgraph.weightio.load_file` returns it)."""
+        """A checkpoint from its on-disk form (as :func:`kdgraph.models.weightio.load_file` returns it)."""
         if not isinstance(obj, dict) or CHECKPOINT_MARK not in obj:
             raise CheckpointError(f"{str(path)!r} is not a kdgraph checkpoint (no {CHECKPOINT_MARK!r} key); a "
                                   f"plain state_dict can be used as a spec's init_from or a model's weights instead")

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..data import unpack_batch
+from ..distiller.data import unpack_batch
 from ..spec import Spec
 from .data import make_loader
 from .distributed import DistEnv, all_reduce_sum

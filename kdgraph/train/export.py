@@ -6,7 +6,7 @@ so it loads with the network's own class::
     model = torchvision.models.resnet18()
     model.load_state_dict(torch.load("student.pt", weights_only=True), strict=True)
 
-Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.weightio`). With
+Its content hash goes to ``student.pt.sha256`` beside it (see :mod:`kdgraph.models.weightio`). With
 ``-o student.safetensors`` it is written as safetensors (no code, a checked format; the hash is in its
 metadata): ``model.load_state_dict(safetensors.torch.load_file("student.safetensors"), strict=True)``.
 
@@ -23,9 +23,9 @@ import torch
 
 from ..errors import CheckpointError, KDGraphError, ModelError
 from ..spec import Spec, validate_spec
-from ..trust import ConsentError
-from ..weightio import atomic_save, brief, load_file, save_safetensors
-from ..weights import is_checkpoint, load_weights, resolve, state_dict_of
+from ..models.trust import ConsentError
+from ..models.weightio import atomic_save, brief, load_file, save_safetensors
+from ..models.weights import is_checkpoint, load_weights, resolve, state_dict_of
 from .checkpoint import Checkpoint
 
 __all__ = ["export_student", "evaluate_checkpoint"]
@@ -33,7 +33,7 @@ __all__ = ["export_student", "evaluate_checkpoint"]
 
 def _export_hf(ckpt: str | Path, out: str | Path, stored_spec: Optional[dict], sd: dict) -> dict[str, Any]:
     """The student as a save_pretrained folder, built from the checkpoint's spec (an hf: student)."""
-    from ..hf_support import save_hf_folder
+    from ..models.hf_support import save_hf_folder
     from ..models import build_model
 
     if not stored_spec:

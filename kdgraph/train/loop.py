@@ -26,8 +26,8 @@ from torch import nn
 from ..errors import KDGraphError
 from ..formatting import seconds
 from ..spec import Spec, load_spec
-from ..trust import consent
-from ..weights import resolve, state_dict_of
+from ..models.trust import consent
+from ..models.weights import resolve, state_dict_of
 from .checkpoint import Checkpoint
 from .data import DataBundle, build_datasets, check_data, wrap_train_dataset
 from .distributed import DistEnv, all_gather_object, setup, teardown

@@ -17,8 +17,8 @@ from .. import models
 from ..distiller import Distiller
 from ..errors import CheckpointError, TrainingError
 from ..spec import Spec
-from ..weightio import brief, load_file
-from ..weights import is_checkpoint, state_dict_of
+from ..models.weightio import brief, load_file
+from ..models.weights import is_checkpoint, state_dict_of
 from .checkpoint import Checkpoint
 from .distributed import DistEnv
 

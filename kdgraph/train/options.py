@@ -25,6 +25,6 @@ class TrainOptions:
     tensorboard: bool = True
     plot: bool = True
     started: Optional[float] = None  # time.perf_counter() at command start (for time-to-first-step)
-    allow_imports: Sequence[str] = ()  # module prefixes the spec may import (consent, see kdgraph.trust)
+    allow_imports: Sequence[str] = ()  # module prefixes the spec may import (consent, see kdgraph.models.trust)
     trust_code: bool = False  # the spec may import any module
     skip_bad_images: bool = False  # ImageFolder: skip (and count) unreadable images instead of stopping

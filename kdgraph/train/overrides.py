@@ -1,9 +1,9 @@
-"""``--set key=value`` on the command line: the CLI's use of :mod:`kdgraph.overrides` (grammar, errors)."""
+"""``--set key=value`` on the command line: the CLI's use of :mod:`kdgraph.spec.overrides` (grammar, errors)."""
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..overrides import apply_overrides
+from ..spec.overrides import apply_overrides
 from ..spec import Spec, load_spec
 
 

@@ -8,7 +8,7 @@ teacher::
       weights: "cache:fashion_mnist_resnet34"      # where the trained teacher is kept
       pretrain: {epochs: 2, batch_size: 128, optimizer: {type: sgd, lr: 0.1, momentum: 0.9}}
 
-``kdgraph train`` looks for the file first (where it lives: :mod:`kdgraph.weights`); when it is missing,
+``kdgraph train`` looks for the file first (where it lives: :mod:`kdgraph.models.weights`); when it is missing,
 :func:`pretrain_network` trains the network with cross-entropy on the spec's data (same runtime: devices,
 DDP, AMP), evaluates it, and writes it atomically with a JSON side file holding its accuracy and the
 settings. Later runs, of this spec or another one naming the same cache entry, load it.
@@ -30,8 +30,8 @@ from ..distiller import DistillerOutput
 from ..formatting import seconds
 from .. import models
 from ..spec import LossSpec, ModelRef, Spec, StageSpec
-from ..weightio import atomic_save
-from ..weights import CACHE_PREFIX, cache_dir, pretrain_key, resolve, state_dict_of, weights_path  # noqa: F401
+from ..models.weightio import atomic_save
+from ..models.weights import CACHE_PREFIX, cache_dir, pretrain_key, resolve, state_dict_of, weights_path  # noqa: F401
 from .data import DataBundle, subset
 from .distributed import barrier
 from .evaluation import validation_loader

@@ -6,7 +6,7 @@
 
 or ``kdgraph viz specs/kr_resnet18.yaml -o kr.svg [--stage NAME|all] [--depth N]``.
 
-What is drawn (per stage, from :func:`kdgraph.graphview.to_networkx`):
+What is drawn (per stage, from :func:`kdgraph.distiller.graphview.to_networkx`):
 
 * the teacher and the student as two clusters, their nodes collapsed to module level: ``depth=1``
   shows ``conv1 .. layer1 .. layer4, avgpool, fc``, ``depth=2`` the blocks (``layer1.0``), ``depth=3``

@@ -1,4 +1,4 @@
-"""From the networkx view of a stage (:func:`kdgraph.graphview.to_networkx`) to a :class:`StageView`:
+"""From the networkx view of a stage (:func:`kdgraph.distiller.graphview.to_networkx`) to a :class:`StageView`:
 the fused graph's nodes grouped to module level (``depth``), each box described (module type, shape,
 parameters, weights, frozen or trained), the taps on the edges that read them.
 """
@@ -11,8 +11,8 @@ from torch import nn
 
 from .. import formatting
 from ..errors import KDGraphError
-from ..graphview import collapse, to_networkx
-from ..nodeinfo import Role
+from ..distiller.graphview import collapse, to_networkx
+from ..compiler.nodeinfo import Role
 from .model import Kind, StageView, VEdge, VNode
 from .shapes import ShapeText
 

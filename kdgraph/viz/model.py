@@ -12,14 +12,14 @@ from typing import Any, Optional
 
 import networkx as nx
 
-from ..nodeinfo import Role
+from ..compiler.nodeinfo import Role
 
 __all__ = ["Kind", "VNode", "VEdge", "DEdge", "StageView"]
 
 
 class Kind(str, Enum):
     """What a box of the drawing shows. The network, adapter, loss, input and transform kinds equal the
-    :class:`~kdgraph.nodeinfo.Role` of the nodes they collapse (``Kind.LOSS == Role.LOSS == "loss"``)."""
+    :class:`~kdgraph.compiler.nodeinfo.Role` of the nodes they collapse (``Kind.LOSS == Role.LOSS == "loss"``)."""
 
     TEACHER = Role.TEACHER.value
     STUDENT = Role.STUDENT.value

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import networkx as nx
 
 from .. import formatting
-from ..nodeinfo import Role
+from ..compiler.nodeinfo import Role
 
 __all__ = ["ShapeText"]
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from ...nodeinfo import Role, role_of
+from ..nodeinfo import Role, role_of
 from ..report import PassResult
 from .context import PassContext
 

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ...nodeinfo import derive
+from ..nodeinfo import derive
 
 __all__ = ["is_inplace", "writes_into", "make_out_of_place", "SAFE_MODULES"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...nodeinfo import Role, role_of
+from ..nodeinfo import Role, role_of
 from ...spec import parse_tap
 from ..report import PassResult
 from .context import PassContext

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ...nodeinfo import Role, info_of, role_of
+from ..nodeinfo import Role, info_of, role_of
 from ..report import PassResult
 from .context import PassContext
 from .inplace_ops import is_inplace

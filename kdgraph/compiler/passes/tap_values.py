@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ...nodeinfo import Role, derive, role_of
+from ..nodeinfo import Role, derive, role_of
 
 __all__ = ["restore_tap", "restore_tap_node", "teacher_tap_nodes", "RETAP_META"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ...nodeinfo import Role, derive, role_of
+from ..nodeinfo import Role, derive, role_of
 from ..report import PassResult
 from .context import PassContext
 from .fold_teacher_bn import FoldedConvBN

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...nodeinfo import NodeInfo, Role, role_of, set_info
+from ..nodeinfo import NodeInfo, Role, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
 from .fold_teacher_bn import FoldedConvBN

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ...nodeinfo import NodeInfo, Role, role_of, set_info
+from ..nodeinfo import NodeInfo, Role, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
 from .onednn_layout import onednn_copy

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ...nodeinfo import NodeInfo, Role, role_of, set_info
+from ..nodeinfo import NodeInfo, Role, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
 

@@ -5,8 +5,8 @@ One module per kind (:mod:`.fashion_mnist`, :mod:`.image_folder`, :mod:`.synthet
 builder of what a spec names (:mod:`.bundle`). Every problem with a data folder is a
 :class:`~kdgraph.errors.DataError` raised before any model is built.
 """
-from ...data import Batch, unpack_batch
-from ...data import wrap as wrap_train_dataset  # the spec's data wrapper
+from ...distiller.data import Batch, unpack_batch
+from ...distiller.data import wrap as wrap_train_dataset  # the spec's data wrapper
 from .bundle import DataBundle, build_datasets, check_data, make_loader, subset
 from .fashion_mnist import (_FASHION_FILES, DEBIAN_FASHION_DIR, FASHION_CLASSES, FASHION_HELP,  # noqa: F401
                             FASHION_MEAN, FASHION_STD, TensorImages, find_fashion_mnist, load_fashion_mnist)

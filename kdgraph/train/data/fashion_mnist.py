@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ...data import Batch
+from ...distiller.data import Batch
 from ...errors import DataError
 from .sampling import uniform_from_seeds
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from ...data import Batch
+from ...distiller.data import Batch
 from ...errors import DataError
 
 __all__ = ["sample_seed", "uniform_from_seeds", "ResumableSampler", "ShardSampler", "SeededView",

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ...data import Batch
+from ...distiller.data import Batch
 
 __all__ = ["SyntheticImages", "synthetic_datasets"]
 

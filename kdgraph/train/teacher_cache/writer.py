@@ -21,7 +21,7 @@ from ...compiler.cached import CACHEABLE_TAPS
 from ...errors import TeacherCacheError
 from ...models import build_model
 from ...spec import Spec
-from ...weights import load_weights, resolve
+from ...models.weights import load_weights, resolve
 from ..data import build_datasets, check_data
 from ..distributed import DistEnv, barrier, setup, teardown
 from .fingerprint import canonical_hash, data_identity, spec_identity, teacher_weights_sha256, transform_identity

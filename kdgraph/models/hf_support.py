@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError, did_you_mean
+from ..errors import ModelError, did_you_mean
 
 __all__ = ["build_hf_model", "hf_folder_state_dict", "load_hf_weights", "is_hf_folder", "save_hf_folder",
            "REFUSED_KWARGS"]
@@ -145,8 +145,8 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def hf_folder_state_dict(folder: str | Path, what: str) -> dict[str, torch.Tensor]:
     """The state_dict in a ``save_pretrained`` folder: ``model.safetensors``, its sharded index, or
-    ``pytorch_model.bin`` (``weights_only=True``); each file verified by :func:`kdgraph.weightio.load_file`."""
-    from .errors import CheckpointError
+    ``pytorch_model.bin`` (``weights_only=True``); each file verified by :func:`kdgraph.models.weightio.load_file`."""
+    from ..errors import CheckpointError
     from .weightio import load_file
 
     p = Path(folder)

@@ -12,7 +12,7 @@
   missing entry is the trainer's job (``kdgraph train SPEC`` pretrains it first, see
   :mod:`kdgraph.train.pretrain`); here a missing entry is a clear error saying so.
 * :func:`load_weights` loads what ``ModelRef.weights`` names into a network (strict), files verified against
-  their content hash (:mod:`kdgraph.weightio`).
+  their content hash (:mod:`kdgraph.models.weightio`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError, did_you_mean
-from .spec import ModelRef, Spec
+from ..errors import CheckpointError, ModelError, did_you_mean
+from ..spec import ModelRef, Spec
 from .weightio import CHECKPOINT_MARK, load_file
 
 __all__ = ["CACHE_PREFIX", "cache_dir", "pretrain_key", "weights_path", "resolve", "state_dict_of",
@@ -208,7 +208,7 @@ def _torchvision_weights(ref: ModelRef, role: str) -> dict[str, torch.Tensor]:
 
 
 def _load_hf(model: nn.Module, ref: ModelRef, role: str) -> bool:
-    """An ``hf:`` network's weights: a save_pretrained folder or a weights file (see :mod:`kdgraph.hf_support`)."""
+    """An ``hf:`` network's weights: a save_pretrained folder or a weights file (see :mod:`kdgraph.models.hf_support`)."""
     from .hf_support import hf_folder_state_dict, is_hf_folder, load_hf_weights
 
     w = str(ref.weights)
@@ -232,14 +232,14 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
 
     ``weights`` is a local file (a state_dict or a kdgraph checkpoint, whose ``role`` network is taken) or a
     torchvision weights enum member name (``IMAGENET1K_V1``, ``DEFAULT``), fetched through torchvision's cache.
-    An ``hf:`` network also reads a ``save_pretrained`` folder (:mod:`kdgraph.hf_support`).
+    An ``hf:`` network also reads a ``save_pretrained`` folder (:mod:`kdgraph.models.hf_support`).
     A ``cache:NAME`` reference must be resolved to its file first (:func:`resolve`).
     """
     w = ref.weights
     if not w:
         return False
     if w.startswith(CACHE_PREFIX):
-        raise ModelError(f"{role}.weights: {w!r} is a cache entry; resolve it first (kdgraph.weights.resolve, "
+        raise ModelError(f"{role}.weights: {w!r} is a cache entry; resolve it first (kdgraph.models.weights.resolve, "
                          f"as Distiller.load_weights does)")
     if ref.model.startswith("hf:"):
         return _load_hf(model, ref, role)

@@ -14,7 +14,7 @@ imported, unless its module is allowed by one of (all of them add up):
 
 * the command line: ``--allow-import PREFIX`` (repeatable) or ``--trust-code`` (everything);
 * the API: ``kdgraph.compile(spec, allow_imports=["mypkg"])`` / ``trust_code=True`` (also
-  ``Distiller.from_spec`` and ``kdgraph.train.train``), or ``with kdgraph.trust.consent([...]):``;
+  ``Distiller.from_spec`` and ``kdgraph.train.train``), or ``with kdgraph.consent([...]):``;
 * the environment: ``KDGRAPH_ALLOW_IMPORTS=mypkg,otherpkg`` (``*`` for everything).
 
 ``PREFIX`` allows that module and its sub-modules (``mypkg`` allows ``mypkg.nets``, not ``mypkgx``).
@@ -27,7 +27,7 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from .errors import ModelError
+from ..errors import ModelError
 
 ENV_VAR = "KDGRAPH_ALLOW_IMPORTS"
 ALL = "*"
@@ -36,7 +36,7 @@ _granted: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("kdgr
 
 
 class ConsentError(ModelError):
-    """A spec names code to import that the user has not allowed (see :mod:`kdgraph.trust`)."""
+    """A spec names code to import that the user has not allowed (see :mod:`kdgraph.models.trust`)."""
 
 
 def _clean(prefixes: Iterable[str]) -> tuple[str, ...]:

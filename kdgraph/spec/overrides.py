@@ -20,8 +20,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import SpecError, did_you_mean
-from .spec import Spec, validate_spec
+from ..errors import SpecError, did_you_mean
+from .schema import Spec
+from .validate import validate_spec
 
 
 def _set(node: Any, keys: list[str], value: Any, full: str) -> None:

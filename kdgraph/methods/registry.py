@@ -2,7 +2,9 @@
 
 A method is a file under :mod:`kdgraph.methods`, named in :func:`kdgraph.methods.builtin_methods`,
 whose classes register themselves here; the compiler, trainer and CLI only look names up, they know
-no method by name. User code registers its own classes the same way and names them in a spec::
+no method by name. This module imports no method: the package :mod:`kdgraph.methods` (always
+imported before this module, being its parent) hands it the loader of the built-ins with
+:func:`load_builtins_with`, and the first lookup calls it. User code registers its own classes the same way and names them in a spec::
 
     from kdgraph import register_loss, DistillLoss
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from .errors import SpecError, did_you_mean
+from ..errors import SpecError, did_you_mean
 
 T = TypeVar("T")
 
@@ -84,14 +86,15 @@ def register_data_wrapper(name: str, *, override: bool = False):
     return DATA_WRAPPERS.register(name, override=override)
 
 
-_loaded = False
+_builtin_loader: list[Callable[[], object]] = []  # set once by kdgraph.methods, called (then dropped) on first lookup
+
+
+def load_builtins_with(loader: Callable[[], object]) -> None:
+    """Call ``loader`` (which imports the built-in methods) on the first lookup, not before."""
+    _builtin_loader[:] = [loader]
 
 
 def _load_builtin_methods() -> None:
     """Import the built-in methods (:func:`kdgraph.methods.builtin_methods` names them) once."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from .methods import builtin_methods
-
-        builtin_methods()
+    if _builtin_loader:
+        _builtin_loader.pop()()

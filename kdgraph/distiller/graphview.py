@@ -13,7 +13,7 @@ dead-code elimination removed (``pruned=True``, wired as in the traced teacher).
 dependencies (an edge ``u -> v`` means ``v`` reads ``u``'s value). Node attributes:
 
 =============  ===============================================================================
-``role``       a :class:`kdgraph.nodeinfo.Role` (a ``str`` enum, so ``a["role"] == "loss"`` holds):
+``role``       a :class:`kdgraph.compiler.nodeinfo.Role` (a ``str`` enum, so ``a["role"] == "loss"`` holds):
                ``input`` | ``transform`` | ``teacher`` | ``student`` | ``adapter`` | ``loss`` | ``output``
                | ``grad_mode``
 ``name``       tap-style name: ``layer1.0.conv1``, ``layer1.0/add`` (teacher/student), the adapter or
@@ -55,10 +55,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .errors import KDGraphError, TapError, did_you_mean
-from .formatting import dtype as fmt_dtype
-from .nodeinfo import NodeInfo, Role, info_of
-from .spec import parse_tap
+from ..errors import KDGraphError, TapError, did_you_mean
+from ..formatting import dtype as fmt_dtype
+from ..compiler.nodeinfo import NodeInfo, Role, info_of
+from ..spec import parse_tap
 
 __all__ = ["to_networkx", "tap_node", "tap_to_loss_path", "collapse"]
 
@@ -75,7 +75,7 @@ def _dtype_of(node: fx.Node) -> Optional[str]:
 
 def _info(node: fx.Node) -> NodeInfo:
     """The node's info; a node nobody described (inserted by hand) belongs to its first input, as
-    :func:`kdgraph.nodeinfo.derive` would have said."""
+    :func:`kdgraph.compiler.nodeinfo.derive` would have said."""
     info = info_of(node)
     if info is not None:
         return info

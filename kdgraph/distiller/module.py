@@ -23,14 +23,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import TracedNetwork, capture_for_spec
-from .compiler import Prepared, StageReport, build_stage, with_tap_outputs
-from .compiler.passes.teacher_dtype import autocast_state_kept
-from .errors import KDGraphError, ModelError
-from .models import build_model
-from .spec import Spec, load_spec
-from .trust import consent
-from .weights import load_weights, resolve
+from ..capture import TracedNetwork, capture_for_spec
+from ..compiler import Prepared, StageReport, build_stage, with_tap_outputs
+from ..compiler.passes.teacher_dtype import autocast_state_kept
+from ..errors import KDGraphError, ModelError
+from ..models import build_model
+from ..spec import Spec, load_spec
+from ..models.trust import consent
+from ..models.weights import load_weights, resolve
 
 
 class DistillerOutput(NamedTuple):
@@ -90,7 +90,7 @@ class Distiller(nn.Module):
                   trust_code: bool = False) -> "Distiller":
         """Load the spec and build the networks it names (random init) unless given.
 
-        ``allow_imports`` / ``trust_code``: consent to import your own code (:mod:`kdgraph.trust`)."""
+        ``allow_imports`` / ``trust_code``: consent to import your own code (:mod:`kdgraph.models.trust`)."""
         with consent(allow_imports, trust_code):
             spec = load_spec(spec)
             teacher = teacher if teacher is not None else build_model(spec.teacher, "teacher")
@@ -162,7 +162,7 @@ class Distiller(nn.Module):
 
     @property
     def graph(self):
-        """A ``networkx.DiGraph`` view of the current stage's fused graph (see :mod:`kdgraph.graphview`)."""
+        """A ``networkx.DiGraph`` view of the current stage's fused graph (see :mod:`kdgraph.distiller.graphview`)."""
         from .graphview import to_networkx
 
         return to_networkx(self)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["HASH_KEY", "SIDECAR", "CHECKPOINT_MARK", "content_hash", "write_atomic", "atomic_save",
            "save_safetensors", "verify", "load_file", "brief"]

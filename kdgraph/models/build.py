@@ -1,24 +1,23 @@
 """Model references -> ``nn.Module``: torchvision, the zoo, registered models, and (with consent,
-see :mod:`kdgraph.trust`) ``package.module:factory`` paths.
+see :mod:`kdgraph.models.trust`) ``package.module:factory`` paths.
 
 Building a model never downloads anything: weights are loaded separately by
-:func:`kdgraph.weights.load_weights` (re-exported here), which ``Distiller.load_weights()`` calls.
+:func:`kdgraph.models.weights.load_weights` (re-exported here), which ``Distiller.load_weights()`` calls.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from torch import nn
 
-from .errors import ModelError, did_you_mean
-from .spec import ModelRef
+from ..errors import ModelError, did_you_mean
+from ..spec import ModelRef
 from .trust import ConsentError, how_to_allow, is_allowed
 from .weights import load_weights
 
-__all__ = ["build_model", "register_model", "REGISTERED_MODELS", "import_object", "load_weights"]
+__all__ = ["build_model", "register_model", "REGISTERED_MODELS", "load_weights"]
 
 
 def _torchvision_names() -> list[str]:
@@ -92,9 +91,9 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
     """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised.
 
     ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``hf:CLASS`` (when transformers is
-    installed, :mod:`kdgraph.hf_support`), ``kdgraph.zoo:NAME`` and ``registered:NAME``
+    installed, :mod:`kdgraph.models.hf_support`), ``kdgraph.zoo:NAME`` and ``registered:NAME``
     always; ``package.module:factory``
-    only with the user's consent (:mod:`kdgraph.trust`), checked before anything is imported.
+    only with the user's consent (:mod:`kdgraph.models.trust`), checked before anything is imported.
     """
     package, _, name = ref.model.partition(":")
     if package == "torchvision":
@@ -141,42 +140,3 @@ def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         raise ModelError(f"{role}.model: {package!r} has no callable {name!r}.{did_you_mean(name, public)}")
     return _call_factory(factory, ref, role)
-
-
-def _known_leaf_class(package: str, name: str) -> Optional[type]:
-    """A class a spec may name as a leaf module without consent: one registered with
-    :func:`~kdgraph.register_leaf_module`, or an ``nn.Module`` class of an already imported torch /
-    torchvision module (looked up in ``sys.modules``: nothing is imported)."""
-    from .capture.leaves import LEAF_MODULES
-
-    for cls in LEAF_MODULES:
-        if cls.__module__ == package and cls.__qualname__ == name:
-            return cls
-    if package.split(".")[0] in ("torch", "torchvision") and package in sys.modules:
-        obj = getattr(sys.modules[package], name, None)
-        if inspect.isclass(obj) and issubclass(obj, nn.Module):
-            return obj
-    return None
-
-
-def import_object(path: str, what: str) -> Any:
-    """Resolve ``package.module:Name`` (a leaf module class): a known class, or an import with consent."""
-    package, sep, name = path.partition(":")
-    if not sep:
-        raise ModelError(f"{what}: {path!r} must be written 'package.module:Name'")
-    known = _known_leaf_class(package, name)
-    if known is not None:
-        return known
-    if not is_allowed(package):
-        raise ConsentError(
-            f"{what}: {path!r} names a class in module {package!r}, which a spec may not import without your "
-            f"consent (without it a leaf module is a class registered with kdgraph.register_leaf_module or "
-            f"an nn.Module class of torch / torchvision). Nothing was imported. {how_to_allow(package)}")
-    try:
-        module = importlib.import_module(package)
-    except ImportError as e:
-        raise ModelError(f"{what}: cannot import {package!r} ({e})") from None
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ModelError(f"{what}: {package!r} has no {name!r}") from None

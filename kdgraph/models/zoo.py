@@ -35,8 +35,6 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import resnet
 
-from .capture import register_leaf_module
-
 Stem = Literal["imagenet", "s2", "s1"]
 _STEMS = ("imagenet", "s2", "s1")
 
@@ -55,8 +53,10 @@ class CenterTapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-register_leaf_module(CenterTapConv2d, "branches on the input's spatial size (a 1x1 input uses the centre tap); "
-                                      "one node, like nn.Conv2d")
+#: The zoo's classes a capture calls as one node, with the reason (:mod:`kdgraph.capture.leaves` reads it).
+ZOO_LEAF_MODULES: dict[type, str] = {
+    CenterTapConv2d: "branches on the input's spatial size (a 1x1 input uses the centre tap); one node, like nn.Conv2d",
+}
 
 
 def use_center_tap(model: nn.Module) -> nn.Module:

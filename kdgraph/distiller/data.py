@@ -17,29 +17,18 @@ spec without a data wrapper leaves the dataset as it is, and :func:`batch_kwargs
 ``(images, targets)`` batches too, so the same loop serves every spec. SSKD's rotated views are no
 data wrapper: they are an input transform inside the compiled graph.
 
-This module is the core's; kdgraph's own trainer (:mod:`kdgraph.train.data`) uses it as well.
+It sits above the compiler (a stage's extras come from its losses' inputs); kdgraph's own trainer (:mod:`kdgraph.train.data`) uses it as well.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataError, SpecError
-from .spec import Spec, load_spec, parse_tap
-
-
-@dataclass
-class Batch:
-    """An already collated batch (the in-memory datasets and data wrappers build whole batches at once).
-
-    ``extras`` holds a data wrapper's per-batch inputs (CRD's ``index`` and ``contrast_index``)."""
-
-    images: torch.Tensor
-    targets: torch.Tensor
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+from ..errors import DataError, SpecError
+from ..methods.base import Batch  # what a data wrapper's dataset builds (CRD's), re-exported here
+from ..spec import Spec, load_spec, parse_tap
 
 
 def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
@@ -77,8 +66,8 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
     """The per-batch extras (beyond images and targets) a stage's losses and adapters read, sorted.
 
     The same answer as ``distiller.batch_inputs`` once that stage is entered, without compiling."""
-    from .compiler import bind_inputs
-    from .registry import ADAPTERS, LOSSES
+    from ..compiler import bind_inputs
+    from ..methods.registry import ADAPTERS, LOSSES
 
     if isinstance(stage, int):
         if not -len(spec.stages) <= stage < len(spec.stages):
@@ -89,7 +78,7 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
     found: set[str] = set()
     seen: set[str] = set()
 
-    from .compiler.cached import cached_taps
+    from ..compiler.cached import cached_taps
 
     cached = cached_taps(spec, st)  # runtime.teacher_cache: the teacher's logits come with the batch
 
@@ -156,7 +145,7 @@ def wrap(dataset: Dataset, spec: Any, stage: Optional[int | str] = None) -> Data
             raise DataError(f"stage {stage!r} reads the per-batch inputs {needed} but the spec has no data.wrapper "
                             f"to provide them; set data.wrapper (e.g. {{type: crd}}) or change the losses' inputs")
         return dataset
-    from .registry import DATA_WRAPPERS
+    from ..methods.registry import DATA_WRAPPERS
 
     fn = DATA_WRAPPERS.get(w.type, "data.wrapper.type")
     wrapped = fn(dataset, spec, **w.args)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ModelError, did_you_mean
+from ..errors import ModelError, did_you_mean
 
 __all__ = ["build_timm_model", "timm_leaf_modules", "timm_autowrap_functions", "REFUSED_KWARGS"]
 
