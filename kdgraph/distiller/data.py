@@ -17,7 +17,8 @@ spec without a data wrapper leaves the dataset as it is, and :func:`batch_kwargs
 ``(images, targets)`` batches too, so the same loop serves every spec. SSKD's rotated views are no
 data wrapper: they are an input transform inside the compiled graph.
 
-It sits above the compiler (a stage's extras come from its losses' inputs); kdgraph's own trainer (:mod:`kdgraph.train.data`) uses it as well.
+It sits above the compiler (a stage's extras come from its losses' inputs); kdgraph's own trainer
+(:mod:`kdgraph.train.data`) uses it as well.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..compiler import bind_inputs
+from ..compiler.cached import cached_taps
 from ..errors import DataError, SpecError
 from ..methods.base import Batch  # what a data wrapper's dataset builds (CRD's), re-exported here
+from ..methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES
 from ..spec import Spec, load_spec, parse_tap
 
 
@@ -66,9 +70,6 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
     """The per-batch extras (beyond images and targets) a stage's losses and adapters read, sorted.
 
     The same answer as ``distiller.batch_inputs`` once that stage is entered, without compiling."""
-    from ..compiler import bind_inputs
-    from ..methods.registry import ADAPTERS, LOSSES
-
     if isinstance(stage, int):
         if not -len(spec.stages) <= stage < len(spec.stages):
             raise SpecError(f"stage index {stage} out of range; stages: {', '.join(s.name for s in spec.stages)}")
@@ -77,8 +78,6 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
         st = spec.stage(stage)
     found: set[str] = set()
     seen: set[str] = set()
-
-    from ..compiler.cached import cached_taps
 
     cached = cached_taps(spec, st)  # runtime.teacher_cache: the teacher's logits come with the batch
 
@@ -145,8 +144,6 @@ def wrap(dataset: Dataset, spec: Any, stage: Optional[int | str] = None) -> Data
             raise DataError(f"stage {stage!r} reads the per-batch inputs {needed} but the spec has no data.wrapper "
                             f"to provide them; set data.wrapper (e.g. {{type: crd}}) or change the losses' inputs")
         return dataset
-    from ..methods.registry import DATA_WRAPPERS
-
     fn = DATA_WRAPPERS.get(w.type, "data.wrapper.type")
     wrapped = fn(dataset, spec, **w.args)
     if needed is None:
