@@ -19,7 +19,7 @@ from kdgraph.registry import LOSSES
 from kdgraph.spec.augment import AugmentSpec, RandomErasingSpec
 from kdgraph.train import train
 from kdgraph.train.checkpoint import Checkpoint
-from kdgraph.train.data import TensorImages, load_fashion_mnist, sample_seed
+from kdgraph.train.data import SeededView, TensorImages, load_fashion_mnist, sample_seed
 from kdgraph.train.data.augment import BatchMix, GroupedPolicy, ImageAugment, erase, folder_transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,6 +128,24 @@ def test_mixing_makes_soft_targets_that_match_the_images(fashion, kind):
         differs = (x != xr).any(1)
         share = 1 - (from_x & differs).flatten(1).sum(1) / differs.flatten(1).sum(1).clamp_min(1)
         assert abs(float(share.median()) - (1 - lam)) < 0.1
+
+
+def test_mixing_through_a_loader_of_single_items_gives_soft_batches(fashion):
+    from kdgraph.train.data import make_loader
+
+    class Items(torch.utils.data.Dataset):  # an image folder's shape: one (image, label) item at a time
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return fashion[0][i].float()[None] / 255, int(fashion[1][i])
+
+    view = SeededView(Items(), 0, True, mix=BatchMix(AugmentSpec(**MIX), 10, 0))
+    loader = make_loader(Items(), batch_size=16, train=True, workers=0, seed=0, view=view, drop_last=False)
+    batches = list(loader)
+    assert [len(b.targets) for b in batches] == [16, 16, 8]
+    assert all(b.targets.shape[1] == 10 and torch.allclose(b.targets.sum(1), torch.ones(len(b.targets)))
+               for b in batches)
 
 
 def test_cross_entropy_takes_soft_targets_as_torch_does(fashion):

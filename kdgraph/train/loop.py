@@ -129,6 +129,9 @@ class Trainer:
                  + (f" x {env.world_size} processes ({env.backend})" if env.distributed else "")
                  + f", amp {spec.runtime.amp}, channels_last {spec.runtime.channels_last}, compile "
                    f"{spec.runtime.compile} -> {self.out}")
+        if spec.data.augment is not None or not spec.data.drop_last:
+            aug = spec.data.augment.describe() if spec.data.augment is not None else "default augmentation"
+            self.say(f"  training data: {aug}; last partial batch {'dropped' if spec.data.drop_last else 'kept'}")
         self.monitor.record("start", spec=spec.name, world_size=env.world_size, device=str(env.device),
                             amp=spec.runtime.amp, resumed=resumed)
 

@@ -233,7 +233,7 @@ class BatchMix:
             return Batch(images, targets, batch.extras)
         if isinstance(batch, dict):
             return {**batch, "images": images, "targets": targets}
-        return (images, targets, *batch[2:])
+        return Batch(images, targets)  # a collated (images, targets) pair
 
 
 def mixing_view(spec: Any, train_set: Any) -> Optional[SeededView]:
