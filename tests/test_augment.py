@@ -286,3 +286,15 @@ def test_resume_mid_epoch_is_bit_exact_with_augmentation(tmp_path, monkeypatch):
     assert a.global_step == b.global_step == 6
     for k, v in b.distiller.items():
         assert torch.equal(a.distiller[k], v), k
+
+
+def test_teacher_cache_fingerprint_records_the_augmentation(fashion):
+    from kdgraph.train.teacher_cache.fingerprint import transform_identity, view_params
+
+    images, labels = fashion
+    plain = TensorImages(images, labels, 0.286, 0.353, augment=True)
+    aug = TensorImages(images, labels, 0.286, 0.353, augment=True,
+                       extra=ImageAugment(AugmentSpec(randaugment={}, hflip=1.0)))
+    a, b = transform_identity(plain), transform_identity(aug)
+    assert "data_augment" not in a and b["data_augment"]["randaugment"]["magnitude"] == 9 and b["hflip"] == 1.0
+    assert bool((view_params(aug, list(range(8)), _seeds(8))[:, 2] == 1).all())  # recorded flips follow hflip
