@@ -64,29 +64,31 @@ def main() -> None:
             d.load_state_dict(base.state_dict())  # the same weights for every variant
         d.train()
         opt = torch.optim.AdamW(d.trainable_parameters(), lr=1e-3)
-        runs[name] = (view, d, opt, [], [])
+        runs[name] = (view, d, opt, [], [], [])
     n = len(runs["plain"][0])
     for r in range(args.rounds + 1):
         keys = [(int(i), r) for i in torch.randperm(n)[: args.batch]]
-        for name, (view, d, opt, step_t, data_t) in runs.items():
-            t0 = time.perf_counter()
+        for name, (view, d, opt, step_t, data_t, cpu_t) in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
             images, targets, _ = unpack_batch(collate(view.__getitems__(keys)))
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             out = d(images.contiguous(memory_format=torch.channels_last), targets)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
             if r > 0:  # round 0 warms up
-                step_t.append(t2 - t0)
-                data_t.append(t1 - t0)
-    plain = statistics.median(runs["plain"][3])
+                step_t.append((t2 - t0, c2 - c0))
+                data_t.append((t1 - t0, c1 - c0))
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    plain = med(runs["plain"][3], 1)
     print(f"{args.spec}, batch {args.batch}, {args.rounds} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"{'variant':18} {'step ms':>9} {'data ms':>9} {'overhead':>9}")
-    for name, (_, _, _, step_t, data_t) in runs.items():
-        s, dt = statistics.median(step_t), statistics.median(data_t)
-        print(f"{name:18} {s * 1e3:9.1f} {dt * 1e3:9.1f} {100 * (s - plain) / plain:8.1f}%")
+          f"{torch.get_num_threads()}; medians; CPU = this process's CPU time (steadier than wall time on a "
+          f"shared machine), overhead on CPU time")
+    print(f"{'variant':18} {'step wall ms':>13} {'step CPU ms':>12} {'data CPU ms':>12} {'overhead':>9}")
+    for name, (_, _, _, step_t, data_t, _) in runs.items():
+        print(f"{name:18} {med(step_t, 0) * 1e3:13.1f} {med(step_t, 1) * 1e3:12.1f} {med(data_t, 1) * 1e3:12.1f} "
+              f"{100 * (med(step_t, 1) - plain) / plain:8.1f}%")
 
     # per-sample loops: torchvision op calls per batch, vs the batch size
     from torchvision.transforms import v2
@@ -102,20 +104,20 @@ def main() -> None:
 
     pol.tv._apply_image_or_video_transform = counted
     print("\nRandAugment(2, 9) on uint8 batches: torchvision op calls per batch, grouped vs image by image")
-    print(f"{'batch':>6} {'op calls':>9} {'grouped ms':>11} {'per-image ms':>13}")
+    print(f"{'batch':>6} {'op calls':>9} {'grouped CPU ms':>15} {'per-image CPU ms':>17}")
     per_image = v2.RandAugment(2, 9)
     for b in (32, 128, 512):
         x = images[:b].unsqueeze(1)
         seeds = torch.randint(0, 2 ** 62, (b,))
         calls["n"] = 0
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         pol(x, seeds)
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         op_calls = calls["n"]
-        t2 = time.perf_counter()
+        t2 = time.process_time()
         torch.stack([per_image(x[i]) for i in range(b)])
-        t3 = time.perf_counter()
-        print(f"{b:6d} {op_calls:9d} {(t1 - t0) * 1e3:11.1f} {(t3 - t2) * 1e3:13.1f}")
+        t3 = time.process_time()
+        print(f"{b:6d} {op_calls:9d} {(t1 - t0) * 1e3:15.1f} {(t3 - t2) * 1e3:17.1f}")
     mix = BatchMix(AugmentSpec(mixup={"alpha": 0.2}, cutmix={"alpha": 1.0}), 10, 0)
     n_calls = {"n": 0}
     for t in mix.tf.transforms:
