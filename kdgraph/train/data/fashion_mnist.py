@@ -36,7 +36,9 @@ class TensorImages(Dataset):
 
     Training augmentation (per sample, from its seed): random translation by up to ``pad`` pixels
     (zero padding, as ``RandomCrop(size, padding=pad)``) and horizontal flip. ``size`` resizes
-    (bilinear) and ``channels`` repeats the gray channel.
+    (bilinear) and ``channels`` repeats the gray channel. ``extra``: the spec's ``data.augment`` built
+    (:class:`~kdgraph.train.data.augment.ImageAugment`): a per-sample policy after the flip, random erasing after
+    normalisation (training only), its flip probability and its resize interpolation.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: float, std: float,
@@ -208,5 +210,5 @@ def fashion_mnist_datasets(root: Optional[str], size: tuple[int, int], channels:
     for split in (("train", "val") if need_train else ("val",)):
         images, labels = load_fashion_mnist(root, split)
         parts[split] = TensorImages(images, labels, FASHION_MEAN, FASHION_STD, FASHION_CLASSES, size, channels,
-                                    augment=split == "train", extra=extra if split == "train" else None)
+                                    augment=split == "train", extra=extra)  # val: only its interpolation
     return parts.get("train", parts["val"]), parts["val"], f"Fashion-MNIST from {find_fashion_mnist(root)}"
