@@ -217,6 +217,7 @@ def test_mixing_refuses_a_loss_that_takes_only_class_indices(tmp_path):
     ({"augment": {"crop": {}}}, {}, "crop settings apply to image folders"),
     ({"augment": MIX}, {"teacher_cache": "cache"}, "cannot be used with runtime.teacher_cache"),
     ({"augment": {"randaugment": {}}, "dataset": "synthetic"}, {}, "synthetic data are random values"),
+    ({"augment": {"autoaugment": {}, "interpolation": "bicubic"}}, {}, "nearest or bilinear only"),
 ])
 def test_bad_augmentation_is_one_clear_error_exit_2(tmp_path, data, runtime, needle):
     from kdgraph.cli import main
@@ -298,3 +299,21 @@ def test_teacher_cache_fingerprint_records_the_augmentation(fashion):
     a, b = transform_identity(plain), transform_identity(aug)
     assert "data_augment" not in a and b["data_augment"]["randaugment"]["magnitude"] == 9 and b["hflip"] == 1.0
     assert bool((view_params(aug, list(range(8)), _seeds(8))[:, 2] == 1).all())  # recorded flips follow hflip
+
+
+def test_image_folder_training_with_policy_erasing_and_cutmix_in_a_worker(tmp_path):
+    from test_data import foolbox_image_folder
+
+    k = foolbox_image_folder(tmp_path / "inet")
+    net = {"model": "kdgraph.zoo:tiny_cnn", "kwargs": {"in_channels": 3, "num_classes": k, "width": 4}}
+    spec = {"name": "inet_aug", "input": {"channels": 3, "size": [32, 32], "num_classes": k},
+            "teacher": net, "student": net,
+            "stages": [{"name": "main", "batch_size": 4, "optimizer": {"lr": 0.01},
+                        "losses": [{"name": "ce", "type": "cross_entropy", "args": {"label_smoothing": 0.1}}]}],
+            "data": {"dataset": "imagenet", "root": str(tmp_path / "inet"), "workers": 1, "train_subset": 10,
+                     "drop_last": False,
+                     "augment": {"trivialaugment": {}, "random_erasing": {"p": 0.5}, "cutmix": {"alpha": 1.0},
+                                 "crop": {"scale": [0.25, 1.0]}, "eval_crop_ratio": 0.8, "interpolation": "bicubic"}}}
+    res = train(spec, out=tmp_path / "run", **QUIET)
+    assert Checkpoint.load(tmp_path / "run" / "last.pt").global_step == 3  # 10 images, batch 4, last 2 kept
+    assert res["stages"][0]["last"]["images"] == 20

@@ -199,6 +199,10 @@ def check_augment(spec: Any) -> None:
             raise ValueError(f"data.augment.{per_image[0]}: synthetic data are random values, not images; only "
                              f"mixup and cutmix apply to them. Use dataset fashion_mnist or imagenet, or remove "
                              f"{', '.join(per_image)}")
+    if ds == "fashion_mnist" and aug.policy and aug.interpolation == "bicubic":
+        raise ValueError(f"data.augment.interpolation: bicubic cannot be used with {aug.policy} on fashion_mnist: "
+                         f"its images are tensors, on which torchvision's geometric ops take nearest or bilinear "
+                         f"only; use interpolation bilinear or nearest")
     if aug.mixes and spec.runtime.teacher_cache:
         raise ValueError(f"data.augment.{aug.mixes[0]} cannot be used with runtime.teacher_cache: the cache holds "
                          f"the teacher's output on each single image, but with {' / '.join(aug.mixes)} the teacher "

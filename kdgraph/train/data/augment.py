@@ -194,8 +194,8 @@ def folder_transforms(size: tuple[int, int], channels: int, train: bool, aug: Au
         ops = [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=interp, antialias=True)]
         if aug.hflip > 0:
             ops.append(v2.RandomHorizontalFlip(aug.hflip))
-        policy = _tv_policy(aug)
-        ops += [v2.PILToTensor(), *([policy] if policy is not None else [])]
+        policy = _tv_policy(aug)  # on the PIL image: every interpolation (tensors take nearest / bilinear only)
+        ops += [*([policy] if policy is not None else []), v2.PILToTensor()]
     else:
         resize = int(round(min(size) / aug.eval_crop_ratio))
         ops = [v2.Resize(resize, interpolation=interp, antialias=True), v2.CenterCrop(size), v2.PILToTensor()]
