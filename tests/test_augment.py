@@ -317,3 +317,17 @@ def test_image_folder_training_with_policy_erasing_and_cutmix_in_a_worker(tmp_pa
     res = train(spec, out=tmp_path / "run", **QUIET)
     assert Checkpoint.load(tmp_path / "run" / "last.pt").global_step == 3  # 10 images, batch 4, last 2 kept
     assert res["stages"][0]["last"]["images"] == 20
+
+
+@pytest.mark.parametrize("name,refused", [("crd", None), ("dist", None), ("sskd", "loss 'tf' (sskd_tf)")])
+def test_suite_specs_with_mixing_compile_or_name_their_label_only_loss(name, refused):
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "specs" / "fashion_mnist" / f"{name}.yaml").read_text())
+    spec["data"]["augment"] = MIX
+    if refused is None:
+        d = kdgraph.compile(spec)  # CRD (its wrapper's extras) and DIST read no labels: nothing to refuse
+        assert "targets" not in d.batch_inputs
+    else:
+        with pytest.raises(SpecError, match=refused.replace("(", r"\(").replace(")", r"\)")):
+            kdgraph.compile(spec)
