@@ -35,7 +35,10 @@ def compile_summary(distiller) -> dict[str, Any]:
                            "prepare_seconds": round(distiller.prepare_seconds, 3),
                            "capture": {role: {"backend": net.backend, "fx_error": net.fx_error}
                                        for role, net in distiller.traced.items()},
-                           "stages": []}
+                           "stages": [],
+                           "data": {"drop_last": distiller.spec.data.drop_last,
+                                    "augment": (distiller.spec.data.augment.model_dump(mode="json")
+                                                if distiller.spec.data.augment is not None else None)}}
     for i, name in enumerate(distiller.stages):
         distiller.enter_stage(i)
         r = distiller.report
@@ -71,6 +74,13 @@ def print_compile(summary: dict[str, Any]) -> None:
              if inp.get("named") else f"{inp['channels']}x{inp['size'][0]}x{inp['size'][1]}")
     con.print(f"[bold]{escape(summary['spec'])}[/]: input {escape(shown)}, {inp['num_classes']} classes, "
               f"{len(summary['stages'])} stage(s); captured in {summary['prepare_seconds']} s")
+    data = summary.get("data") or {}
+    if data.get("augment") is not None or data.get("drop_last") is False:
+        from ..spec.augment import AugmentSpec
+
+        aug = AugmentSpec(**data["augment"]).describe() if data.get("augment") else "default augmentation"
+        con.print(f"training data: {escape(aug)}; last partial batch "
+                  f"{'dropped' if data.get('drop_last', True) else 'kept'}", soft_wrap=True)
     for role, c in summary["capture"].items():
         why = f" (torch.fx could not: {c['fx_error']})" if c["fx_error"] else ""
         con.print(f"{role} captured with [bold]{c['backend']}[/]{escape(why)}", soft_wrap=True)

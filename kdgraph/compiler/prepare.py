@@ -85,6 +85,7 @@ class Prepared:
         self._build_adapters()
         self._build_losses_and_transforms()
         self._check_wiring()
+        self._check_soft_targets()
 
     # ---------------------------------------------------------------- shapes
     def tap_shape(self, tap: Tap) -> Shape:
@@ -268,6 +269,29 @@ class Prepared:
                         f"{', '.join(f'{k}={v!r}' for k, v in bound.items())} are all frozen (teacher, batch or "
                         f"untrained adapters on them), so it has no gradient. Tap the student or an adapter the "
                         f"stage trains, or add that adapter to train")
+
+    def _check_soft_targets(self) -> None:
+        """With mixup / cutmix (``data.augment``) the targets are soft: every loss or adapter input bound to
+        ``batch:targets`` must be one its class lists in ``soft_target_inputs``."""
+        aug = self.spec.data.augment
+        if aug is None or not aug.mixes:
+            return
+        option = f"data.augment.{aug.mixes[0]}"
+        readers = [(self.spec.where('stages', si, 'losses', li, 'inputs', k), f"loss {ls.name!r} ({ls.type})",
+                    LOSSES.get(ls.type), k, text)
+                   for si, stage in enumerate(self.spec.stages) for li, ls in enumerate(stage.losses)
+                   for k, text in self.loss_inputs[(stage.name, ls.name)].items()]
+        readers += [(self.spec.where('adapters', name, 'inputs', k), f"adapter {name!r} ({ad.type})",
+                     ADAPTERS.get(ad.type), k, text)
+                    for name, ad in self.spec.adapters.items() for k, text in ad.inputs.items()]
+        for where, what, cls, k, text in readers:
+            tap = parse_tap(text)
+            if tap.source == "batch" and tap.path == "targets" and k not in getattr(cls, "soft_target_inputs", ()):
+                raise SpecError(f"{where}: {what} reads class labels ({k!r} = 'batch:targets'), but with {option} "
+                                f"the targets are soft (B x num_classes probabilities) and this {what.split()[0]} "
+                                f"takes only class indices (its soft_target_inputs: "
+                                f"{', '.join(getattr(cls, 'soft_target_inputs', ())) or 'none'}). Remove "
+                                f"{' / '.join('data.augment.' + m for m in aug.mixes)}, or this term")
 
     def _depends_on_trained(self, text: str, trained: set[str]) -> bool:
         tap = parse_tap(text)

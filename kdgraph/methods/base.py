@@ -34,6 +34,9 @@ class DistillLoss(nn.Module):
     * ``same_shape``: groups of inputs whose shapes must be equal (checked at compile time).
     * ``batch_only_inputs``: inputs that must be bound to a ``batch:`` tap (labels, sample indices),
       never to a network's or adapter's values.
+    * ``soft_target_inputs``: inputs that accept soft targets (float ``B x num_classes`` probabilities, which
+      ``data.augment`` mixup / cutmix put in ``batch:targets``) as well as class indices. A loss with an input bound
+      to ``batch:targets`` that is not listed here is refused at compile time when the spec mixes.
     * ``batch_keys``: extra per-batch keys (beyond ``images``/``targets``) the loss reads; those of
       ``default_inputs`` count too.
     * ``Args``: the pydantic schema of the constructor's arguments (see :mod:`kdgraph.methods.args`).
@@ -43,6 +46,7 @@ class DistillLoss(nn.Module):
     default_inputs: ClassVar[Mapping[str, str]] = {}
     same_shape: ClassVar[tuple[tuple[str, ...], ...]] = ()
     batch_only_inputs: ClassVar[tuple[str, ...]] = ()
+    soft_target_inputs: ClassVar[tuple[str, ...]] = ()
     batch_keys: ClassVar[tuple[str, ...]] = ()
     Args: ClassVar[Optional[type[BaseModel]]] = None
 

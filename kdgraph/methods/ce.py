@@ -26,7 +26,8 @@ class CrossEntropyArgs(MethodArgs):
 
 @register_loss("cross_entropy")
 class CrossEntropy(DistillLoss):
-    """``F.cross_entropy(logits, targets)``; ``label_smoothing`` as in PyTorch.
+    """``F.cross_entropy(logits, targets)``; ``label_smoothing`` as in PyTorch. ``targets``: class indices, or
+    soft targets (float B x num_classes probabilities, from data.augment's mixup / cutmix), as F.cross_entropy takes.
 
     When the logits have more rows than there are targets (an input transform such as SSKD's
     rotations made several views per image), only the first ``len(targets)`` rows, the original
@@ -36,6 +37,7 @@ class CrossEntropy(DistillLoss):
     inputs = ("logits", "targets")
     default_inputs = {"logits": "student:@output", "targets": "batch:targets"}
     batch_only_inputs = ("targets",)
+    soft_target_inputs = ("targets",)  # class indices, or B x K probabilities (mixup / cutmix)
     Args = CrossEntropyArgs
 
     @classmethod

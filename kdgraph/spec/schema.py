@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator)
 
 from ..errors import SpecError, did_you_mean
+from .augment import AugmentSpec, check_augment
 from .location import fmt_loc
 from .taps import _IDENT, TapStr, parse_tap
 
@@ -269,6 +270,11 @@ class DataSpec(_Strict):
     wrapper: Optional[DataWrapperSpec] = None
     train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")
     val_subset: Optional[Int] = Field(None, ge=1, description="use only the first N validation images")
+    drop_last: bool = Field(True, description="drop each epoch's last partial training batch (false: keep it, "
+                                              "a smaller step at the epoch's end)")
+    augment: Optional[AugmentSpec] = Field(None, description="training augmentation of image data: RandAugment / "
+                                           "TrivialAugment / AutoAugment, random erasing, mixup / cutmix (soft "
+                                           "targets), crop and interpolation (kdgraph.spec.augment)")
 
     @model_validator(mode="after")
     def _glue_task(self) -> "DataSpec":
@@ -404,6 +410,11 @@ class Spec(_Strict):
                 self._check_adapter_ref(f"adapters.{name}.inputs.{k}", text)
             if ad.match:
                 self._check_adapter_ref(f"adapters.{name}.match", ad.match)
+        return self
+
+    @model_validator(mode="after")
+    def _augment_fits(self) -> "Spec":
+        check_augment(self)
         return self
 
     def _check_adapter_ref(self, where: str, text: str) -> None:

@@ -30,6 +30,7 @@ from ..models.trust import consent
 from ..models.weights import resolve, state_dict_of
 from .checkpoint import Checkpoint
 from .data import DataBundle, build_datasets, check_data, wrap_train_dataset
+from .data.augment import mixing_view
 from .distributed import DistEnv, all_gather_object, setup, teardown
 from .evaluation import describe, evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
 from .monitor import Monitor
@@ -128,6 +129,9 @@ class Trainer:
                  + (f" x {env.world_size} processes ({env.backend})" if env.distributed else "")
                  + f", amp {spec.runtime.amp}, channels_last {spec.runtime.channels_last}, compile "
                    f"{spec.runtime.compile} -> {self.out}")
+        if spec.data.augment is not None or not spec.data.drop_last:
+            aug = spec.data.augment.describe() if spec.data.augment is not None else "default augmentation"
+            self.say(f"  training data: {aug}; last partial batch {'dropped' if spec.data.drop_last else 'kept'}")
         self.monitor.record("start", spec=spec.name, world_size=env.world_size, device=str(env.device),
                             amp=spec.runtime.amp, resumed=resumed)
 
@@ -140,11 +144,11 @@ class Trainer:
         d.train()
         info = self._announce_stage(i)
         trains_student = "student" in st.train
-        view = self._replay_view(d, train_set, cache)
+        view = self._replay_view(d, train_set, cache) or mixing_view(spec, train_set)
         run = make_stage_run(st.name, i, st, d, d.student if trains_student else None, train_set, env=env,
                              workers=spec.data.workers, seed=spec.runtime.seed, amp=spec.runtime.amp, save=True,
                              evaluate="epoch" if trains_student else "never", batch_inputs=d.batch_inputs,
-                             view=view)
+                             view=view, drop_last=spec.data.drop_last)
         start, rng = (0, 0), None
         if resume is not None:
             start, rng = _restore(run, resume, env)

@@ -116,11 +116,12 @@ class SkipCounter:
 
 def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_model: Optional[nn.Module],
                    train_set: Any, *, env: DistEnv, workers: int, seed: int, amp: str, save: bool, evaluate: str,
-                   batch_inputs: list[str], view: Any = None) -> StageRun:
+                   batch_inputs: list[str], view: Any = None, drop_last: bool = True) -> StageRun:
     """The loader, optimizer, schedule, grad scaler and DDP wrapper of one stage over ``train_set`` (read
     through ``view`` when given: the teacher cache's replay)."""
     loader = make_loader(train_set, batch_size=stage.batch_size, train=True, workers=workers, seed=seed,
-                         world_size=env.world_size, rank=env.rank, pin_memory=env.device.type == "cuda", view=view)
+                         world_size=env.world_size, rank=env.rank, pin_memory=env.device.type == "cuda", view=view,
+                         drop_last=drop_last)
     lr = lr_used(stage, env.world_size)
     opt = build_optimizer(stage, task.trainable_parameters(), lr)
     scaler = torch.amp.GradScaler(env.device.type) if amp == "fp16" else None
@@ -158,7 +159,8 @@ class StepLoop:
         to restore first, when resuming)."""
         st = run.stage
         save = save if run.save else None
-        steps_per_epoch = run.loader.sampler.per_rank // st.batch_size
+        steps_per_epoch = (run.loader.sampler.per_rank // st.batch_size if run.loader.drop_last
+                           else -(-run.loader.sampler.per_rank // st.batch_size))  # data.drop_last: false
         self.progress.ckpt_time = time.perf_counter()
         for epoch in range(start[0], st.epochs):
             first = start[1] if epoch == start[0] else 0

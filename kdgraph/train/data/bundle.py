@@ -75,9 +75,10 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
     ds = spec.data.dataset
     if ds == "fashion_mnist":
         check_data(spec, root)
-        full, val, desc = fashion_mnist_datasets(root, size, c, need_train)
+        full, val, desc = fashion_mnist_datasets(root, size, c, need_train, spec.data.augment)
     elif ds == "imagenet":
-        full, val, desc, skipped = image_folder_datasets(root, k, size, c, need_train, skip_bad_images)
+        full, val, desc, skipped = image_folder_datasets(root, k, size, c, need_train, skip_bad_images,
+                                                         spec.data.augment)
     elif ds == "glue":
         check_data(spec, root)
         d = spec.data
@@ -95,10 +96,12 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int, seed: int, world_size: int = 1,
-                rank: int = 0, pin_memory: bool = False, view: Optional[Dataset] = None) -> DataLoader:
-    """A DataLoader over ``(index, epoch)`` keys: a :class:`ResumableSampler` for training (drop_last),
-    a :class:`ShardSampler` for evaluation. In-memory datasets are read in the main process.
-    ``view``: the keyed view over ``dataset`` to read instead of a :class:`SeededView` (teacher cache replay)."""
+                rank: int = 0, pin_memory: bool = False, view: Optional[Dataset] = None,
+                drop_last: bool = True) -> DataLoader:
+    """A DataLoader over ``(index, epoch)`` keys: a :class:`ResumableSampler` for training (its last partial
+    batch dropped unless ``drop_last`` is False), a :class:`ShardSampler` for evaluation. In-memory datasets are
+    read in the main process. ``view``: the keyed view over ``dataset`` to read instead of a :class:`SeededView`
+    (teacher cache replay, data.augment's mixing)."""
     n = len(dataset)  # type: ignore[arg-type]
     view = view if view is not None else SeededView(dataset, seed, train)
     if train:
@@ -114,4 +117,4 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int,
     if workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     return DataLoader(view, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=train, **kwargs)
+                      pin_memory=pin_memory, drop_last=train and drop_last, **kwargs)

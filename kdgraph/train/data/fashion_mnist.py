@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -36,12 +36,14 @@ class TensorImages(Dataset):
 
     Training augmentation (per sample, from its seed): random translation by up to ``pad`` pixels
     (zero padding, as ``RandomCrop(size, padding=pad)``) and horizontal flip. ``size`` resizes
-    (bilinear) and ``channels`` repeats the gray channel.
+    (bilinear) and ``channels`` repeats the gray channel. ``extra``: the spec's ``data.augment`` built
+    (:class:`~kdgraph.train.data.augment.ImageAugment`): a per-sample policy after the flip, random erasing after
+    normalisation (training only), its flip probability and its resize interpolation.
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: float, std: float,
                  classes: Sequence[str] = (), size: Optional[tuple[int, int]] = None, channels: int = 1,
-                 augment: bool = False, pad: int = 2):
+                 augment: bool = False, pad: int = 2, extra: Any = None):
         self.images = images
         self.targets = targets.long()
         self.mean, self.std = mean, std
@@ -49,6 +51,7 @@ class TensorImages(Dataset):
         self.size = tuple(size) if size else tuple(images.shape[-2:])
         self.channels = channels
         self.augment, self.pad = augment, pad
+        self.extra = extra  # data.augment: an augment.ImageAugment (policy, erasing, flip probability, interpolation)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -57,13 +60,15 @@ class TensorImages(Dataset):
         if n is None or n >= len(self):
             return self
         return TensorImages(self.images[:n], self.targets[:n], self.mean, self.std, self.classes, self.size,
-                            self.channels, self.augment, self.pad)
+                            self.channels, self.augment, self.pad, self.extra)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 B x H x W -> float B x C x h x w, normalised."""
         x = x.unsqueeze(1).float().div_(255.0)
         if tuple(x.shape[-2:]) != self.size:
-            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            mode = self.extra.interpolation if self.extra is not None else "bilinear"
+            x = torch.nn.functional.interpolate(x, size=self.size, mode=mode,
+                                                align_corners=None if mode == "nearest" else False)
         x = x.sub_(self.mean).div_(self.std)
         if self.channels != 1:
             x = x.expand(-1, self.channels, -1, -1).contiguous()
@@ -79,23 +84,31 @@ class TensorImages(Dataset):
             rows = (torch.arange(h)[None, :] + dy[:, None])[:, :, None]
             cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, :]
             x = padded[torch.arange(b)[:, None, None], rows, cols]
-        flip = uniform_from_seeds(seeds, 3) < 0.5
+        flip = uniform_from_seeds(seeds, 3) < (self.extra.hflip if self.extra is not None else 0.5)
         if bool(flip.any()):
             x = torch.where(flip[:, None, None], x.flip(-1), x)
-        return x
+        return x if self.extra is None else self.extra.pre(x, seeds)
 
     def get_batch(self, indices: Sequence[int], seeds: Optional[Sequence[int]]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images[idx]
-        if self.augment and seeds is not None:
-            x = self._augment(x, torch.as_tensor(seeds, dtype=torch.long))
-        return Batch(self._finish(x), self.targets[idx])
+        s = torch.as_tensor(seeds, dtype=torch.long) if self.augment and seeds is not None else None
+        if s is not None:
+            x = self._augment(x, s)
+        x = self._finish(x)
+        if s is not None and self.extra is not None:
+            x = self.extra.post(x, s)
+        return Batch(x, self.targets[idx])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = self.images[index: index + 1]
-        if self.augment:
-            x = self._augment(x, torch.randint(0, 2 ** 62, (1,)))
-        return self._finish(x)[0], int(self.targets[index])
+        s = torch.randint(0, 2 ** 62, (1,)) if self.augment else None
+        if s is not None:
+            x = self._augment(x, s)
+        x = self._finish(x)
+        if s is not None and self.extra is not None:
+            x = self.extra.post(x, s)
+        return x[0], int(self.targets[index])
 
 
 def _read_idx(path: Path, expect_magic: int) -> torch.Tensor:
@@ -184,12 +197,18 @@ def load_fashion_mnist(root: Optional[str], split: str) -> tuple[torch.Tensor, t
 
 
 def fashion_mnist_datasets(root: Optional[str], size: tuple[int, int], channels: int,
-                           need_train: bool = True) -> tuple[Dataset, Dataset, str]:
+                           need_train: bool = True, augment: Any = None) -> tuple[Dataset, Dataset, str]:
     """(whole training split, validation split, description); the training split augmented, and the
-    validation split alone when ``need_train`` is False (then it stands for both)."""
+    validation split alone when ``need_train`` is False (then it stands for both). ``augment``: the spec's
+    ``data.augment`` (an AugmentSpec) or None."""
+    extra = None
+    if augment is not None:
+        from .augment import ImageAugment
+
+        extra = ImageAugment(augment)
     parts = {}
     for split in (("train", "val") if need_train else ("val",)):
         images, labels = load_fashion_mnist(root, split)
         parts[split] = TensorImages(images, labels, FASHION_MEAN, FASHION_STD, FASHION_CLASSES, size, channels,
-                                    augment=split == "train")
+                                    augment=split == "train", extra=extra)  # val: only its interpolation
     return parts.get("train", parts["val"]), parts["val"], f"Fashion-MNIST from {find_fashion_mnist(root)}"

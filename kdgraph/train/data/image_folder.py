@@ -127,8 +127,9 @@ class CheckedImageFolder(ImageFolder):
         raise UnreadableImageError(f"{self.root}: no image in this folder is readable")
 
 
-def imagenet_transforms(size: tuple[int, int], channels: int, train: bool):
-    """torchvision's reference ImageNet transforms (RandomResizedCrop + flip / Resize + CenterCrop)."""
+def imagenet_transforms(size: tuple[int, int], channels: int, train: bool, augment: Any = None):
+    """torchvision's reference ImageNet transforms (RandomResizedCrop + flip / Resize + CenterCrop); with
+    ``augment`` (the spec's ``data.augment``), :func:`.augment.folder_transforms`."""
     from torchvision import transforms as T
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -136,6 +137,10 @@ def imagenet_transforms(size: tuple[int, int], channels: int, train: bool):
     if channels == 1:
         pre = [T.Grayscale(1)]
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if augment is not None:
+        from .augment import folder_transforms
+
+        return folder_transforms(size, channels, train, augment, mean, std)
     if train:
         ops = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
     else:
@@ -145,7 +150,8 @@ def imagenet_transforms(size: tuple[int, int], channels: int, train: bool):
 
 
 def image_folder_datasets(root: Optional[str], num_classes: int, size: tuple[int, int], channels: int,
-                          need_train: bool = True, skip_bad: bool = False) -> tuple[Any, Any, str, Any]:
+                          need_train: bool = True, skip_bad: bool = False,
+                          augment: Any = None) -> tuple[Any, Any, str, Any]:
     """(training split, validation split, description, skipped-images counter) of an ImageNet-style folder;
     the validation split alone when ``need_train`` is False (then it stands for both). The counter is a
     ``multiprocessing.Value`` shared with DataLoader workers."""
@@ -153,7 +159,7 @@ def image_folder_datasets(root: Optional[str], num_classes: int, size: tuple[int
 
     r = check_image_folder(root, num_classes)
     skipped = multiprocessing.Value("l", 0)
-    val = CheckedImageFolder(str(r / "val"), imagenet_transforms(size, channels, False), skip_bad, skipped)
-    train = (CheckedImageFolder(str(r / "train"), imagenet_transforms(size, channels, True), skip_bad, skipped)
+    val = CheckedImageFolder(str(r / "val"), imagenet_transforms(size, channels, False, augment), skip_bad, skipped)
+    train = (CheckedImageFolder(str(r / "train"), imagenet_transforms(size, channels, True, augment), skip_bad, skipped)
              if need_train else val)
     return train, val, f"ImageFolder {r}", skipped

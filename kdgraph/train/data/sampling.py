@@ -117,8 +117,9 @@ class SeededView(Dataset):
     wrapper draw from torch's global RNG), leaving the process's own RNG untouched.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, train: bool):
+    def __init__(self, dataset: Dataset, seed: int, train: bool, mix: Any = None):
         self.dataset, self.seed, self.train = dataset, seed, train
+        self.mix = mix  # data.augment's mixup / cutmix (augment.BatchMix): (collated batch, first key) -> batch
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -141,8 +142,12 @@ class SeededView(Dataset):
             get_batch = self.dataset.get_batch  # type: ignore[attr-defined]
             idx = [k[0] for k in keys]
             seeds = [self._seed(i, e) for i, e in keys] if self.train else None
-            return get_batch(idx, seeds)
-        return [self[k] for k in keys]
+            out = get_batch(idx, seeds)
+        else:
+            out = [self[k] for k in keys]
+        if self.mix is not None and self.train and keys:
+            return self.mix(collate(out), keys[0])
+        return out
 
 
 def has_batch_reader(dataset: Any) -> bool:

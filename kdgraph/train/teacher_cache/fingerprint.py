@@ -83,9 +83,11 @@ def transform_identity(dataset: Dataset) -> dict[str, Any]:
     """The training split's random transform: its parameters (in-memory sets) or its torchvision ``repr``."""
     base, _ = _base(dataset)
     if isinstance(base, TensorImages):
-        return {"type": "translate+hflip", "augment": base.augment, "pad": base.pad, "hflip": 0.5,
-                "size": list(base.size), "channels": base.channels, "mean": base.mean, "std": base.std,
-                "params": ["dy", "dx", "flip"]}
+        extra = {} if base.extra is None else {"data_augment": base.extra.identity()}  # spec data.augment
+        return {"type": "translate+hflip", "augment": base.augment, "pad": base.pad,
+                "hflip": 0.5 if base.extra is None else base.extra.hflip, "size": list(base.size),
+                "channels": base.channels, "mean": base.mean, "std": base.std, "params": ["dy", "dx", "flip"],
+                **extra}
     if isinstance(base, SyntheticImages):
         return {"type": "none", "params": []}
     tf = getattr(base, "transform", None)
@@ -116,7 +118,7 @@ def view_params(dataset: Dataset, indices: list[int], seeds: list[int]) -> torch
         p = base.pad
         dy = (uniform_from_seeds(s, 1) * (2 * p + 1)).long() - p
         dx = (uniform_from_seeds(s, 2) * (2 * p + 1)).long() - p
-        flip = (uniform_from_seeds(s, 3) < 0.5).long()
+        flip = (uniform_from_seeds(s, 3) < (0.5 if base.extra is None else base.extra.hflip)).long()
         if not base.augment:
             dy, dx, flip = dy * 0, dx * 0, flip * 0
         return torch.stack([dy, dx, flip], dim=1).int()
