@@ -11,7 +11,7 @@ statistics are never read)::
     p_s = BN(W avgpool(F_s)),   p_t = BN(avgpool(F_t))
     L_SRD = a * log( sum |p_s - p_t|^e ) + b * KL( softmax(z_t / T) || softmax(z_s / T) )   (KL: batch mean)
 
-with ``a = 2``, ``b = 1`` (torchdistill's constants, arguments here), e = 4 and T = 1 on ImageNet (ResNet-34 ->
+(the projector has no bias by default: the normalisation would cancel it) with ``a = 2``, ``b = 1`` (torchdistill's constants, arguments here), e = 4 and T = 1 on ImageNet (ResNet-34 ->
 ResNet-18, torchdistill's official run ``configs/official/ilsvrc2012/roymiles/aaai2024``: 71.92)::
 
     adapters:
@@ -45,6 +45,8 @@ class SRDProjectorArgs(MethodArgs):
     linear: Flag = Field(True, description="true / false: a linear projector before the normalisation "
                                            "(true on the student's side, false on the teacher's)")
     eps: Positive = Field(1e-4, description="BatchNorm's eps, > 0")
+    bias: Flag = Field(False, description="true / false: a bias in the linear projector (torchdistill's has one; the "
+                                          "normalisation after it cancels it, so it gets no gradient)")
 
 
 class SRDArgs(MethodArgs):
@@ -60,13 +62,14 @@ class SRDProjector(Adapter):
 
     Args = SRDProjectorArgs
 
-    def __init__(self, in_features: int, out_features: Optional[int] = None, linear: bool = True, eps: float = 1e-4):
+    def __init__(self, in_features: int, out_features: Optional[int] = None, linear: bool = True, eps: float = 1e-4,
+                 bias: bool = False):
         super().__init__()
         out_features = in_features if out_features is None else out_features
         if not linear and out_features != in_features:
             raise ValueError(f"srd_projector without a linear layer keeps its {in_features} features; "
                              f"out_features {out_features} needs linear: true")
-        self.linear = nn.Linear(in_features, out_features) if linear else None
+        self.linear = nn.Linear(in_features, out_features, bias=bias) if linear else None
         self.eps = float(eps)
         self.in_features, self.out_features = in_features, out_features
 
