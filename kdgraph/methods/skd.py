@@ -14,8 +14,9 @@ The authors' code (``mode: code``) differs: the instance term is ``T^2 * KL`` av
 multiplied by the fraction of samples whose teacher confidence (max softmax) is at most the batch median; the
 direction term divides both Gramians by the number of classes C and is multiplied by the fraction of classes whose
 summed teacher probability is at most the median. (torchdistill's ``mode: code`` instance term masks *per sample*
-before averaging instead: on random logits B = 64, C = 100, T = 4 that gives 2.456 where the authors' code gives
-2.348; kdgraph's ``code`` mode is the authors', checked against values their code produced, ``tests/fixtures/``.)
+before averaging instead: on the fixture's logits, B = 16, C = 20, T = 4, that gives 3.877 where the authors' code
+gives 5.130, see docs/relation_methods.md; kdgraph's ``code`` mode is the authors', checked against values and
+gradients their code produced, ``tests/fixtures/skd_authors_code.json``.)
 The direction term's ``code`` mode equals torchdistill's. The medians are linear-interpolation quantiles (numpy's
 ``percentile`` in the authors' code, ``torch.quantile`` here), taken on the teacher's probabilities only. The
 covariance of ``D`` and its inverse are not detached (as in both references): they depend on the student too.
