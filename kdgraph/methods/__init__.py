@@ -21,6 +21,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     package hands it this function below).
     """
     from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
+    from . import dist_plus, ickd, kd_logit_std, pkt, rkd, skd, spkd, srd
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -34,6 +35,14 @@ def builtin_methods() -> dict[str, ModuleType]:
         "dist": dist,  # dist: DIST, inter- and intra-class correlation
         "pad": pad,  # pad_l2: prime-aware adaptive distillation (variance head)
         "sskd": sskd,  # sskd_*: self-supervised KD (rotations transform, heads, four terms)
+        "kd_logit_std": kd_logit_std,  # kd_logit_std: KD on z-scored logits (KD w/ LS)
+        "dist_plus": dist_plus,  # dist_plus: DIST + channel and spatial feature relations
+        "skd": skd,  # skd_instance + skd_direction: streamlined KD (paper / authors' code)
+        "srd": srd,  # srd + srd_projector adapter: simple recipe distillation
+        "ickd": ickd,  # ickd + ickd_embed adapter: inter-channel correlation
+        "pkt": pkt,  # pkt: probabilistic knowledge transfer
+        "rkd": rkd,  # rkd: relational KD (distances and angles)
+        "spkd": spkd,  # spkd: similarity-preserving KD
     }
 
 
