@@ -18,6 +18,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     Imported on the first registry lookup, not with ``import kdgraph``.
     """
     from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
+    from . import cckd, connector, dab, fsp, ktaad, vid
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -31,4 +32,10 @@ def builtin_methods() -> dict[str, ModuleType]:
         "dist": dist,  # dist: DIST, inter- and intra-class correlation
         "pad": pad,  # pad_l2: prime-aware adaptive distillation (variance head)
         "sskd": sskd,  # sskd_*: self-supervised KD (rotations transform, heads, four terms)
+        "connector": connector,  # connector: the generic conv(+BN)(+ReLU) / linear adapter (FitNet, DAB, CCKD)
+        "fsp": fsp,  # fsp: flow of solution procedure matrices (Yim et al.)
+        "dab": dab,  # dab: distillation of activation boundaries (Heo et al.)
+        "vid": vid,  # vid + vid_regressor: variational information distillation
+        "cckd": cckd,  # cckd: correlation congruence
+        "ktaad": ktaad,  # kta, affinity, regularization: knowledge adaptation for segmentation (He et al.)
     }
