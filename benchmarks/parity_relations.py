@@ -13,7 +13,7 @@ from torch import nn
 from torchdistill.losses import mid_level as td
 from torchdistill.models.wrapper import SRDModelWrapper, Student4ICKD
 
-from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, LOSSES
 
 CPU = torch.device("cpu")
 

@@ -15,7 +15,7 @@ import kdgraph
 from kdgraph import DistillLoss, register_loss
 from kdgraph.data import Batch
 from kdgraph.errors import SpecError
-from kdgraph.registry import LOSSES
+from kdgraph.methods.registry import LOSSES
 from kdgraph.spec.augment import AugmentSpec, RandomErasingSpec
 from kdgraph.train import train
 from kdgraph.train.checkpoint import Checkpoint

@@ -16,7 +16,7 @@ from torchdistill.models.wrapper import SRDModelWrapper, Student4ICKD
 
 import kdgraph
 from kdgraph.errors import ShapeError
-from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.methods.registry import ADAPTERS, LOSSES
 from conftest import assert_rel, sgd_steps_change_only_trained, small_spec
 
 CPU = torch.device("cpu")

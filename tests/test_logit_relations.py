@@ -13,7 +13,7 @@ from torchdistill.losses.mid_level import SKDDirectionLoss as TdSKDDirection
 from torchdistill.losses.mid_level import SKDInstanceLoss as TdSKDInstance
 
 import kdgraph
-from kdgraph.registry import LOSSES
+from kdgraph.methods.registry import LOSSES
 from conftest import ROOT, assert_rel, sgd_steps_change_only_trained, small_spec
 
 

@@ -22,6 +22,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     """
     from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
     from . import dist_plus, ickd, kd_logit_std, pkt, rkd, skd, spkd, srd
+    from . import cckd, connector, dab, fsp, ktaad, vid
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -43,6 +44,12 @@ def builtin_methods() -> dict[str, ModuleType]:
         "pkt": pkt,  # pkt: probabilistic knowledge transfer
         "rkd": rkd,  # rkd: relational KD (distances and angles)
         "spkd": spkd,  # spkd: similarity-preserving KD
+        "connector": connector,  # connector: the generic conv(+BN)(+ReLU) / linear adapter (FitNet, DAB, CCKD)
+        "fsp": fsp,  # fsp: flow of solution procedure matrices (Yim et al.)
+        "dab": dab,  # dab: distillation of activation boundaries (Heo et al.)
+        "vid": vid,  # vid + vid_regressor: variational information distillation
+        "cckd": cckd,  # cckd: correlation congruence
+        "ktaad": ktaad,  # kta, affinity, regularization: knowledge adaptation for segmentation (He et al.)
     }
 
 

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs, NonNegative, Positive
 from .base import DistillLoss
 from .dist import DISTLoss, pearson_rows

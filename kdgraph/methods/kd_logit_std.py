@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch.nn import functional as F
 
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs, Positive
 from .base import DistillLoss
 

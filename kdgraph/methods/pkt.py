@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from ..errors import ShapeError
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs, Positive
 from .base import DistillLoss, Shape, _fmt
 

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch.nn import functional as F
 
 from ..errors import ShapeError
-from ..registry import register_loss
+from .registry import register_loss
 from .args import MethodArgs
 from .base import DistillLoss, Shape, _fmt
 

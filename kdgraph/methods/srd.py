@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ShapeError
-from ..registry import register_adapter, register_loss
+from .registry import register_adapter, register_loss
 from .args import Channels, Flag, MethodArgs, NonNegative, Positive
 from .base import Adapter, DistillLoss, Shape, _fmt, channels, require_arg
 
