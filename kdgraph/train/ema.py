@@ -39,13 +39,13 @@ class StudentEMA:
         self.steps += 1
         if self.steps % self.spec.every:
             return
-        self.model.update_parameters(student)
-        first = int(self.model.n_averaged) == 1
-        for mine, theirs in zip(self.module.buffers(), student.buffers()):
-            if first or not mine.is_floating_point():
-                mine.copy_(theirs)
-            else:
-                mine.lerp_(theirs, 1.0 - self.spec.decay)
+        before = [b.clone() if b.is_floating_point() else None for b in self.module.buffers()]
+        first = int(self.model.n_averaged) == 0
+        self.model.update_parameters(student)  # averages the parameters, copies the buffers (use_buffers=False)
+        if not first:
+            for mine, old in zip(self.module.buffers(), before):
+                if old is not None:
+                    mine.copy_(old.lerp_(mine, 1.0 - self.spec.decay))
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "steps": self.steps}

@@ -32,7 +32,7 @@ from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
 
-__all__ = ["StageRun", "Position", "LoopSettings", "RunProgress", "SkipCounter", "StepLoop", "make_stage_run"]
+__all__ = ["StageRun", "Position", "LoopSettings", "RunProgress", "SkipCounter", "StepLoop", "make_stage_run", "optimizer_step"]
 
 
 @dataclass
@@ -145,6 +145,31 @@ def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_mode
                     list(batch_inputs), save, evaluate, ema=ema, student=eval_model)
 
 
+def optimizer_step(run: StageRun) -> None:
+    """One optimizer step of ``run`` after its gradients are accumulated: clip (the unscaled gradients under an
+    fp16 GradScaler: ``unscale_`` first), step (through the scaler), zero the gradients, then the per-step
+    schedule and the EMA."""
+    clip = getattr(run.stage, "clip_grad", None)
+    if clip is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.opt)
+        params = [p for g in run.opt.param_groups for p in g["params"]]
+        if clip.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip.max_norm, norm_type=clip.norm_type)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip.max_value)
+    if run.scaler is not None:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if run.per_step_schedule:
+        run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.student)
+
+
 SaveFn = Callable[[StageRun, Position, bool], None]  # (run, where, best): write the checkpoint (every process)
 
 
@@ -218,7 +243,7 @@ class StepLoop:
                 part = loss / group if group > 1 else loss
                 (run.scaler.scale(part) if run.scaler is not None else part).backward()
             if boundary:
-                self._optimizer_step(run)
+                optimizer_step(run)
             step += 1
             self.progress.global_step += 1
             if self.progress.first_step_s is None:
@@ -230,29 +255,6 @@ class StepLoop:
                 time_due = self._flush(run, epoch, steps_per_epoch, pending, interval)
                 if save is not None and (due or time_due) and step < steps_per_epoch and boundary:
                     self.checkpoint(run, Position(epoch, step), save)
-
-    def _optimizer_step(self, run: StageRun) -> None:
-        """Clip (the unscaled gradients under fp16), step, zero the gradients, then the per-step schedule and
-        the EMA."""
-        clip = getattr(run.stage, "clip_grad", None)
-        if clip is not None:
-            if run.scaler is not None:
-                run.scaler.unscale_(run.opt)
-            params = [p for g in run.opt.param_groups for p in g["params"]]
-            if clip.max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip.max_norm, norm_type=clip.norm_type)
-            else:
-                torch.nn.utils.clip_grad_value_(params, clip.max_value)
-        if run.scaler is not None:
-            run.scaler.step(run.opt)
-            run.scaler.update()
-        else:
-            run.opt.step()
-        run.opt.zero_grad(set_to_none=True)
-        if run.per_step_schedule:
-            run.sched.step()
-        if run.ema is not None:
-            run.ema.update(run.student)
 
     def _end_epoch(self, run: StageRun, epoch: int, val_loader: Any, save: Optional[SaveFn]) -> None:
         st = run.stage
