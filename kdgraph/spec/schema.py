@@ -243,6 +243,9 @@ class DataSpec(_Strict):
     max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated)")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
+    pad_to_multiple_of: Optional[Int] = Field(
+        None, ge=1, le=128, description="dataset glue: round each batch's padded length up to a multiple of this "
+                                        "(DataCollatorWithPadding's pad_to_multiple_of; 8 for fp16 tensor cores)")
     workers: Int = Field(8, ge=0, le=256)
     wrapper: Optional[DataWrapperSpec] = None
     train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")
