@@ -149,6 +149,9 @@ def test_parameter_groups_no_decay_on_norm_and_bias_lr_multipliers():
     assert lr_of[id(conv.weight)] == 0.05
     assert sum(len(g["params"]) for g in opt.param_groups) == len(d.trainable_parameters())
     assert "no decay on bias/norm; group student.fc.*: lr x 10" in describe_recipe(st)
+    from kdgraph.cli.compile import compile_summary  # what `kdgraph compile` prints (and --json gives)
+
+    assert compile_summary(d)["stages"][0]["recipe"] == describe_recipe(st)
 
 
 def test_layer_decay_and_rmsprop_tf():
@@ -242,6 +245,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(tmp_path):
     b = train(_accum_spec("acc1", 64, 1), out=tmp_path / "b", **QUIET)
     ca, cb = Checkpoint.load(tmp_path / "a" / "last.pt"), Checkpoint.load(tmp_path / "b" / "last.pt")
     assert ca.scheduler["last_epoch"] == cb.scheduler["last_epoch"] == 2 and a["stages"][0]["effective_batch"] == 32
+    assert "linear per step, warm-up 1 steps; clip norm 0.5; accumulate 2 micro-batches" in a["stages"][0]["recipe"]
     for k, v in cb.student.items():
         torch.testing.assert_close(ca.student[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     assert not torch.equal(ca.student["fc.weight"], kdgraph.compile(kdgraph.load_spec(_accum_spec("x", 64, 1)))
