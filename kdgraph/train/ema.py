@@ -19,12 +19,26 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 __all__ = ["StudentEMA"]
 
 
+def _ema_fn(decay: float):
+    """torch's ``get_ema_multi_avg_fn(decay)`` for floating-point tensors (one foreach lerp per device and
+    dtype); integer buffers are copied."""
+    ema = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: Any) -> None:
+        if averaged[0].is_floating_point():
+            ema(averaged, current, n)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return update
+
+
 class StudentEMA:
     """The EMA of ``student`` with the spec's decay and update interval."""
 
     def __init__(self, student: nn.Module, spec: Any):
         self.spec = spec
-        self.model = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(spec.decay), use_buffers=False)
+        self.model = AveragedModel(student, multi_avg_fn=_ema_fn(spec.decay), use_buffers=True)
         self.model.eval()
         self.steps = 0  # optimizer steps seen
 
@@ -37,15 +51,8 @@ class StudentEMA:
     def update(self, student: nn.Module) -> None:
         """After an optimizer step: average every ``every`` steps."""
         self.steps += 1
-        if self.steps % self.spec.every:
-            return
-        before = [b.clone() if b.is_floating_point() else None for b in self.module.buffers()]
-        first = int(self.model.n_averaged) == 0
-        self.model.update_parameters(student)  # averages the parameters, copies the buffers (use_buffers=False)
-        if not first:
-            for mine, old in zip(self.module.buffers(), before):
-                if old is not None:
-                    mine.copy_(old.lerp_(mine, 1.0 - self.spec.decay))
+        if self.steps % self.spec.every == 0:
+            self.model.update_parameters(student)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "steps": self.steps}
