@@ -29,6 +29,7 @@ def override_input_size(spec, input_size: Optional[tuple[int, int]]):
 def compile_summary(distiller) -> dict[str, Any]:
     """The compile summary as plain data (what ``--json`` prints). Shapes read as in ``kdgraph viz``."""
     from ..distiller.graphview import to_networkx
+    from ..spec import describe_recipe
     from ..viz.shapes import ShapeText
 
     out: dict[str, Any] = {"spec": distiller.spec.name, "input": distiller.spec.input.model_dump(),
@@ -45,6 +46,7 @@ def compile_summary(distiller) -> dict[str, Any]:
         shapes = ShapeText(to_networkx(distiller))
         out["stages"].append({
             "stage": name, "train": r.train, "transform": r.transform, "batch_inputs": r.batch_inputs,
+            "recipe": describe_recipe(distiller.spec.stages[i]),
             "cached_taps": r.cached_taps,
             "taps": [{"tap": t.tap, "node": t.node, "shape": shapes.of_tap(t.tap, t.shape), "dtype": t.dtype,
                       "used_by": t.used_by} for t in r.taps],
@@ -91,6 +93,8 @@ def print_compile(summary: dict[str, Any]) -> None:
                  + (f"  batch inputs: {', '.join(s['batch_inputs'])}" if s["batch_inputs"] else "")
                  + (f"  from the teacher cache: {', '.join(s['cached_taps'])}" if s["cached_taps"] else ""),
                  align="left")
+        if s.get("recipe"):
+            con.print(f"recipe: {escape(s['recipe'])}", soft_wrap=True)
         t = Table("tap", "shape", "dtype", "used by", box=box.SIMPLE, pad_edge=False, title="taps", title_justify="left")
         for tap in s["taps"]:
             t.add_row(f"[green]{tap['tap']}[/]", tap["shape"], tap["dtype"] or "", ", ".join(tap["used_by"]))

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelError, did_you_mean
 from ..spec import ModelRef, Spec
+from ..spec.recipe import KEYLESS_DEFAULTS
 from .weightio import CHECKPOINT_MARK, load_file
 
 __all__ = ["CACHE_PREFIX", "cache_dir", "pretrain_key", "weights_path", "resolve", "state_dict_of",
@@ -128,6 +129,10 @@ def pretrain_key(ref: ModelRef, spec: Spec) -> str:
     if sched and sched.get("type") != "multistep":  # milestones and gamma only shape a multistep schedule
         sched.pop("milestones", None)
         sched.pop("gamma", None)
+    for part in ("optimizer", "scheduler"):  # recipe fields added later, at their defaults: the key stays as it was
+        for k, v in KEYLESS_DEFAULTS.get(part, {}).items():
+            if (pretrain.get(part) or {}).get(k, v) == v:
+                (pretrain.get(part) or {}).pop(k, None)
     ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": pretrain,
              "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
              "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .load import load_spec
 from .location import fmt_loc
+from .recipe import ClipSpec, EmaSpec, describe_recipe
 from .schema import (AdapterSpec, DataSpec, DataWrapperSpec, Float, InputSpec, Int, LeafModule, LossSpec,
                      MAX_INPUT_VALUES, MAX_NAME, MAX_SIDE, ModelRef, OptimizerSpec, PretrainSpec, Reference,
                      RuntimeSpec, SchedulerSpec, Spec, StageSpec, TransformSpec)
@@ -23,6 +24,6 @@ from .yaml_loader import MAX_DEPTH, MAX_SPEC_BYTES, SpecLoader, parse_yaml
 
 __all__ = ["AdapterSpec", "DataSpec", "DataWrapperSpec", "Float", "InputSpec", "Int", "LeafModule", "LossSpec",
            "MAX_DEPTH", "MAX_INPUT_VALUES", "MAX_NAME", "MAX_SIDE", "MAX_SPEC_BYTES", "ModelRef", "OptimizerSpec",
-           "PretrainSpec", "Reference", "RuntimeSpec", "SchedulerSpec", "Spec", "SpecLoader", "StageSpec",
+           "PretrainSpec", "Reference", "RuntimeSpec", "SchedulerSpec", "ClipSpec", "EmaSpec", "describe_recipe", "Spec", "SpecLoader", "StageSpec",
            "TAP_GRAMMAR", "Tap", "TapStr", "TransformSpec", "fmt_loc", "load_spec", "parse_tap", "parse_yaml",
            "validate_spec"]

@@ -8,33 +8,20 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator)
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..errors import SpecError, did_you_mean
 from .augment import AugmentSpec, check_augment
+from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
 from .location import fmt_loc
+from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
 from .taps import _IDENT, TapStr, parse_tap
 
-
-def _no_bool(v: Any) -> Any:
-    if isinstance(v, bool):
-        raise ValueError(f"expected a number, got the boolean {str(v).lower()} (YAML reads true/false/yes/no/on/off "
-                         f"as booleans; write a number)")
-    return v
-
-
-#: an int / a finite float that refuses booleans (pydantic would take ``true`` as 1)
-Int = Annotated[int, BeforeValidator(_no_bool)]
-Float = Annotated[float, BeforeValidator(_no_bool)]
 
 MAX_SIDE = 4096  # input.size: at most this many pixels per side
 MAX_INPUT_VALUES = 2 ** 26  # channels x height x width of one input image (compile runs a batch of 2)
 MAX_NAME = 100
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -182,21 +169,6 @@ class TransformSpec(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimizerSpec(_Strict):
-    type: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: Float = Field(gt=0)
-    momentum: Float = Field(0.9, ge=0, le=1)
-    weight_decay: Float = Field(0.0, ge=0)
-    nesterov: bool = False
-
-
-class SchedulerSpec(_Strict):
-    type: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: list[Annotated[Int, Field(ge=1)]] = Field(
-        default_factory=list, description="epochs (>= 1) after which the lr is multiplied by gamma")
-    gamma: Float = Field(0.1, gt=0, description="the lr factor at each milestone, > 0")
-
-
 class PretrainSpec(_Strict):
     """Plain cross-entropy training of one network (a teacher to distil from), run once and cached."""
 
@@ -231,6 +203,11 @@ class StageSpec(_Strict):
                              description="'student' and/or adapter names whose parameters train (at least one)")
     transform: Optional[TransformSpec] = None
     losses: list[LossSpec] = Field(min_length=1)
+    clip_grad: Optional[ClipSpec] = Field(None, description="gradient clipping by norm or value before each "
+                                                            "optimizer step (of the unscaled gradients under fp16)")
+    accumulate: Int = Field(1, ge=1, le=4096, description="micro-batches of batch_size per optimizer step (the "
+                                                         "update of one batch accumulate times larger)")
+    ema: Optional[EmaSpec] = Field(None, description="an exponential moving average of the student")
 
     @field_validator("name")
     @classmethod
@@ -246,6 +223,7 @@ class StageSpec(_Strict):
             if loss.name in seen:
                 raise ValueError(f"losses[{i}]: two losses are named {loss.name!r}; give each a distinct 'name'")
             seen.add(loss.name)
+        check_stage_recipe(self)
         return self
 
 
@@ -266,6 +244,9 @@ class DataSpec(_Strict):
     max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated)")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
+    pad_to_multiple_of: Optional[Int] = Field(
+        None, ge=1, le=128, description="dataset glue: round each batch's padded length up to a multiple of this "
+                                        "(DataCollatorWithPadding's pad_to_multiple_of; 8 for fp16 tensor cores)")
     workers: Int = Field(8, ge=0, le=256)
     wrapper: Optional[DataWrapperSpec] = None
     train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")

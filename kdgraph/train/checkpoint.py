@@ -7,6 +7,8 @@ still load)::
      "distiller": distiller.state_dict(),        # student, teacher, adapters, loss state (e.g. CRD memories)
      "student": student.state_dict(),            # what `kdgraph export` writes
      "optimizer": ..., "scheduler": ..., "scaler": ...,   # of the stage in progress (None when absent)
+     "ema": {"model": AveragedModel state, "steps": n} | None,  # stages[i].ema; "student" is then the EMA's
+                                                                 # weights when ema.report is true
      "rng": [per process: {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]}],
      "stage": name, "stage_index": i, "epoch": e, "step": steps done in epoch e, "epoch_done": bool,
      "stage_done": bool, "global_step": n, "world_size": W, "samples_done": images of epoch e consumed,
@@ -57,6 +59,7 @@ class Checkpoint:
     optimizer: Optional[dict[str, Any]] = None  # of the stage in progress
     scheduler: Optional[dict[str, Any]] = None
     scaler: Optional[dict[str, Any]] = None
+    ema: Optional[dict[str, Any]] = None  # the student's EMA (StudentEMA.state_dict()), when the stage keeps one
     rng: list[dict[str, Any]] = field(default_factory=list)  # every process's generator states, by rank
     global_step: int = 0
     world_size: int = 1

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import KDGraphError
 from ..formatting import seconds
-from ..spec import Spec, load_spec
+from ..spec import Spec, describe_recipe, load_spec
 from ..models.trust import consent
 from ..models.weights import resolve, state_dict_of
 from .checkpoint import Checkpoint
@@ -189,9 +189,10 @@ class Trainer:
         self.say(f"  batch {st.batch_size} per process x {env.world_size} process(es) = effective batch {eff}; "
                  f"lr used {lr:g} = {st.optimizer.lr:g} x {env.world_size} / {st.reference_world_size} "
                  f"(lr x world_size / reference_world_size)")
+        self.say(f"  recipe: {describe_recipe(st)}")
         info = {"name": st.name, "epochs": st.epochs, "batch_size": st.batch_size, "world_size": env.world_size,
                 "effective_batch": eff, "lr_spec": st.optimizer.lr, "reference_world_size": st.reference_world_size,
-                "lr_used": lr, "trains": list(st.train)}
+                "lr_used": lr, "trains": list(st.train), "recipe": describe_recipe(st)}
         self.monitor.record("stage", **info)
         return info
 
@@ -205,7 +206,8 @@ class Trainer:
         ck = Checkpoint(
             spec_name=self.spec.name, spec=self.spec.model_dump(mode="json"),
             stage_names=[s.name for s in self.spec.stages], distiller=state_dict_of(d),
-            student=state_dict_of(d, "student"), stage=run.name, stage_index=run.index, epoch=where.epoch,
+            student=_student_weights(run), ema=run.ema.state_dict() if run.ema is not None else None,
+            stage=run.name, stage_index=run.index, epoch=where.epoch,
             step=where.step, epoch_done=where.epoch_done, stage_done=where.stage_done,
             optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict() if run.sched is not None else None,
             scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=rngs,
@@ -248,6 +250,13 @@ class Trainer:
         return res
 
 
+def _student_weights(run: StageRun) -> dict[str, torch.Tensor]:
+    """What a checkpoint's ``student`` holds: the EMA's weights when the stage reports its EMA, else the student."""
+    if run.ema is not None and run.ema.spec.report:
+        return state_dict_of(run.ema.module)
+    return state_dict_of(run.task, "student")
+
+
 def _restore(run: StageRun, ck: Checkpoint, env: DistEnv) -> tuple[tuple[int, int], Optional[dict[str, Any]]]:
     """Put the checkpoint's optimizer, schedule, scaler and best accuracy into ``run``; returns where to
     start (epoch, step) and this process's generator states to restore (None: another world size)."""
@@ -256,6 +265,8 @@ def _restore(run: StageRun, ck: Checkpoint, env: DistEnv) -> tuple[tuple[int, in
         run.sched.load_state_dict(ck.scheduler)
     if run.scaler is not None and ck.scaler is not None:
         run.scaler.load_state_dict(ck.scaler)
+    if run.ema is not None and ck.ema is not None:
+        run.ema.load_state_dict(ck.ema)
     run.best_top1, run.last_eval = ck.best_top1, ck.last_eval
     return ck.resume_point(), ck.rng_of(env.rank, env.world_size)
 

@@ -1,15 +1,19 @@
 """The step loop: a stage's (or a pretraining's) epochs of steps, logging intervals, NaN checks, checkpoints.
 
-For each batch: forward the task (a Distiller, or a network with cross-entropy), backward, optimizer step.
+For each batch: forward the task (a Distiller, or a network with cross-entropy), backward; after every
+``accumulate`` micro-batches (the loss divided by their number; DDP's gradient all-reduce only on the last, the
+others under ``no_sync``): clip the gradients (unscaled first under fp16), optimizer step, a per-step
+scheduler step, the EMA update.
 Losses stay on the device and are checked once per logging interval (one host sync): a non-finite loss
 stops the run (:class:`~kdgraph.errors.TrainingError` naming the term and the step) before anything is saved
 after it. Every save first checks that the weights are finite and give a finite loss on the last batch (the
 loss of a step is known only after the step changed the weights), so ``last.pt`` stays the last good state.
-After each epoch: the scheduler steps, the student is evaluated (every ``eval_every`` epochs and at the
+After each epoch: a per-epoch scheduler steps, the student is evaluated (every ``eval_every`` epochs and at the
 last), and the run is checkpointed through the ``save`` callback the trainer hands in.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -22,12 +26,13 @@ from ..formatting import seconds
 from ..spec import StageSpec
 from .data import make_loader, unpack_batch
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, wrap
+from .ema import StudentEMA
 from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
 
-__all__ = ["StageRun", "Position", "LoopSettings", "RunProgress", "SkipCounter", "StepLoop", "make_stage_run"]
+__all__ = ["StageRun", "Position", "LoopSettings", "RunProgress", "SkipCounter", "StepLoop", "make_stage_run", "optimizer_step"]
 
 
 @dataclass
@@ -52,6 +57,14 @@ class StageRun:
     last_eval: Optional[dict[str, Any]] = None
     rates: list[float] = field(default_factory=list)  # images/s of every logging interval
     last_batch: Optional[tuple[Any, Any, dict[str, Any]]] = None  # what the save-time probe runs on
+    ema: Optional[StudentEMA] = None  # the student's EMA (stages[i].ema)
+    student: Optional[nn.Module] = None  # what the EMA averages
+
+    @property
+    def per_step_schedule(self) -> bool:
+        """Whether the scheduler advances after every optimizer step (else after every epoch)."""
+        s = getattr(self.stage, "scheduler", None)
+        return self.sched is not None and s is not None and s.interval == "step"
 
 
 @dataclass(frozen=True)
@@ -123,10 +136,39 @@ def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_mode
                          world_size=env.world_size, rank=env.rank, pin_memory=env.device.type == "cuda", view=view,
                          drop_last=drop_last)
     lr = lr_used(stage, env.world_size)
-    opt = build_optimizer(stage, task.trainable_parameters(), lr)
+    opt = build_optimizer(stage, task.trainable_parameters(), lr, task)
+    sched = build_scheduler(stage, opt, loader.sampler.per_rank // stage.batch_size)
     scaler = torch.amp.GradScaler(env.device.type) if amp == "fp16" else None
-    return StageRun(name, index, stage, task, wrap(task, env), eval_model, loader, opt, build_scheduler(stage, opt),
-                    scaler, lr, list(batch_inputs), save, evaluate)
+    ema_spec = getattr(stage, "ema", None)
+    ema = StudentEMA(eval_model, ema_spec) if ema_spec is not None and eval_model is not None else None
+    shown = ema.module if ema is not None and ema_spec.report else eval_model
+    return StageRun(name, index, stage, task, wrap(task, env), shown, loader, opt, sched, scaler, lr,
+                    list(batch_inputs), save, evaluate, ema=ema, student=eval_model)
+
+
+def optimizer_step(run: StageRun) -> None:
+    """One optimizer step of ``run`` after its gradients are accumulated: clip (the unscaled gradients under an
+    fp16 GradScaler: ``unscale_`` first), step (through the scaler), zero the gradients, then the per-step
+    schedule and the EMA."""
+    clip = getattr(run.stage, "clip_grad", None)
+    if clip is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.opt)
+        params = [p for g in run.opt.param_groups for p in g["params"]]
+        if clip.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip.max_norm, norm_type=clip.norm_type)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip.max_value)
+    if run.scaler is not None:
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if run.per_step_schedule:
+        run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.student)
 
 
 SaveFn = Callable[[StageRun, Position, bool], None]  # (run, where, best): write the checkpoint (every process)
@@ -173,7 +215,7 @@ class StepLoop:
             self._steps(run, epoch, first, steps_per_epoch, save)
             self.monitor.end_epoch()
             self.skipped.report(self.monitor)
-            if run.sched is not None:
+            if run.sched is not None and not run.per_step_schedule:
                 run.sched.step()
             self._end_epoch(run, epoch, val_loader, save)
             if self.settings.plot:
@@ -183,6 +225,7 @@ class StepLoop:
         pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], int]] = []
         interval = _Interval()
         checked = False
+        k = getattr(run.stage, "accumulate", 1)
         for batch in run.loader:
             images, targets, extras = unpack_batch(batch)
             if not checked:
@@ -191,26 +234,28 @@ class StepLoop:
             images, targets = self.to_device(images), self.to_device(targets)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
             run.last_batch = (images, targets, kw)
-            with autocast(self.settings.amp, self.env.device):
-                out = run.model(images, targets, **kw)
-            loss = out.loss
-            if run.scaler is not None:
-                run.scaler.scale(loss).backward()
-                run.scaler.step(run.opt)
-                run.scaler.update()
-            else:
-                loss.backward()
-                run.opt.step()
-            run.opt.zero_grad(set_to_none=True)
+            group = min(k, steps_per_epoch - step // k * k)  # micro-batches in this optimizer step
+            boundary = (step + 1) % k == 0 or step + 1 == steps_per_epoch
+            lr = run.opt.param_groups[0]["lr"]
+            sync = contextlib.nullcontext() if boundary or not hasattr(run.model, "no_sync") else run.model.no_sync()
+            with sync:
+                with autocast(self.settings.amp, self.env.device):
+                    out = run.model(images, targets, **kw)
+                loss = out.loss
+                part = loss / group if group > 1 else loss
+                (run.scaler.scale(part) if run.scaler is not None else part).backward()
+            if boundary:
+                optimizer_step(run)
             step += 1
             self.progress.global_step += 1
             if self.progress.first_step_s is None:
                 self.progress.first_step_s = time.perf_counter() - self.progress.started
-            pending.append((step, loss.detach(), {k: v.detach() for k, v in out.terms.items()}, batch_size(images)))
+            pending.append((step, loss.detach(), {n: v.detach() for n, v in out.terms.items()}, batch_size(images),
+                            lr))
             due = save is not None and self.settings.ckpt_every > 0 and step % self.settings.ckpt_every == 0
             if len(pending) >= self.settings.flush_every or due or step == steps_per_epoch:
                 time_due = self._flush(run, epoch, steps_per_epoch, pending, interval)
-                if save is not None and (due or time_due) and step < steps_per_epoch:
+                if save is not None and (due or time_due) and step < steps_per_epoch and boundary:
                     self.checkpoint(run, Position(epoch, step), save)
 
     def _end_epoch(self, run: StageRun, epoch: int, val_loader: Any, save: Optional[SaveFn]) -> None:
@@ -262,7 +307,7 @@ class StepLoop:
         span = time.perf_counter() - interval.epoch_t0
         epoch_rate = interval.images / span if span > 0 else rate
         mean = vals.mean(dim=0).tolist()
-        lr = run.opt.param_groups[0]["lr"]
+        lr = pending[-1][4]  # the lr the interval's last step used
         terms = dict(zip(names, mean[1:]))
         self.monitor.update(pending[-1][0], {"img/s": epoch_rate, "loss": mean[0], **(terms if len(terms) > 1 else {}),
                                              "lr": lr})

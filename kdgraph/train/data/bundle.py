@@ -82,7 +82,8 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
     elif ds == "glue":
         check_data(spec, root)
         d = spec.data
-        full, val, desc = glue_datasets(root, str(d.task), d.tokenizer, d.max_length, d.padding, need_train)
+        full, val, desc = glue_datasets(root, str(d.task), d.tokenizer, d.max_length, d.padding, need_train,
+                                        pad_to_multiple_of=d.pad_to_multiple_of)
     elif ds == "synthetic":
         full, val, desc = synthetic_datasets(spec.data.train_subset, spec.data.val_subset, c, size, k,
                                              spec.runtime.seed)

@@ -5,7 +5,8 @@ The copy under ``data.root`` (or ``data.root/<task>``) is either a ``datasets.sa
 ``dev_matched.tsv`` / ``dev_mismatched.tsv``), read with :mod:`csv`. The tokenizer is a local ``save_pretrained``
 folder (``data.tokenizer``, ``AutoTokenizer.from_pretrained(folder, local_files_only=True)``): nothing is downloaded.
 Examples are tokenized once; a batch is ``{input_ids, attention_mask, token_type_ids, labels}`` padded to its
-longest example (``padding: longest``, as ``DataCollatorWithPadding``) or to ``max_length``; labels are int64 class
+longest example (``padding: longest``, as ``DataCollatorWithPadding``) or to ``max_length``, rounded up to a
+multiple of ``pad_to_multiple_of`` when given (as the collator's option of that name); labels are int64 class
 ids (float32 scores for STS-B), in the label order of ``datasets``' ``nyu-mll/glue``.
 """
 from __future__ import annotations
@@ -139,8 +140,10 @@ class GlueDataset(Dataset):
     """One tokenized GLUE split; :meth:`get_batch` pads a whole batch (``padding``: longest or max_length)."""
 
     def __init__(self, encoded: dict[str, list[list[int]]], labels: Sequence[Any], regression: bool, pad_id: int,
-                 max_length: int, padding: str = "longest", description: str = "GLUE"):
+                 max_length: int, padding: str = "longest", description: str = "GLUE",
+                 pad_to_multiple_of: Optional[int] = None):
         self.encoded, self.regression, self.pad_id = encoded, regression, pad_id
+        self.multiple = pad_to_multiple_of
         self.labels = torch.tensor(labels, dtype=torch.float32 if regression else torch.int64)
         self.max_length, self.padding, self.description = max_length, padding, description
 
@@ -153,6 +156,8 @@ class GlueDataset(Dataset):
     def get_batch(self, indices: Sequence[int], seeds: Any = None) -> dict[str, torch.Tensor]:
         ids = [self.encoded["input_ids"][i] for i in indices]
         width = self.max_length if self.padding == "max_length" else max(len(x) for x in ids)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
         out: dict[str, torch.Tensor] = {}
         for key, fill in (("input_ids", self.pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
             if key not in self.encoded:
@@ -164,7 +169,8 @@ class GlueDataset(Dataset):
 
 
 def glue_splits(root: Optional[str], task: str, tokenizer_dir: Optional[str], max_length: int = 128,
-                padding: str = "longest", splits: Sequence[str] = ("train", "validation")) -> dict[str, GlueDataset]:
+                padding: str = "longest", splits: Sequence[str] = ("train", "validation"),
+                pad_to_multiple_of: Optional[int] = None) -> dict[str, GlueDataset]:
     """The task's named splits, tokenized (MNLI's validation is ``validation_matched`` / ``_mismatched``)."""
     kind, folder = find_glue(root, task)
     tok = load_tokenizer(tokenizer_dir, task)
@@ -177,15 +183,16 @@ def glue_splits(root: Optional[str], task: str, tokenizer_dir: Optional[str], ma
         enc = tok(*columns, truncation=True, max_length=max_length, return_attention_mask=True)
         keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         out[split] = GlueDataset({k: list(enc[k]) for k in keep}, labels, task == "stsb", tok.pad_token_id or 0,
-                                 max_length, padding, f"GLUE {task} {split} ({folder}, {len(labels)} examples)")
+                                 max_length, padding, f"GLUE {task} {split} ({folder}, {len(labels)} examples)",
+                                 pad_to_multiple_of)
     return out
 
 
 def glue_datasets(root: Optional[str], task: str, tokenizer_dir: Optional[str], max_length: int, padding: str,
-                  need_train: bool = True) -> tuple[Dataset, Dataset, str]:
+                  need_train: bool = True, pad_to_multiple_of: Optional[int] = None) -> tuple[Dataset, Dataset, str]:
     """``(train, validation, description)`` for :func:`~kdgraph.train.data.build_datasets` (MNLI: matched)."""
     val_name = "validation_matched" if task == "mnli" else "validation"
     splits = glue_splits(root, task, tokenizer_dir, max_length, padding,
-                         ("train", val_name) if need_train else (val_name,))
+                         ("train", val_name) if need_train else (val_name,), pad_to_multiple_of)
     val = splits[val_name]
     return splits.get("train", val), val, f"GLUE {task} ({val.description.split('(')[1].split(',')[0]})"
