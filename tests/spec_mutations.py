@@ -329,7 +329,7 @@ MUTATIONS: list[Mutation] = [
     Mutation("unknown_keys", "top-level key", False, False, _at(("epochs",), 3)),
     Mutation("unknown_keys", "stage key", False, False, _at(("*stage", "lr"), 0.1)),
     Mutation("unknown_keys", "loss key", False, False, _at(("*stage", "*loss", "temprature"), 2.0)),
-    Mutation("unknown_keys", "optimizer key", False, False, _at(("*stage", "*optimizer", "betas"), [0.9, 0.99])),
+    Mutation("unknown_keys", "optimizer key", False, False, _at(("*stage", "*optimizer", "beta1"), 0.9)),
     Mutation("unknown_keys", "input key", False, False, _at(("input", "height"), 32)),
     Mutation("unknown_keys", "loss arg", False, True, _at(("*stage", "*loss", "args"), {"temprature": 2.0}, True)),
     Mutation("unknown_keys", "adapter arg", False, True, _dict(_set_arg((), "bogus", 1, adapter=True), True)),

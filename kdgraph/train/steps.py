@@ -137,7 +137,8 @@ def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_mode
                          drop_last=drop_last)
     lr = lr_used(stage, env.world_size)
     opt = build_optimizer(stage, task.trainable_parameters(), lr, task)
-    sched = build_scheduler(stage, opt, loader.sampler.per_rank // stage.batch_size)
+    per_rank = loader.sampler.per_rank  # micro-batches per epoch: the last partial one counts when it is kept
+    sched = build_scheduler(stage, opt, per_rank // stage.batch_size if drop_last else -(-per_rank // stage.batch_size))
     scaler = torch.amp.GradScaler(env.device.type) if amp == "fp16" else None
     ema_spec = getattr(stage, "ema", None)
     ema = StudentEMA(eval_model, ema_spec) if ema_spec is not None and eval_model is not None else None
