@@ -43,7 +43,7 @@ def _need_optuna() -> Any:
         import optuna
     except ImportError:
         raise KDGraphError("kdgraph tune and tuned suite entries need Optuna: pip install 'kdgraph[tune]' "
-                           "(and 'kdgraph[tune-postgres]' for a postgresql:// storage)") from None
+                           "(and 'kdgraph[tune-postgres]', psycopg, for a postgresql:// storage)") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -64,7 +64,7 @@ def open_storage(storage: str, *, create: bool = False, heartbeat: bool = False)
             return optuna.storages.RDBStorage(storage, **kwargs)
         except ImportError as e:
             raise KDGraphError(f"--storage {shown}: its database driver is not installed ({e}); for PostgreSQL: "
-                               f"pip install 'kdgraph[tune-postgres]' (psycopg2-binary)") from None
+                               f"pip install 'kdgraph[tune-postgres]' (psycopg 3; a postgresql+psycopg2:// URL uses psycopg2)") from None
         except Exception as e:  # noqa: BLE001 - sqlalchemy's errors: unreachable host, bad password, no database
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KDGraphError(f"--storage {shown}: cannot open this database ({type(e).__name__}: {first}). Check "

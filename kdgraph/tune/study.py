@@ -22,7 +22,7 @@ from typing import Any, Optional
 from ..bench.tuned import SPEC_ATTR
 from ..errors import KDGraphError
 
-__all__ = ["TuneError", "open_study", "fail_dead_trials", "claim", "live_states", "SURPLUS_ATTR"]
+__all__ = ["TuneError", "open_study", "sampler_for", "pruner_for", "fail_dead_trials", "claim", "live_states", "SURPLUS_ATTR"]
 
 SPACE_ATTR = "kdgraph_space"
 FIXED_ATTR = "kdgraph_fixed_set"
@@ -39,16 +39,19 @@ def live_states() -> tuple:
     return (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _sampler(space: Any) -> Any:
+def sampler_for(space: Any, salt: int = 0) -> Any:
+    """The space's sampler; ``salt`` (the study's trial count, the worker) keeps workers and resumed runs from
+    drawing the same sequence again, while a fresh single-worker tune stays reproducible."""
     import optuna
 
     s = space.sampler
+    seed = None if s.seed is None else (s.seed + salt) % (2 ** 32)
     if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.startup_trials)
 
 
-def _pruner(space: Any) -> Any:
+def pruner_for(space: Any) -> Any:
     import optuna
 
     p = space.pruner
@@ -70,8 +73,8 @@ def open_study(storage: Any, name: str, fingerprint: str, space: Any, fixed: lis
         n = len(optuna.load_study(study_name=name, storage=storage).trials)
         raise TuneError(f"study {name!r} already exists in {where} ({n} trial(s)). Pass --resume to continue it "
                         f"(or, on another host, to join it), or choose a new --study name or --out folder.")
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=_sampler(space),
-                                pruner=_pruner(space), load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler_for(space),
+                                pruner=pruner_for(space), load_if_exists=True)
     attrs = study.user_attrs
     if SPEC_ATTR not in attrs:
         study.set_user_attr(SPEC_ATTR, fingerprint)
@@ -138,9 +141,12 @@ def fail_dead_trials(study: Any, say: Any = None) -> list[int]:
         if a.get("host") != host or not isinstance(a.get("pid"), int):
             continue
         if not _alive(a["pid"], a.get("pid_start")):
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            try:  # the reason first: a finished trial takes no more attributes
                 study._storage.set_trial_user_attr(t._trial_id, "kdgraph_failed", "its process ended mid-trial")
-                failed.append(t.number)
+                if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    failed.append(t.number)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+                pass
     if failed and say:
         say(f"trial(s) {', '.join(map(str, failed))}: their process ended mid-run (killed?); marked failed, "
             f"not counted; new trials take their place")

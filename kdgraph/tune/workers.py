@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import zlib
 from typing import Any, Callable, Optional
 
-from ..bench.tuned import open_storage
-from .study import claim, fail_dead_trials
+from ..bench.tuned import is_rdb_url, open_storage
+from .space import Space
+from .study import claim, fail_dead_trials, pruner_for, sampler_for
 from .trial import TrialContext, run_trial
 
 __all__ = ["work", "run_workers"]
@@ -30,7 +33,7 @@ def _die_with_parent() -> None:
 
 
 def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, threads: int = 0,
-         say: Optional[Callable[[str], None]] = None, child: bool = False) -> list[dict[str, Any]]:
+         say: Optional[Callable[[str], None]] = None, child: bool = False, index: int = 0) -> list[dict[str, Any]]:
     """Claim and train trials until the study has ``n_trials`` live ones; returns this worker's summaries."""
     import optuna
     import torch
@@ -41,7 +44,12 @@ def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, th
         torch.set_num_threads(threads)
     say = say or (lambda text: print(text, flush=True))
     storage = open_storage(storage_url, create=False, heartbeat=True)
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    space = Space.model_validate(ctx.space)
+    salt = 1000 * len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False)) + index
+    if is_rdb_url(storage_url):  # other hosts run the same command: their draws must differ too
+        salt += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler_for(space, salt),
+                              pruner=pruner_for(space))
     fail_dead_trials(study, say)
     done = []
     while True:
@@ -52,10 +60,10 @@ def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, th
 
 
 def _child(args: tuple) -> list[dict[str, Any]]:
-    storage_url, study_name, n_trials, ctx, threads, ppid = args
+    storage_url, study_name, n_trials, ctx, threads, ppid, index = args
     if os.getppid() != ppid:  # the parent died before this worker started
         return []
-    return work(storage_url, study_name, n_trials, ctx, threads, child=True)
+    return work(storage_url, study_name, n_trials, ctx, threads, child=True, index=index)
 
 
 def run_workers(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, workers: int,
@@ -68,5 +76,6 @@ def run_workers(storage_url: str, study_name: str, n_trials: int, ctx: TrialCont
     threads = max(1, (os.cpu_count() or 1) // workers)
     say(f"{workers} worker processes x {threads} thread(s)")
     with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_child, [(storage_url, study_name, n_trials, ctx, threads, os.getpid())] * workers)
+        parts = pool.map(_child, [(storage_url, study_name, n_trials, ctx, threads, os.getpid(), i)
+                                  for i in range(workers)], chunksize=1)
     return [s for part in parts for s in part]
