@@ -54,14 +54,15 @@ def open_storage(storage: str, *, create: bool = False, heartbeat: bool = False)
     Any failure is one KDGraphError paragraph; nothing is written to a storage that cannot be opened."""
     optuna = _need_optuna()
     if is_rdb_url(storage):
-        shown = storage.split("@")[-1] if "@" in storage else storage  # no password in messages
+        scheme, _, rest = storage.partition("://")
+        shown = f"{scheme}://...@{rest.split('@', 1)[1]}" if "@" in rest else storage  # no password in messages
         kwargs: dict[str, Any] = {}
         if storage.startswith("postgresql"):
             kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
         if heartbeat:
             kwargs.update(heartbeat_interval=30, grace_period=120)
         try:
-            return optuna.storages.RDBStorage(storage, **kwargs)
+            return _rdb_storage(optuna, storage, kwargs)
         except ImportError as e:
             raise KDGraphError(f"--storage {shown}: its database driver is not installed ({e}); for PostgreSQL: "
                                f"pip install 'kdgraph[tune-postgres]' (psycopg 3; a postgresql+psycopg2:// URL uses psycopg2)") from None
@@ -80,6 +81,21 @@ def open_storage(storage: str, *, create: bool = False, heartbeat: bool = False)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     except Exception as e:  # noqa: BLE001 - an unreadable or corrupt journal
         raise KDGraphError(f"study storage {str(path)!r}: cannot read it as an Optuna journal ({e})") from None
+
+
+def _rdb_storage(optuna: Any, url: str, kwargs: dict) -> Any:
+    """RDBStorage, retried when another process creates the same tables at the same moment (the first start of
+    a study on many hosts): the loser's CREATE fails with a duplicate; a moment later the tables are there."""
+    import time
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sqlalchemy.exc.IntegrityError / ProgrammingError on a race
+            if type(e).__name__ not in ("IntegrityError", "ProgrammingError") or attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def best_overrides(study_name: str, storage: str, spec: Spec, where: str) -> list[str]:
