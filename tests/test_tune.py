@@ -252,3 +252,13 @@ def test_fixed_overrides_validation_default(tmp_path: Path) -> None:
     spec, _ = _files(tmp_path)
     space, _ = load_space({"params": {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}})
     assert fixed_overrides(load_spec(spec), space)[0] == 'data.holdout={"fraction": 0.1, "seed": 0}'
+
+
+def test_shipped_spaces_fit_their_specs() -> None:
+    root = Path(__file__).resolve().parents[1]
+    spaces = sorted((root / "benchmarks" / "tune").glob("*.yaml"))
+    assert spaces
+    for path in spaces:
+        spec = root / "specs" / "fashion_mnist" / (path.stem.split("fashion_mnist_", 1)[1] + ".yaml")
+        space, origin = load_space(path)
+        check_space(space, load_spec(spec), origin)

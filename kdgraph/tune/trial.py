@@ -43,14 +43,15 @@ class _Pruned(Exception):
     """Raised from the per-epoch hook to stop a pruned trial's training."""
 
 
-def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any) -> dict[str, Any]:
-    """Train one claimed trial and tell the study how it ended; returns a summary (state, value, times)."""
+def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: float = 0.0) -> dict[str, Any]:
+    """Train one claimed trial and tell the study how it ended; returns a summary (state, value, times).
+    ``claim_s``: the time spent claiming it (asking the storage), counted in its overhead."""
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread
 
     from ..train.loop import TrainOptions, train
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - claim_s
     space = Space.model_validate(ctx.space)
     params = {path: p.suggest(trial, path) for path, p in space.params.items()}
     sets = [override_for(path, v) for path, v in params.items()]

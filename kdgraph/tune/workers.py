@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import zlib
 from typing import Any, Callable, Optional
 
@@ -53,10 +54,11 @@ def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, th
     fail_dead_trials(study, say)
     done = []
     while True:
+        t0 = time.perf_counter()
         trial = claim(study, n_trials)
         if trial is None:
             return done
-        done.append(run_trial(study, trial, ctx, say))
+        done.append(run_trial(study, trial, ctx, say, claim_s=time.perf_counter() - t0))
 
 
 def _child(args: tuple) -> list[dict[str, Any]]:
