@@ -13,7 +13,8 @@ field path and YAML line)::
         set: ["stages.main.epochs=10"]             # --set-style overrides (optional)
         reference: {torchdistill: 71.37, paper: null}
 
-Spec paths are relative to the suite file. Every entry is run once per seed with ``runtime.seed``
+An entry may take the best overrides of a ``kdgraph tune`` study: ``tuned: {study: NAME, storage: URL or
+journal file}`` (:mod:`kdgraph.bench.tuned`). Spec paths are relative to the suite file. Every entry is run once per seed with ``runtime.seed``
 set to the seed (the teacher's own pretraining seed is separate, so every seed distils from the
 same cached teacher).
 """

@@ -34,13 +34,22 @@ class TuneResult(dict):
         return self["trials"]
 
 
+def _local_times(out: Any) -> dict[str, Any]:
+    """The trial's tune.json (written after its final ``tell``) when this host ran it."""
+    try:
+        return json.loads((Path(out) / "tune.json").read_text()) if out else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _row(t: Any) -> dict[str, Any]:
     a = t.user_attrs
     done = t.datetime_complete and t.datetime_start
+    local = _local_times(a.get("out"))
     return {"number": t.number, "state": t.state.name, "value": t.value,
             "epochs": len(t.intermediate_values), "last_reported": t.intermediate_values.get(
                 max(t.intermediate_values)) if t.intermediate_values else None,
-            "set": list(a.get("set", [])), "train_s": a.get("train_s"), "overhead_s": a.get("overhead_s"),
+            "set": list(a.get("set", [])), "train_s": a.get("train_s"), "overhead_s": local.get("overhead_s", a.get("overhead_s")),
             "wall_s": round((t.datetime_complete - t.datetime_start).total_seconds(), 1) if done else None,
             "error": a.get("error") or a.get("kdgraph_failed"), "out": a.get("out")}
 
