@@ -103,7 +103,9 @@ def _suite(res: TuneResult, out: Path) -> str:
 def _plots(study: Any, out: Path, n_params: int) -> dict[str, str]:
     """The pictures Optuna draws; each one that cannot be drawn (too few trials) is named with the reason."""
     import matplotlib
+    import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "unique value length is less than 2" and the like
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
