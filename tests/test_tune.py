@@ -92,16 +92,21 @@ def test_space_errors_name_the_parameter(tmp_path: Path, param: str, message: st
 
 
 def test_cli_bad_input_exit_2_and_nothing_written(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kdgraph.cli import main
+
     spec, space = _files(tmp_path)
     (tmp_path / "bad.yaml").write_text("params:\n  stages.main.optimizer.lr: {type: float, low: 1, high: 1}\n")
-    r = _cli("tune", spec, "--space", "bad.yaml", "--trials", "2", "--out", "o1", cwd=tmp_path)
-    assert r.returncode == 2 and "the range is empty" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(main, ["tune", str(spec), "--space", str(tmp_path / "bad.yaml"), "--trials", "2",
+                                  "--out", str(tmp_path / "o1")])
+    assert r.exit_code == 2 and "the range is empty" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o1").exists()
-    # a PostgreSQL server that is not there: one paragraph, exit 2, no folder, no study
-    r = _cli("tune", spec, "--space", space, "--trials", "2", "--out", "o2", "--storage",
-             "postgresql://kd@127.0.0.1:9/nowhere", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert "cannot open this database" in r.stderr and "Traceback" not in r.stderr
+    # a PostgreSQL server that is not there: one paragraph, exit 2, no folder, no study; no password shown
+    r = CliRunner().invoke(main, ["tune", str(spec), "--space", str(space), "--trials", "2", "--out",
+                                  str(tmp_path / "o2"), "--storage", "postgresql://kd:secret@127.0.0.1:9/nowhere"])
+    assert r.exit_code == 2, r.output
+    assert "cannot open this database" in r.stderr and "Traceback" not in r.stderr and "secret" not in r.stderr
     assert not (tmp_path / "o2").exists()
 
 
