@@ -267,3 +267,21 @@ def test_shipped_spaces_fit_their_specs() -> None:
         spec = root / "specs" / "fashion_mnist" / (path.stem.split("fashion_mnist_", 1)[1] + ".yaml")
         space, origin = load_space(path)
         check_space(space, load_spec(spec), origin)
+
+
+def test_space_pruner_and_sampler_settings_reach_optuna() -> None:
+    from kdgraph.tune.study import pruner_for, sampler_for
+
+    sh, _ = load_space({"pruner": {"type": "successive_halving", "min_epochs": 2, "reduction_factor": 3},
+                        "sampler": {"type": "random", "seed": 5},
+                        "params": {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}})
+    p = pruner_for(sh)
+    assert isinstance(p, optuna.pruners.SuccessiveHalvingPruner)
+    assert (p._min_resource, p._reduction_factor) == (2, 3)
+    assert isinstance(sampler_for(sh), optuna.samplers.RandomSampler)
+    # the same seed and salt draw the same values; another salt (a second worker, a resumed run) others
+    draw = [sampler_for(sh, salt)._rng.rng.random() for salt in (0, 0, 1)]
+    assert draw[0] == draw[1] != draw[2]
+    median, _ = load_space({"params": {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}})
+    assert isinstance(pruner_for(median), optuna.pruners.MedianPruner)
+    assert isinstance(sampler_for(median), optuna.samplers.TPESampler)
