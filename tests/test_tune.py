@@ -149,7 +149,7 @@ def pruned_tune(tmp_path_factory) -> tuple[Path, Path, Path, dict]:
     study = optuna.create_study(study_name="tiny_fm", storage=st, direction="maximize")
     study.enqueue_trial({"stages.main.optimizer.lr": 0.05, "stages.main.losses.kd.args.temperature": 4.0})
     study.enqueue_trial({"stages.main.optimizer.lr": 1e-7, "stages.main.losses.kd.args.temperature": 4.0})
-    res = tune(spec, space, trials=2, out=out, resume=True, device="cpu")
+    res = tune(spec, space, trials=2, out=out, resume=True, device="cpu", sets=("stages.main.batch_size=16",))
     return spec, space, out, res
 
 
@@ -164,6 +164,10 @@ def test_pruning_stops_a_trial_worse_than_the_median(pruned_tune) -> None:
     assert sum(1 for e in evals if e.get("event") == "eval") == last + 1  # its training really stopped
     assert not (out / "trials/0001/results.json").exists()
     assert res.best["number"] == 0 and res.best["value"] == t0.value
+    # --set: every trial's, recorded with the fixed overrides, not part of the best --set list
+    assert json.loads((out / "trials/0000/spec.json").read_text())["stages"][0]["batch_size"] == 16
+    assert res.best["validation_set"][0] == "stages.main.batch_size=16"
+    assert not any("batch_size" in s for s in res.best["set"])
     for f in ("trials.tsv", "trials.md", "best.json", "best_set.txt", "tuned_suite.yaml", "history.png",
               "slice.png", "contour.png", "intermediate.png"):
         assert (out / f).stat().st_size > 0, f

@@ -28,11 +28,14 @@ __all__ = ["tune_cmd"]
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="trial folders, the table, best.json and pictures (default runs/tune_<study>)")
 @click.option("--resume", is_flag=True, help="continue (or, on another host, join) the study that exists")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="change the spec for every trial, e.g. --set stages.main.epochs=2 (a shorter budget per trial; "
+                   "not part of the best --set list)")
 @click.option("--data", "data_root", default=None, metavar="ROOT", help="data folder (as kdgraph train --data)")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N")
 @click.option("--json", "as_json", is_flag=True, help="print every number as JSON at the end")
 @consent_options
-def tune_cmd(spec, space, trials, storage, study, workers, out, resume, data_root, device, as_json) -> None:
+def tune_cmd(spec, space, trials, storage, study, workers, out, resume, sets, data_root, device, as_json) -> None:
     """Search SPEC's hyper-parameters with Optuna: every trial trains SPEC with drawn overrides and is scored on
     training images held out for validation (pruned early when its epochs score below the others').
 
@@ -43,7 +46,7 @@ def tune_cmd(spec, space, trials, storage, study, workers, out, resume, data_roo
 
     con = plain_console()
     res = tune(spec, space, trials=trials, out=out, storage=storage, study=study, workers=workers, resume=resume,
-               data=data_root, device=device, allow_imports=allowed_prefixes(),
+               data=data_root, device=device, allow_imports=allowed_prefixes(), sets=tuple(sets),
                say=lambda text: con.print(text, soft_wrap=True))
     if as_json:
         click.echo(json.dumps(dict(res), indent=2, default=str))

@@ -45,19 +45,23 @@ def fixed_overrides(spec, space: Space) -> list[str]:
 def tune(spec: Union[str, Path], space: Union[str, Path, dict], *, trials: int, out: Union[str, Path, None] = None,
          storage: Optional[str] = None, study: Optional[str] = None, workers: int = 1, resume: bool = False,
          data: Optional[str] = None, device: Optional[str] = None, allow_imports: tuple = (),
-         say: Optional[Callable[[str], None]] = None) -> TuneResult:
+         sets: tuple = (), say: Optional[Callable[[str], None]] = None) -> TuneResult:
     """Run (or with ``resume`` continue / join) a study until it holds ``trials`` finished or running trials,
-    then write its table, best overrides, suite and pictures into ``out``; returns them."""
+    then write its table, best overrides, suite and pictures into ``out``; returns them.
+
+    ``sets``: ``--set`` overrides every trial gets (e.g. fewer epochs per trial than the spec trains); they are
+    part of the study's fixed overrides, not of the best ``set`` list."""
     if trials < 1:
         raise SpecError(f"--trials must be >= 1, got {trials}")
     if workers < 1:
         raise SpecError(f"--workers must be >= 1, got {workers}")
     say = say or (lambda text: None)
-    base = load_spec(spec)
+    file_spec = load_spec(spec)
+    base = apply_overrides(file_spec, list(sets), label="--set")
     sp, origin = load_space(space)
     check_space(sp, base, origin)
-    fixed = fixed_overrides(base, sp)
-    apply_overrides(base, fixed, label="tune's fixed override")
+    fixed = list(sets) + fixed_overrides(base, sp)
+    apply_overrides(file_spec, fixed, label="tune's fixed override")
     name = study or base.name
     out_dir = Path(out) if out is not None else Path("runs") / f"tune_{name}"
     if storage is None:  # embedded: a journal file in the output folder
@@ -71,14 +75,15 @@ def tune(spec: Union[str, Path], space: Union[str, Path, dict], *, trials: int, 
     else:
         url, where = storage, storage.split("@")[-1]
         st = open_storage(url)  # reached and checked before anything is written
-    s = open_study(st, name, spec_fingerprint(base), sp, fixed, resume, where)
+    s = open_study(st, name, spec_fingerprint(file_spec), sp, fixed, resume, where)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = str(Path(spec).resolve()) if not isinstance(spec, dict) else "<spec>"
-    ctx = TrialContext(spec=base.model_dump(mode="json"), space=sp.to_json(), fixed=fixed,
+    ctx = TrialContext(spec=file_spec.model_dump(mode="json"), space=sp.to_json(), fixed=fixed,
                        out=str(out_dir.resolve()), data=data, device=device, allow_imports=tuple(allow_imports))
     t0 = time.perf_counter()
     say(f"[bold]kdgraph tune[/] {base.name}: study {name!r} in {where}, {trials} trial(s), {workers} worker(s); "
-        f"validation: {fixed[0].split('=', 1)[1]} held-out training images -> {out_dir}")
+        f"validation: {fixed[len(sets)].split('=', 1)[1]} held-out training images"
+        + (f"; every trial with {' '.join(sets)}" if sets else "") + f" -> {out_dir}")
     run_workers(url, name, trials, ctx, workers, say)
     import optuna
 

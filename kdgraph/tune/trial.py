@@ -60,11 +60,13 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
     trial.set_user_attr("out", str(folder))
     reports: list[float] = []
 
+    final: list[tuple] = []  # (stage, epoch) of the run's last evaluation: a finished trial is never pruned
+
     def on_eval(ev: dict[str, Any]) -> None:
         score = float(ev["top1"])
         trial.report(score, len(reports))
         reports.append(score)
-        if trial.should_prune():
+        if (ev.get("stage"), ev.get("epoch")) not in final and trial.should_prune():
             raise _Pruned()
 
     train_s = 0.0
@@ -72,6 +74,7 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
     with get_heartbeat_thread(trial._trial_id, study._storage):
         try:
             spec: Spec = apply_overrides(Spec.model_validate(ctx.spec), list(ctx.fixed) + sets, label="trial")
+            final.append((spec.stages[-1].name, spec.stages[-1].epochs - 1))
             folder.mkdir(parents=True, exist_ok=True)
             opts = TrainOptions(out=folder, data=ctx.data, overwrite=True, device=ctx.device, progress=False,
                                 tensorboard=False, plot=False, allow_imports=tuple(ctx.allow_imports),
