@@ -127,7 +127,7 @@ def test_yaml_never_executes_code(tmp_path):
 
 
 def test_every_command_is_registered_and_python_m_kdgraph_runs_the_same_group():
-    assert set(main.commands) == {"compile", "inspect", "viz", "train", "eval", "export", "bench", "cache-teacher"}
+    assert set(main.commands) == {"compile", "inspect", "viz", "train", "eval", "export", "bench", "cache-teacher", "tune"}
     p = subprocess.run([sys.executable, "-m", "kdgraph", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0
     listed = re.findall(r"^  ([\w-]+)\s", p.stdout.split("Commands:")[1], re.M)

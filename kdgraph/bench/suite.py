@@ -13,7 +13,8 @@ field path and YAML line)::
         set: ["stages.main.epochs=10"]             # --set-style overrides (optional)
         reference: {torchdistill: 71.37, paper: null}
 
-Spec paths are relative to the suite file. Every entry is run once per seed with ``runtime.seed``
+An entry may take the best overrides of a ``kdgraph tune`` study: ``tuned: {study: NAME, storage: URL or
+journal file}`` (:mod:`kdgraph.bench.tuned`). Spec paths are relative to the suite file. Every entry is run once per seed with ``runtime.seed``
 set to the seed (the teacher's own pretraining seed is separate, so every seed distils from the
 same cached teacher).
 """
@@ -45,6 +46,13 @@ class ReferenceTop1(_Strict):
     paper: Optional[float] = Field(None, description="the method's paper")
 
 
+class TunedRef(_Strict):
+    """The ``kdgraph tune`` study whose best trial's overrides this entry uses (see :mod:`kdgraph.bench.tuned`)."""
+
+    study: str = Field(description="the study's name (kdgraph tune --study; default the spec's name)")
+    storage: str = Field(description="an RDB URL, or the study's journal file (relative to the suite file)")
+
+
 class SuiteEntry(_Strict):
     """One row of the results table: a spec, optionally changed by overrides."""
 
@@ -53,6 +61,7 @@ class SuiteEntry(_Strict):
     method: str = Field("", description="what the row is, in words (default: the spec's description)")
     set: list[str] = Field(default_factory=list, description="--set-style overrides, e.g. 'stages.main.epochs=2'")
     reference: ReferenceTop1 = Field(default_factory=ReferenceTop1, description="published numbers")
+    tuned: Optional[TunedRef] = Field(None, description="apply the best overrides of a kdgraph tune study first")
 
     @field_validator("label")
     @classmethod
@@ -124,9 +133,24 @@ class LoadedSuite:
                             f"suite file {self.path})")
         sets = list(entry.set) + ([f"runtime.seed={seed}"] if seed is not None else [])
         try:
-            return apply_overrides(load_spec(path), sets)
+            base = load_spec(path)
+            if entry.tuned is not None:
+                sets = self.tuned_sets(entry, base) + sets
+            return apply_overrides(base, sets)
         except SpecError as e:
             raise SpecError(f"{where} ({path}): {e}") from None
+
+
+    def tuned_sets(self, entry: SuiteEntry, base: Spec) -> list[str]:
+        """The best overrides of the entry's tuned study (read once per entry)."""
+        cache = self.__dict__.setdefault("_tuned", {})
+        if entry.label not in cache:
+            from .tuned import best_overrides, is_rdb_url
+
+            ref = entry.tuned
+            storage = ref.storage if is_rdb_url(ref.storage) else str((self.folder / ref.storage).resolve())
+            cache[entry.label] = best_overrides(ref.study, storage, base, "tuned")
+        return list(cache[entry.label])
 
 
 def load_suite(source: Union[str, Path, dict, Suite]) -> LoadedSuite:

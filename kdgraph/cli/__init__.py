@@ -15,6 +15,7 @@ from .compile import compile_cmd
 from .console import KDGraphGroup
 from .inspect import inspect_cmd
 from .train import eval_cmd, export_cmd, train_cmd
+from .tune import tune_cmd
 from .viz import viz_cmd
 
 __all__ = ["main"]
@@ -34,3 +35,4 @@ main.add_command(export_cmd, "export")
 main.add_command(viz_cmd, "viz")
 main.add_command(bench_cmd, "bench")
 main.add_command(cache_teacher_cmd, "cache-teacher")
+main.add_command(tune_cmd, "tune")

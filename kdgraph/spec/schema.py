@@ -232,6 +232,21 @@ class DataWrapperSpec(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class HoldoutSpec(_Strict):
+    """A validation split carved from the training data (``kdgraph tune`` scores trials on it): a seeded random
+    choice of training images, removed from training and evaluated instead of the data set's own evaluation split."""
+
+    count: Optional[Int] = Field(None, ge=1, description="number of training images held out (or give fraction)")
+    fraction: Optional[Float] = Field(None, gt=0, lt=1, description="share of the training images held out, in (0, 1)")
+    seed: Int = Field(0, ge=0, description="seed of the random choice of held-out images (independent of runtime.seed)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "HoldoutSpec":
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("give exactly one of count (images) or fraction (of the training split)")
+        return self
+
+
 class DataSpec(_Strict):
     """Where the training data is. ``dataset`` picks the loader; ``root`` may be overridden by --data."""
 
@@ -256,6 +271,8 @@ class DataSpec(_Strict):
     augment: Optional[AugmentSpec] = Field(None, description="training augmentation of image data: RandAugment / "
                                            "TrivialAugment / AutoAugment, random erasing, mixup / cutmix (soft "
                                            "targets), crop and interpolation (kdgraph.spec.augment)")
+    holdout: Optional[HoldoutSpec] = Field(None, description="validate on training images held out (count or "
+                                                             "fraction, seed) instead of the evaluation split")
 
     @model_validator(mode="after")
     def _glue_task(self) -> "DataSpec":

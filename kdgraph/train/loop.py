@@ -120,7 +120,8 @@ class Trainer:
         return LoopSettings(amp=rt.amp, channels_last=rt.channels_last,
                             flush_every=opts.log_every or (1 if self.env.device.type == "cpu" else 20),
                             ckpt_every=opts.ckpt_every, ckpt_minutes=opts.ckpt_minutes, eval_every=rt.eval_every,
-                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else None)
+                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else None,
+                            on_eval=opts.on_eval)
 
     def _announce(self, bundle: DataBundle, resumed: bool) -> None:
         spec, env = self.spec, self.env

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["TrainOptions"]
 
@@ -28,3 +28,7 @@ class TrainOptions:
     allow_imports: Sequence[str] = ()  # module prefixes the spec may import (consent, see kdgraph.models.trust)
     trust_code: bool = False  # the spec may import any module
     skip_bad_images: bool = False  # ImageFolder: skip (and count) unreadable images instead of stopping
+    # called with each evaluation of a training stage (a copy of the ``eval`` record: top1, stage, epoch, ...),
+    # after it is logged and before the epoch's checkpoint; an exception it raises stops the run (kdgraph tune
+    # reports every epoch's score to Optuna here and stops a pruned trial)
+    on_eval: Optional[Callable[[dict[str, Any]], None]] = None

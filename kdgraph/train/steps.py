@@ -89,6 +89,7 @@ class LoopSettings:
     eval_every: int = 1
     plot: bool = True
     task: Optional[str] = None  # a GLUE task: evaluation reports its metrics (glue_metrics), top1 = their mean
+    on_eval: Optional[Callable[[dict[str, Any]], None]] = None  # TrainOptions.on_eval
 
 
 @dataclass
@@ -278,6 +279,8 @@ class StepLoop:
             self.monitor.print(f"{run.name} epoch {epoch + 1}/{st.epochs}: {describe(ev)}  "
                                f"(best {run.best_top1:.2f}%, {ev['images']} images, "
                                f"{seconds(ev['seconds'])})", soft_wrap=True)
+            if self.settings.on_eval is not None and run.save:
+                self.settings.on_eval(dict(ev))
         if save is not None:
             self.checkpoint(run, Position(epoch, 0, epoch_done=True), save, best=improved)
 

@@ -89,7 +89,14 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
                                              spec.runtime.seed)
     else:  # pragma: no cover - the schema allows only the above
         raise DataError(f"unknown data.dataset {ds!r}")
-    train = subset(full, spec.data.train_subset)
+    held = spec.data.holdout
+    train_part = full
+    if held is not None and need_train:  # validate on training images held out (kdgraph tune), not on the evaluation split
+        from .holdout import split_holdout
+
+        train_part, val, _, held_idx = split_holdout(full, held.count, held.fraction, held.seed, size, c)
+        desc += f", validated on {len(held_idx)} held-out training images (data.holdout, seed {held.seed})"
+    train = subset(train_part, spec.data.train_subset)
     val = subset(val, spec.data.val_subset)
     if len(train) == 0 or len(val) == 0:  # type: ignore[arg-type]
         raise DataError(f"{desc}: empty training or validation split")
