@@ -278,6 +278,30 @@ class DataSpec(_Strict):
         return self
 
 
+class FSDPSpec(_Strict):
+    """``runtime.fsdp``: how ``runtime.distributed: fsdp`` shards the networks (FSDP2, ``fully_shard``)."""
+
+    teacher_units: list[str] = Field(default_factory=list, max_length=4096, description="the teacher's sharding "
+                                     "units: module paths ('layer1.0'), glob patterns over paths ('layer*.*') or "
+                                     "'type:CLASS' (every module of that class, e.g. 'type:BasicBlock'); each must "
+                                     "match a module. The rest of the teacher is one more unit (its root)")
+    student_units: list[str] = Field(default_factory=list, max_length=4096, description="the student's sharding "
+                                     "units, written like teacher_units")
+    teacher: Literal["sharded", "replicated"] = Field("sharded", description="'sharded': the frozen teacher's "
+                                                      "parameters are split over the processes and gathered per unit "
+                                                      "around its nodes; 'replicated': every process holds the whole "
+                                                      "teacher (no gathers; allows the teacher BatchNorm passes)")
+    param_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(None, description="mixed precision: the dtype "
+                                                                   "parameters are gathered and computed in (None: "
+                                                                   "their own)")
+    reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(None, description="mixed precision: the dtype "
+                                                                    "gradients are reduce-scattered in (None: "
+                                                                    "param_dtype)")
+    reshard_after_forward: bool = Field(True, description="free the student units' gathered parameters after their "
+                                                          "forward and gather them again in backward (FSDP2's "
+                                                          "default; false keeps them until the backward is done)")
+
+
 class RuntimeSpec(_Strict):
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
@@ -313,6 +337,12 @@ class RuntimeSpec(_Strict):
                     "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
                     "nodes only it needed are pruned; other teacher taps stay online")
 
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="kdgraph train under torchrun: 'ddp' (every "
+                                                "process holds both networks) or 'fsdp' (FSDP2: parameters sharded "
+                                                "per unit, see runtime.fsdp and docs/training.md)")
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="sharding units, mixed precision and teacher "
+                                                                 "placement of runtime.distributed: fsdp")
+
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
@@ -329,6 +359,23 @@ class RuntimeSpec(_Strict):
                 raise ValueError(f"teacher_mkldnn folds the teacher's BatchNorm and chooses its layout itself, in "
                                  f"fp32; it cannot be combined with {', '.join(mixed)}: switch "
                                  f"{'that' if len(mixed) == 1 else 'those'} off, or teacher_mkldnn")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_compatible(self) -> "RuntimeSpec":
+        if self.distributed != "fsdp":
+            return self
+        bad = [name for name, on in [("compile", self.compile), ("sync_bn", self.sync_bn)] if on]
+        if self.fsdp.teacher == "sharded":
+            bad += [name for name, on in [("teacher_mkldnn", self.teacher_mkldnn),
+                                          ("fold_teacher_bn", self.fold_teacher_bn)] if on]
+        if bad:
+            raise ValueError(f"distributed: fsdp cannot be combined with {', '.join(bad)}: a sharded network's "
+                             f"parameters exist whole only between the gathers the fsdp_schedule pass inserts "
+                             f"(teacher_mkldnn and fold_teacher_bn derive copies of the teacher's weights when "
+                             f"compiling, compile and sync_bn wrap the modules themselves). Switch "
+                             f"{'it' if len(bad) == 1 else 'them'} off, use distributed: ddp, or (for the teacher "
+                             f"passes) fsdp.teacher: replicated")
         return self
 
 
