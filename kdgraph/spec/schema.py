@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator)
 
 from ..errors import SpecError, did_you_mean
+from .fsdp_schema import FSDPSpec
 from .location import fmt_loc
 from .taps import _IDENT, TapStr, parse_tap
 
@@ -276,30 +277,6 @@ class DataSpec(_Strict):
             raise ValueError("task is given with dataset glue, and only then (cola, sst2, mrpc, stsb, qqp, mnli, "
                              "qnli, rte, wnli)")
         return self
-
-
-class FSDPSpec(_Strict):
-    """``runtime.fsdp``: how ``runtime.distributed: fsdp`` shards the networks (FSDP2, ``fully_shard``)."""
-
-    teacher_units: list[str] = Field(default_factory=list, max_length=4096, description="the teacher's sharding "
-                                     "units: module paths ('layer1.0'), glob patterns over paths ('layer*.*') or "
-                                     "'type:CLASS' (every module of that class, e.g. 'type:BasicBlock'); each must "
-                                     "match a module. The rest of the teacher is one more unit (its root)")
-    student_units: list[str] = Field(default_factory=list, max_length=4096, description="the student's sharding "
-                                     "units, written like teacher_units")
-    teacher: Literal["sharded", "replicated"] = Field("sharded", description="'sharded': the frozen teacher's "
-                                                      "parameters are split over the processes and gathered per unit "
-                                                      "around its nodes; 'replicated': every process holds the whole "
-                                                      "teacher (no gathers; allows the teacher BatchNorm passes)")
-    param_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(None, description="mixed precision: the dtype "
-                                                                   "parameters are gathered and computed in (None: "
-                                                                   "their own)")
-    reduce_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = Field(None, description="mixed precision: the dtype "
-                                                                    "gradients are reduce-scattered in (None: "
-                                                                    "param_dtype)")
-    reshard_after_forward: bool = Field(True, description="free the student units' gathered parameters after their "
-                                                          "forward and gather them again in backward (FSDP2's "
-                                                          "default; false keeps them until the backward is done)")
 
 
 class RuntimeSpec(_Strict):
