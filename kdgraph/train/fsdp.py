@@ -35,9 +35,17 @@ _NEEDS_GROUP = ("runtime.distributed: fsdp needs a process group: start the proc
 
 
 def require_processes(spec: Any, world_size: int) -> None:
-    """``kdgraph train``: a spec asking for fsdp runs under torchrun with more than one process."""
-    if spec.runtime.distributed == "fsdp" and world_size < 2:
+    """``kdgraph train`` and fsdp: without torchrun there is nothing to shard over; with it, the trainer's
+    checkpoints and distributed evaluation are not sharding-aware yet, so it refuses rather than silently
+    running DDP. The custom loop (module docstring, docs/training.md) trains sharded."""
+    if spec.runtime.distributed != "fsdp":
+        return
+    if world_size < 2:
         raise KDGraphError(_NEEDS_GROUP)
+    raise KDGraphError("runtime.distributed: fsdp is not supported by kdgraph train yet (its checkpoints and its "
+                       "evaluation split are not sharding-aware); train sharded with your own loop and "
+                       "kdgraph.train.fsdp.shard(distiller) (docs/training.md, FSDP), or use "
+                       "runtime.distributed: ddp")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
