@@ -9,7 +9,9 @@ after 3 SGD steps with momentum, losses agree to rtol 1e-5 and the student's par
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +131,62 @@ def test_bad_fsdp_input_is_one_paragraph_and_exit_2(tmp_path):
         fsdp.shard(kdgraph.compile(tiny_spec(runtime={"distributed": "fsdp"})))
     with pytest.raises(SpecError, match="runtime.fsdp.student_units"):
         kdgraph.compile(tiny_spec(runtime={"distributed": "fsdp", "fsdp": {"student_units": ["nope.*"]}}))
+
+
+# ------------------------------------------------------------------------------------------- sharded checkpoints
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    import fsdp_ckpt_worker
+
+    out = tmp_path_factory.mktemp("fsdp_ckpt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fsdp_ckpt_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fsdp_ckpt_worker.main(str(out))  # one process, no process group
+    return out, torch.load(out / "ckpt_two.pt"), torch.load(out / "ckpt_one.pt")
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_on_two_and_on_one_process_continues_bit_identically(ckpts):
+    out, two, one = ckpts
+    manifest = json.loads((out / "ck" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
+    assert not list(out.glob(".ck*"))  # no temporary folder left behind
+    assert two["B_extra"] == {"step": 2}
+    # 2 processes: saved after step 2, a fresh sharded distiller + optimizer resumed: steps 3, 4 bit for bit
+    assert all(_equal(a, b) for a, b in zip(two["A"][2:], two["B"]))
+    assert not _equal(two["A"][1], two["A"][3])
+    # 1 process from the 2-process checkpoint: exactly the saved parameters, then steps 3, 4 identical to a run
+    # that saved (1 process) after step 3 and resumed; and close to the 2-process run (reduction order)
+    assert _equal(one["loaded"], two["B_before"][1])
+    assert all(_equal(c, d) for c, d in zip(one["C"], one["D"]))
+    for k, v in two["A"][3].items():
+        torch.testing.assert_close(one["C"][1][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_missing_or_truncated_shard_is_refused_naming_it(ckpts, tmp_path):
+    from kdgraph.errors import CheckpointError
+    from kdgraph.train import sharded_checkpoint
+    import fsdp_ckpt_worker
+
+    out = ckpts[0]
+    d, opt = fsdp_ckpt_worker.fresh(False)
+    bad = tmp_path / "missing"
+    shutil.copytree(out / "ck", bad)
+    (bad / "__1_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=r"shard file __1_0\.distcp is missing \(written by 2 process"):
+        sharded_checkpoint.load(bad, d, opt)
+    cut = tmp_path / "cut"
+    shutil.copytree(out / "ck", cut)
+    data = (cut / "__0_0.distcp").read_bytes()
+    (cut / "__0_0.distcp").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp differs .*truncated"):
+        sharded_checkpoint.load(cut, d, opt)
+    (cut / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        sharded_checkpoint.verify(cut)
