@@ -190,3 +190,20 @@ def test_a_missing_or_truncated_shard_is_refused_naming_it(ckpts, tmp_path):
     (cut / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
         sharded_checkpoint.verify(cut)
+
+
+def test_export_gathers_a_plain_student_from_the_shards(ckpts, tmp_path):
+    import safetensors.torch
+
+    import fsdp_ckpt_worker  # noqa: F401 - the Shuffled student's module
+
+    out, two, _ = ckpts
+    r = CliRunner().invoke(main, ["export", str(out / "ck"), "-o", str(tmp_path / "s.safetensors")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    sd = safetensors.torch.load_file(tmp_path / "s.safetensors")
+    student = fsdp_worker.Shuffled(4)
+    student.load_state_dict(sd, strict=True)  # plain tensors, no prefixes, every key
+    assert _equal(student.state_dict(), two["B_before"][1])
+    r = CliRunner().invoke(main, ["export", str(out / "nope"), "-o", str(tmp_path / "x.pt")])
+    assert r.exit_code == 2 and "Traceback" not in r.output

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["save", "load", "verify", "MANIFEST"]
+__all__ = ["save", "load", "verify", "read_student", "is_sharded_checkpoint", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 
@@ -122,3 +122,26 @@ def load(folder: str | Path, model: nn.Module, optimizer: Optional[Any] = None) 
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     return manifest["extra"]
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save` (it holds ``manifest.json``)."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def read_student(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One process, no model needed: the student's full tensors (``student.`` prefix removed) gathered from every
+    shard of a verified checkpoint, and the checkpoint's ``extra`` (``kdgraph export`` writes them as one file)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    manifest = verify(folder)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(folder)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    model = state["model"]
+    student = {k[len("student."):]: v for k, v in model.items() if k.startswith("student.")}
+    if not student:
+        raise CheckpointError(f"sharded checkpoint {folder} holds no student tensors (keys 'student.*')")
+    return student, manifest["extra"]
