@@ -176,29 +176,40 @@ def _scope(node: fx.Node, prefix: str) -> str:
     info = info_of(node)
     if info.module_path is not None:
         return info.module_path
-    return (info.name or "").partition("/")[0] if "/" in (info.name or "") else ""
+    # a functional op is named after its scope ('layer1.0/add'), or after its module when it is the module's only
+    # op (the export backend's 'bert.encoder.layer.0.attention.self.query' linear)
+    return (info.name or "").partition("/")[0]
 
 
 def _inside(scope: str, unit: str) -> bool:
     return unit == "" or scope == unit or scope.startswith(unit + ".")
 
 
-def _live_attrs(gm: fx.GraphModule, graph: fx.Graph, nodes: list[fx.Node], network: nn.Module, role: str) -> int:
+def _live_attrs(gm: fx.GraphModule, graph: fx.Graph, nodes: list[fx.Node], network: nn.Module, role: str,
+                scopes: dict[fx.Node, str]) -> int:
+    """Replace each ``get_attr`` of the network by a :class:`LiveAttr` call right before its first user, so that
+    it reads the attribute inside its unit's span (after the gather); its scope is the attribute's owner."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
     count = 0
     for n in list(nodes):
         if n.op != "get_attr":
             continue
         owner_path, _, attr = str(n.target)[len(role) + 1:].rpartition(".")
-        helper = LiveAttr(network.get_submodule(owner_path), attr)
         name = f"fsdp_attr_{role}_{count}"
-        gm.add_submodule(name, helper)
-        with graph.inserting_before(n):
+        gm.add_submodule(name, LiveAttr(network.get_submodule(owner_path), attr))
+        first_user = min(n.users, key=order.__getitem__) if n.users else n
+        with graph.inserting_before(first_user):
             live = graph.call_module(name, ())
         set_info(live, info_of(n))
         n.replace_all_uses_with(live)
-        nodes[nodes.index(n)] = live
+        nodes.remove(n)
+        nodes.append(live)
+        scopes[live] = scopes.pop(n)
         graph.erase_node(n)
         count += 1
+    if count:  # keep ``nodes`` in graph order
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        nodes.sort(key=order.__getitem__)
     return count
 
 
@@ -207,9 +218,8 @@ def _schedule_network(gm: fx.GraphModule, role: str, network: nn.Module, units: 
     nodes = [n for n in graph.nodes if role_of(n) is _ROLES[role]]
     if not nodes:
         return {"units": [], "order": []}
-    live = _live_attrs(gm, graph, nodes, network, role)
-    prefix = role + "."
-    scopes = {n: _scope(n, prefix) for n in nodes}
+    scopes = {n: _scope(n, role + ".") for n in nodes}
+    live = _live_attrs(gm, graph, nodes, network, role, scopes)
     # outer units first: an inner unit's inputs are then the outer unit's (already hooked) values
     spans = []
     for path in ("",) + tuple(sorted(units, key=lambda p: p.count("."))):
