@@ -7,6 +7,7 @@ writes ``OUT/<mode>.pt``: per-step global losses, tap values, the student's full
 Pair 1: ResNet-34 (width 8, BatchNorm, frozen: eval statistics) -> ResNet-18 (width 4, GroupNorm so that per-rank
 batches normalise like the global batch), 32x32, units type:BasicBlock in both, CE + KD + AT on taps inside units.
 Pair 2: a network that calls its blocks in another order than it defines them (b2, b3, b1), units b1..b3.
+Pair 3: a 2-layer BERT -> 1-layer BERT (hf:, captured with torch.export), units bert.encoder.layer.*, CE + KD.
 """
 from __future__ import annotations
 
@@ -64,6 +65,25 @@ def spec(name: str, units: list[str], losses: list[dict]) -> dict:
             "runtime": {"distributed": "fsdp", "fsdp": {"teacher_units": units, "student_units": units}}}
 
 
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 37, "vocab_size": 99, "max_position_embeddings": 64, "num_labels": 3,
+             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # no dropout: same masks either way
+
+
+def bert_pair():
+    from kdgraph.models import build_model
+    from kdgraph.spec import ModelRef
+
+    ref = ModelRef(model="hf:AutoModelForSequenceClassification", kwargs={"config": TINY_BERT})
+    small = ModelRef(model="hf:AutoModelForSequenceClassification",
+                     kwargs={"config": {**TINY_BERT, "num_hidden_layers": 1}})
+    return build_model(ref, "teacher"), build_model(small, "student")
+
+
+BERT_SPEC = {**spec("fsdp_bert", ["bert.encoder.layer.*"], [{"name": "ce", "type": "cross_entropy"},
+                                                             {"name": "kd", "type": "kd"}]),
+             "input": {"num_classes": 3, "named": {"input_ids": {"shape": [8], "dtype": "int64", "high": 99}}}}
+
 PAIRS = {
     "resnet": (lambda: (resnet34_small(3, 10, "s1", width=8), group_norm(resnet18_small(3, 10, "s1", width=4))),
                spec("fsdp_resnet", ["type:BasicBlock"],
@@ -72,6 +92,7 @@ PAIRS = {
                       "inputs": {"student": "student:layer2.0.conv2", "teacher": "teacher:layer2.1.conv1"}}])),
     "shuffled": (lambda: (Shuffled(8), Shuffled(4)),
                  spec("fsdp_shuffled", ["b1", "b2", "b3"], [{"name": "kd", "type": "kd"}])),
+    "bert": (bert_pair, BERT_SPEC),  # captured by torch.export: parameters are attribute reads in the graph
 }
 
 
@@ -121,10 +142,16 @@ def run_pair(key: str, sharded: bool, counts: GatherCount | None) -> dict:
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     out: dict = {"loss": [], "taps": None, "order": d.report.pass_result("fsdp_schedule").details["student"]["order"]}
     for step in range(STEPS):
-        x, y = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+        if key == "bert":
+            x, y = torch.randint(0, 99, (BATCH, 8), generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+        else:
+            x, y = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
         if counts is not None and step == 0:
             counts.unshard.clear(), counts.reshard.clear()
-        res = d(x[rows], y[rows], return_taps=step == 0)
+        if key == "bert":
+            res = d({"input_ids": x[rows], "labels": y[rows]}, return_taps=step == 0)
+        else:
+            res = d(x[rows], y[rows], return_taps=step == 0)
         res.loss.backward()
         if counts is not None and step == 0:
             out["unshard"], out["reshard"] = dict(counts.unshard), dict(counts.reshard)
