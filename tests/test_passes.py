@@ -188,7 +188,8 @@ def test_cleanup_drops_exactly_the_modules_no_node_calls():
 # ------------------------------------------------------------------------------------------- the pipeline
 def test_passes_run_in_the_listed_order_and_the_report_lists_them():
     assert [p.NAME for p in PASSES] == ["inplace_safety", "prune_teacher", "fold_teacher_bn", "teacher_channels_last",
-                                       "teacher_dtype", "teacher_mkldnn", "teacher_no_grad", "cleanup"]
+                                       "teacher_dtype", "teacher_mkldnn", "fsdp_schedule", "teacher_no_grad",
+                                       "cleanup"]
     gm = _two_network_graph()
     results = run_passes(gm, PassContext(STAGE))
     assert [r.name for r in results] == [p.NAME for p in PASSES]

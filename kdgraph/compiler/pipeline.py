@@ -1,7 +1,7 @@
 """The pipeline of one stage: fuse the graph, run the passes in order, report what was built and what changed.
 
     fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype,
-                          teacher_mkldnn, teacher_no_grad, cleanup) -> StageReport
+                          teacher_mkldnn, fsdp_schedule, teacher_no_grad, cleanup) -> StageReport
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..formatting import dtype as fmt_dtype
 from .nodeinfo import NodeInfo, Role, set_info
 from ..spec import parse_tap
 from .fuse import FusedStage, fuse_stage
-from .passes import PassContext, inplace_safety, prune_teacher, run_passes
+from .passes import PassContext, fsdp_schedule, inplace_safety, prune_teacher, run_passes
 from .prepare import Prepared
 from .report import AdapterReport, LossReport, PassResult, StageReport, TapReport
 
@@ -32,9 +32,21 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     rt = prep.spec.runtime
     ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=rt.fold_teacher_bn,
                       teacher_channels_last=rt.teacher_channels_last, teacher_dtype=rt.teacher_dtype,
-                      teacher_mkldnn=rt.teacher_mkldnn)
+                      teacher_mkldnn=rt.teacher_mkldnn, fsdp=shard_plan(prep.spec, teacher, student))
     results = run_passes(fused.gm, ctx)
     return fused.gm, stage_report(prep, stage_index, fused, results)
+
+
+def shard_plan(spec, teacher: nn.Module, student: nn.Module) -> fsdp_schedule.ShardPlan | None:
+    """The networks ``runtime.distributed: fsdp`` shards and their units (None under ddp)."""
+    rt = spec.runtime
+    if rt.distributed != "fsdp":
+        return None
+    roles = {"student": (student, rt.fsdp.student_units)}
+    if rt.fsdp.teacher == "sharded":
+        roles = {"teacher": (teacher, rt.fsdp.teacher_units), **roles}
+    return fsdp_schedule.ShardPlan({role: (net, fsdp_schedule.resolve_units(net, units, f"runtime.fsdp.{role}_units"))
+                                    for role, (net, units) in roles.items()})
 
 
 def stage_report(prep: Prepared, stage_index: int, fused: FusedStage, results: list[PassResult]) -> StageReport:

@@ -13,6 +13,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from ..errors import SpecError, did_you_mean
 from .augment import AugmentSpec, check_augment
 from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
+from .fsdp_schema import FSDPSpec
 from .location import fmt_loc
 from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
 from .taps import _IDENT, TapStr, parse_tap
@@ -317,6 +318,12 @@ class RuntimeSpec(_Strict):
                     "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
                     "nodes only it needed are pruned; other teacher taps stay online")
 
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="kdgraph train under torchrun: 'ddp' (every "
+                                                "process holds both networks) or 'fsdp' (FSDP2: parameters sharded "
+                                                "per unit, see runtime.fsdp and docs/training.md)")
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="sharding units, mixed precision and teacher "
+                                                                 "placement of runtime.distributed: fsdp")
+
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
@@ -333,6 +340,23 @@ class RuntimeSpec(_Strict):
                 raise ValueError(f"teacher_mkldnn folds the teacher's BatchNorm and chooses its layout itself, in "
                                  f"fp32; it cannot be combined with {', '.join(mixed)}: switch "
                                  f"{'that' if len(mixed) == 1 else 'those'} off, or teacher_mkldnn")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_compatible(self) -> "RuntimeSpec":
+        if self.distributed != "fsdp":
+            return self
+        bad = [name for name, on in [("compile", self.compile), ("sync_bn", self.sync_bn)] if on]
+        if self.fsdp.teacher == "sharded":
+            bad += [name for name, on in [("teacher_mkldnn", self.teacher_mkldnn),
+                                          ("fold_teacher_bn", self.fold_teacher_bn)] if on]
+        if bad:
+            raise ValueError(f"distributed: fsdp cannot be combined with {', '.join(bad)}: a sharded network's "
+                             f"parameters exist whole only between the gathers the fsdp_schedule pass inserts "
+                             f"(teacher_mkldnn and fold_teacher_bn derive copies of the teacher's weights when "
+                             f"compiling, compile and sync_bn wrap the modules themselves). Switch "
+                             f"{'it' if len(bad) == 1 else 'them'} off, use distributed: ddp, or (for the teacher "
+                             f"passes) fsdp.teacher: replicated")
         return self
 
 

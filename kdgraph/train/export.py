@@ -51,15 +51,22 @@ def _export_hf(ckpt: str | Path, out: str | Path, stored_spec: Optional[dict], s
 
 
 def export_student(ckpt: str | Path, out: str | Path, verify: bool = True, hf: bool = False) -> dict[str, Any]:
-    """Write the student's weights of ``ckpt`` (a kdgraph checkpoint or a plain state_dict) to ``out``.
+    """Write the student's weights of ``ckpt`` (a kdgraph checkpoint, a plain state_dict, or a sharded checkpoint
+    folder of :mod:`.sharded_checkpoint`, gathered) to ``out``.
 
     With ``verify``, the weights are loaded (strict) into a fresh student built from the spec the
     checkpoint holds. With ``hf``, ``out`` is a save_pretrained folder of the (hf:) student. Returns
     ``{"out", "tensors", "parameters", "model", "verified"}``.
     """
-    obj = load_file(ckpt)
-    stored_spec = Checkpoint.from_dict(obj, ckpt).spec if is_checkpoint(obj) else None
-    sd = state_dict_of(obj, "student", str(ckpt))
+    from .sharded_checkpoint import is_sharded_checkpoint, read_student
+
+    if is_sharded_checkpoint(ckpt):  # a sharded (FSDP) checkpoint folder: its shards gathered into one state_dict
+        sd, extra = read_student(ckpt)
+        stored_spec = extra.get("spec")
+    else:
+        obj = load_file(ckpt)
+        stored_spec = Checkpoint.from_dict(obj, ckpt).spec if is_checkpoint(obj) else None
+        sd = state_dict_of(obj, "student", str(ckpt))
     if hf:
         return _export_hf(ckpt, out, stored_spec, sd)
     model_name, verified = None, False

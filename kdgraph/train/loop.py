@@ -33,6 +33,7 @@ from .data import DataBundle, build_datasets, check_data, wrap_train_dataset
 from .data.augment import mixing_view
 from .distributed import DistEnv, all_gather_object, setup, teardown
 from .evaluation import describe, evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
+from .fsdp import require_processes
 from .monitor import Monitor
 from .networks import build_distiller, first_stage, load_init_from
 from .optim import build_optimizer, build_scheduler, lr_used
@@ -287,6 +288,7 @@ def train(spec: Any, options: Optional[TrainOptions] = None, **kwargs: Any) -> d
     owned = not dist.is_initialized()
     env = setup(opts.device)
     try:
+        require_processes(s, env.world_size)
         with consent(opts.allow_imports, opts.trust_code):
             return Trainer(s, opts, env).run()
     finally:

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch.fx as fx
 
 from ..report import PassResult
-from . import (cleanup, fold_teacher_bn, inplace_safety, prune_teacher, teacher_channels_last, teacher_dtype,
+from . import (cleanup, fold_teacher_bn, fsdp_schedule, inplace_safety, prune_teacher, teacher_channels_last, teacher_dtype,
                teacher_mkldnn, teacher_no_grad)
 from .context import PassContext
 from .teacher_no_grad import teacher_grad_off, teacher_grad_restore
@@ -20,10 +20,11 @@ __all__ = ["PASSES", "PassContext", "run_passes", "teacher_grad_off", "teacher_g
 
 #: in order: in-place safety must see every tap's users before pruning; BatchNorm folding works on the teacher
 #: nodes that survived pruning; the teacher's layout and precision passes see the folded calls; teacher_mkldnn
-#: (exclusive with those three: the spec refuses the mix) turns the surviving teacher into one call; no-grad
-#: brackets every teacher node (theirs too); cleanup (lint, unused submodules, recompile) is last
+#: (exclusive with those three: the spec refuses the mix) turns the surviving teacher into one call; fsdp_schedule
+#: brackets each sharding unit's final nodes with its gather/re-shard; no-grad brackets every teacher node (theirs
+#: too); cleanup (lint, unused submodules, recompile) is last
 PASSES = (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype, teacher_mkldnn,
-          teacher_no_grad, cleanup)
+          fsdp_schedule, teacher_no_grad, cleanup)
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Iterable = PASSES) -> list[PassResult]:

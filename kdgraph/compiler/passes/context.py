@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import torch.fx as fx
 
@@ -24,6 +24,7 @@ class PassContext:
     teacher_channels_last: bool = False
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16
     teacher_mkldnn: bool = False
+    fsdp: Optional[Any] = None  # fsdp_schedule.ShardPlan of runtime.distributed: fsdp (None: off)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", MappingProxyType(dict(self.taps)))
