@@ -11,10 +11,11 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..errors import SpecError, did_you_mean
-from .augment import AugmentSpec, check_augment
+from .augment import check_augment
 from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
-from .fsdp_schema import FSDPSpec
+from .data_section import DataSpec, DataWrapperSpec, HoldoutSpec  # noqa: F401 - re-exported
 from .location import fmt_loc
+from .runtime_section import RuntimeSpec  # noqa: F401 - re-exported
 from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
 from .taps import _IDENT, TapStr, parse_tap
 
@@ -225,138 +226,6 @@ class StageSpec(_Strict):
                 raise ValueError(f"losses[{i}]: two losses are named {loss.name!r}; give each a distinct 'name'")
             seen.add(loss.name)
         check_stage_recipe(self)
-        return self
-
-
-class DataWrapperSpec(_Strict):
-    type: str
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
-class HoldoutSpec(_Strict):
-    """A validation split carved from the training data (``kdgraph tune`` scores trials on it): a seeded random
-    choice of training images, removed from training and evaluated instead of the data set's own evaluation split."""
-
-    count: Optional[Int] = Field(None, ge=1, description="number of training images held out (or give fraction)")
-    fraction: Optional[Float] = Field(None, gt=0, lt=1, description="share of the training images held out, in (0, 1)")
-    seed: Int = Field(0, ge=0, description="seed of the random choice of held-out images (independent of runtime.seed)")
-
-    @model_validator(mode="after")
-    def _one(self) -> "HoldoutSpec":
-        if (self.count is None) == (self.fraction is None):
-            raise ValueError("give exactly one of count (images) or fraction (of the training split)")
-        return self
-
-
-class DataSpec(_Strict):
-    """Where the training data is. ``dataset`` picks the loader; ``root`` may be overridden by --data."""
-
-    dataset: Literal["imagenet", "fashion_mnist", "synthetic", "glue"] = "imagenet"
-    root: Optional[str] = None
-    task: Optional[Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]] = Field(
-        None, description="dataset glue: the GLUE task (its local copy is under root, see kdgraph.train.data.glue)")
-    tokenizer: Optional[str] = Field(None, description="dataset glue: a local tokenizer folder (save_pretrained); "
-                                                       "'./DIR' is relative to the spec file")
-    max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated)")
-    padding: Literal["longest", "max_length"] = Field(
-        "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
-    pad_to_multiple_of: Optional[Int] = Field(
-        None, ge=1, le=128, description="dataset glue: round each batch's padded length up to a multiple of this "
-                                        "(DataCollatorWithPadding's pad_to_multiple_of; 8 for fp16 tensor cores)")
-    workers: Int = Field(8, ge=0, le=256)
-    wrapper: Optional[DataWrapperSpec] = None
-    train_subset: Optional[Int] = Field(None, ge=1, description="use only the first N training images")
-    val_subset: Optional[Int] = Field(None, ge=1, description="use only the first N validation images")
-    drop_last: bool = Field(True, description="drop each epoch's last partial training batch (false: keep it, "
-                                              "a smaller step at the epoch's end)")
-    augment: Optional[AugmentSpec] = Field(None, description="training augmentation of image data: RandAugment / "
-                                           "TrivialAugment / AutoAugment, random erasing, mixup / cutmix (soft "
-                                           "targets), crop and interpolation (kdgraph.spec.augment)")
-    holdout: Optional[HoldoutSpec] = Field(None, description="validate on training images held out (count or "
-                                                             "fraction, seed) instead of the evaluation split")
-
-    @model_validator(mode="after")
-    def _glue_task(self) -> "DataSpec":
-        if (self.dataset == "glue") != (self.task is not None):
-            raise ValueError("task is given with dataset glue, and only then (cola, sst2, mrpc, stsb, qqp, mnli, "
-                             "qnli, rte, wnli)")
-        return self
-
-
-class RuntimeSpec(_Strict):
-    amp: Literal["off", "bf16", "fp16"] = "off"
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    seed: Int = Field(0, ge=0, le=2 ** 63 - 1)
-    deterministic: bool = False
-    eval_every: int = Field(1, ge=1, description="kdgraph train: evaluate every N epochs of a stage (and always "
-                                                 "after its last epoch)")
-    eval_teacher: bool = Field(False, description="kdgraph train: evaluate the teacher on the validation split "
-                                                  "once before training and record its top-1/top-5")
-    fold_teacher_bn: bool = Field(False, description="compiler pass: fold the frozen teacher's BatchNorm into the "
-                                                     "convolution before it (exact in eval mode up to float rounding, "
-                                                     "~1e-6 relative on the teacher's logits; the teacher module and "
-                                                     "its state_dict stay as they are)")
-    teacher_channels_last: bool = Field(False, description="compiler pass: run the frozen teacher in channels_last "
-                                                           "memory whatever the student's layout (its input converted "
-                                                           "once, tapped values given back contiguous; the teacher's "
-                                                           "parameters and state_dict unchanged; ~1e-6 relative)")
-    teacher_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="compiler pass: the precision the frozen teacher's nodes run in, under autocast (bf16 or "
-                            "fp16; fp32: unchanged, the step's own precision); tapped values go to the losses in fp32; "
-                            "not exact (docs/training.md, Teacher passes)")
-    teacher_mkldnn: bool = Field(False, description="compiler pass, CPU: run the frozen teacher as one subgraph in "
-                                                    "oneDNN's blocked layout with its BatchNorm folded (torch.fx's "
-                                                    "optimize_for_inference; a derived copy of its weights, rebuilt "
-                                                    "when they change; ~1e-6 relative). Not with fold_teacher_bn, "
-                                                    "teacher_channels_last or teacher_dtype, which it replaces")
-    teacher_cache: Optional[str] = Field(
-        None, min_length=1, max_length=4096,
-        description="kdgraph train: a folder written by `kdgraph cache-teacher` (relative to the spec file, or "
-                    "absolute). Every stage without an input transform then reads teacher:@output from it (batch "
-                    "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
-                    "nodes only it needed are pruned; other teacher taps stay online")
-
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="kdgraph train under torchrun: 'ddp' (every "
-                                                "process holds both networks) or 'fsdp' (FSDP2: parameters sharded "
-                                                "per unit, see runtime.fsdp and docs/training.md)")
-    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="sharding units, mixed precision and teacher "
-                                                                 "placement of runtime.distributed: fsdp")
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _yaml_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads an unquoted `off` as False
-        return "off" if v is False else v
-
-    @model_validator(mode="after")
-    def _teacher_mkldnn_alone(self) -> "RuntimeSpec":
-        if self.teacher_mkldnn:
-            mixed = [name for name, on in [("fold_teacher_bn", self.fold_teacher_bn),
-                                           ("teacher_channels_last", self.teacher_channels_last),
-                                           ("teacher_dtype", self.teacher_dtype != "fp32")] if on]
-            if mixed:
-                raise ValueError(f"teacher_mkldnn folds the teacher's BatchNorm and chooses its layout itself, in "
-                                 f"fp32; it cannot be combined with {', '.join(mixed)}: switch "
-                                 f"{'that' if len(mixed) == 1 else 'those'} off, or teacher_mkldnn")
-        return self
-
-    @model_validator(mode="after")
-    def _fsdp_compatible(self) -> "RuntimeSpec":
-        if self.distributed != "fsdp":
-            return self
-        bad = [name for name, on in [("compile", self.compile), ("sync_bn", self.sync_bn)] if on]
-        if self.fsdp.teacher == "sharded":
-            bad += [name for name, on in [("teacher_mkldnn", self.teacher_mkldnn),
-                                          ("fold_teacher_bn", self.fold_teacher_bn)] if on]
-        if bad:
-            raise ValueError(f"distributed: fsdp cannot be combined with {', '.join(bad)}: a sharded network's "
-                             f"parameters exist whole only between the gathers the fsdp_schedule pass inserts "
-                             f"(teacher_mkldnn and fold_teacher_bn derive copies of the teacher's weights when "
-                             f"compiling, compile and sync_bn wrap the modules themselves). Switch "
-                             f"{'it' if len(bad) == 1 else 'them'} off, use distributed: ddp, or (for the teacher "
-                             f"passes) fsdp.teacher: replicated")
         return self
 
 
