@@ -74,6 +74,8 @@ class Distiller(nn.Module):
         self.losses = prep.losses.to(_device_of(student))
         self.transforms = prep.transforms
         self._prep = prep
+        #: the stage's progress (epoch, step): scheduled loss weights and arguments read it; the trainer updates it
+        self.progress = prep.progress
         self._graphs: dict[int, tuple[fx.GraphModule, StageReport]] = {}
         self._runner: Any = None
         self._taps_runner: Any = None

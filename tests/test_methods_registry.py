@@ -15,8 +15,10 @@ REGISTRIES = {"loss": LOSSES, "adapter": ADAPTERS, "transform": TRANSFORMS, "dat
 # written out by hand: what the built-in method files register (an independent record of the list's effect)
 EXPECTED = {
     "loss": {"cross_entropy", "kd", "at", "mse", "regression_mse", "ft", "hcl", "crd", "dist", "pad_l2", "aux_sskd",
-             "sskd_kd", "sskd_ss", "sskd_tf"},
-    "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head"},
+             "sskd_kd", "sskd_ss", "sskd_tf",
+             "dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd"},
+    "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
+                "ofd_connector"},
     "transform": {"sskd_rotations"},
     "data wrapper": {"crd"},
 }

@@ -17,7 +17,7 @@ def builtin_methods() -> dict[str, ModuleType]:
 
     Imported on the first registry lookup, not with ``import kdgraph``.
     """
-    from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
+    from . import at, ce, crd, dist, dkd, ft, kd, kdsvd, kr, l2, nkd, nst, ofd, pad, regression, sskd, ttm, wttm
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -31,4 +31,11 @@ def builtin_methods() -> dict[str, ModuleType]:
         "dist": dist,  # dist: DIST, inter- and intra-class correlation
         "pad": pad,  # pad_l2: prime-aware adaptive distillation (variance head)
         "sskd": sskd,  # sskd_*: self-supervised KD (rotations transform, heads, four terms)
+        "dkd": dkd,  # dkd: decoupled KD (target / non-target terms)
+        "nkd": nkd,  # nkd: normalized KD (target term + normalized non-target term)
+        "ttm": ttm,  # ttm: transformed teacher matching (power-transformed teacher)
+        "wttm": wttm,  # wttm: TTM weighted per sample by the teacher's U_gamma
+        "nst": nst,  # nst: neuron selectivity transfer (MMD, polynomial kernel)
+        "kdsvd": kdsvd,  # kdsvd: singular-vector relations of consecutive maps
+        "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
     }

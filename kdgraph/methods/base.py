@@ -34,6 +34,9 @@ class DistillLoss(nn.Module):
     * ``batch_keys``: extra per-batch keys (beyond ``images``/``targets``) the loss reads; those of
       ``default_inputs`` count too.
     * ``Args``: the pydantic schema of the constructor's arguments (see :mod:`kdgraph.methods.args`).
+    * ``module_args``: arguments whose spec value names a module of a network (``teacher:layer4.2.bn2``, the
+      tap grammar without ``@``/``#``); the compiler passes that module to the constructor (OFD's margins read
+      the teacher's BatchNorm). The loss must not register it as a submodule.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ()
@@ -41,6 +44,7 @@ class DistillLoss(nn.Module):
     same_shape: ClassVar[tuple[tuple[str, ...], ...]] = ()
     batch_only_inputs: ClassVar[tuple[str, ...]] = ()
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    module_args: ClassVar[tuple[str, ...]] = ()
     Args: ClassVar[Optional[type[BaseModel]]] = None
 
     @classmethod

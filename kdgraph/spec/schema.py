@@ -12,6 +12,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from ..errors import SpecError, did_you_mean
 from .location import fmt_loc
+from .schedule import Schedule
 from .taps import _IDENT, TapStr, parse_tap
 
 
@@ -157,7 +158,8 @@ class LossSpec(_Strict):
     name: Optional[str] = Field(None, description="the term's name in out.terms (default: type)")
     type: str
     inputs: dict[str, TapStr] = Field(default_factory=dict)
-    weight: Float = Field(1.0, description="a finite number multiplying the term")
+    weight: Float | Schedule = Field(1.0, description="a finite number multiplying the term, or a schedule of it "
+                                     "({schedule: linear_warmup, epochs: 20, to: 8.0}; see kdgraph.spec.schedule)")
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inputs")

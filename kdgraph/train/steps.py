@@ -189,6 +189,8 @@ class StepLoop:
             images, targets = self.to_device(images), self.to_device(targets)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
             run.last_batch = (images, targets, kw)
+            if hasattr(run.task, "progress"):  # scheduled loss weights / arguments (kdgraph.progress)
+                run.task.progress.update(epoch, step, steps_per_epoch, run.stage.epochs)
             with autocast(self.settings.amp, self.env.device):
                 out = run.model(images, targets, **kw)
             loss = out.loss
