@@ -7,7 +7,9 @@ seeded random float64 inputs; every fixture records repo, commit, file, function
     dkd, nst, kdsvd, ofd: megvii-research/mdistiller a08d46f10d6102bd6e3f258ca5ac880b020ea259
     nkd:                  yzd-v/cls_KD              1e5d48f36957ee460d39d7ebc592c6cc7f8f3d66
     ttm, wttm:            zkxufo/TTM                fe457b33a71ba27536ec04fe3d32c5b04963522f
-    command:              python /tmp/oracle/make_fixtures.py tests/fixtures  (torch 2.14.1, CPU)
+    ctkd:                 zhengli97/CTKD            7d5252241259ae70d38a832371fed9697d15fc14
+    command:              OMP_NUM_THREADS=1 python /tmp/oracle/make_fixtures.py tests/fixtures  (torch 2.14.1, CPU;
+                          make_ctkd.py for ctkd)
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdgraph.registry import LOSSES
+from kdgraph.registry import ADAPTERS, LOSSES
+from kdgraph.spec.schedule import Schedule
 from conftest import assert_rel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -89,3 +92,32 @@ def test_identities():
     assert LOSSES.get("wttm")(gamma=0.3)(zs, z).item() > LOSSES.get("ttm")(gamma=0.3)(zs, z).item()  # U > 1
     f = torch.randn(2, 4, 6, 6)
     assert LOSSES.get("nst")()(f, f).abs().item() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ CTKD
+def test_ctkd_matches_authors_code():
+    """zhengli97/CTKD 7d52522: Global_T + GradientReversal + DistillKL (tests/fixtures/ctkd.json). The authors
+    multiply theta's gradient by their curriculum value (CosineDecay, max 0 -> min -1); kdgraph's grl_lambda is its
+    negative (0 -> 1), so the same step has grl_lambda = -cos_value."""
+    doc = _load("ctkd")
+    kd = LOSSES.get("kd")()
+    for case in doc["cases"]:
+        a = case["args"]
+        ctkd = ADAPTERS.get("ctkd")(t_start=a["t_start"], t_end=a["t_end"], init=a["init"],
+                                    grl_lambda=-case["cos_value"]).double()
+        with torch.no_grad():
+            ctkd.global_T.fill_(a["init"])  # the float64 value (the constructor's float32 rounded it)
+        s = torch.tensor(case["inputs"]["student"], dtype=torch.float64, requires_grad=True)
+        t = torch.tensor(case["inputs"]["teacher"], dtype=torch.float64)
+        temp = ctkd(s, t)
+        assert temp.item() == pytest.approx(case["temperature"], rel=1e-12)
+        value = kd(s, t, temperature=temp)
+        assert_rel(value, torch.tensor(case["value"], dtype=torch.float64), "CTKD KD value")
+        g_s, g_theta = torch.autograd.grad(value, [s, ctkd.global_T])
+        assert_rel(g_s, torch.tensor(case["grads"]["student"], dtype=torch.float64), "CTKD d/dstudent")
+        assert_rel(g_theta, torch.tensor(case["grads"]["global_T"], dtype=torch.float64), "CTKD d/dtheta (reversed)")
+    # the curriculum: cosine 0 -> 1 over 5 epochs counted from 1 is the code's CosineDecay(0, -1, 5) negated
+    sch = Schedule.model_validate({"schedule": "cosine", "from": 0.0, "to": 1.0, "epochs": 5, "per": "epoch",
+                                   "count_from": 1})
+    for epoch, cos_value in doc["cos_value_by_epoch"].items():
+        assert sch.value(int(epoch) - 1, 0, 100) == pytest.approx(-cos_value, abs=1e-12)

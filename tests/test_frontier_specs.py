@@ -12,10 +12,11 @@ from kdgraph.methods.kd import kd_divergence
 from kdgraph.registry import LOSSES
 from kdgraph.spec.schedule import Schedule
 from kdgraph.train import train
+from kdgraph.train.checkpoint import Checkpoint
 from conftest import assert_rel, sgd_steps_change_only_trained, small_spec
 from test_train import QUIET, read_jsonl, tiny_spec
 
-SPECS = ["dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd"]
+SPECS = ["dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "ctkd"]
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -109,14 +110,22 @@ def test_schedule_errors_name_the_field():
             kdgraph.compile(tiny_spec(losses=losses))
 
 
-def test_trainer_drives_the_schedule(tmp_path):
-    """kdgraph's trainer updates d.progress before every step: a KD weight warmed up per epoch logs 0 in the
-    first epoch and the full term in the second."""
+def test_trainer_drives_the_schedule_and_checkpoints_ctkd(tmp_path):
+    """kdgraph's trainer updates d.progress before every step: a KD weight warmed up per epoch logs 0 in the first
+    epoch and the full term in the second. CTKD's temperature (an adapter with a scheduled grl_lambda) trains with
+    the stage and is in the checkpoint (so resume restores it with the other adapters)."""
     losses = [{"name": "ce", "type": "cross_entropy"},
-              {"name": "kd", "type": "kd", "args": {"temperature": 4.0},
+              {"name": "kd", "type": "kd", "inputs": {"temperature": "adapter:ctkd"},
                "weight": {"schedule": "linear_warmup", "epochs": 1, "to": 1.0, "per": "epoch"}}]
-    train(tiny_spec(epochs=2, train_subset=64, val_subset=32, losses=losses), out=tmp_path / "run", **QUIET)
+    spec = tiny_spec(epochs=2, train_subset=64, val_subset=32, losses=losses)
+    spec["adapters"] = {"ctkd": {"type": "ctkd", "args": {
+        "grl_lambda": {"schedule": "cosine", "from": 0.0, "to": 1.0, "epochs": 1}}}}
+    spec["stages"][0]["train"] = ["student", "ctkd"]
+    train(spec, out=tmp_path / "run", **QUIET)
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "train"]
     first = [r for r in rows if r["epoch"] == 0]
     second = [r for r in rows if r["epoch"] == 1]
     assert first and second and all(r["terms"]["kd"] == 0 for r in first) and all(r["terms"]["kd"] > 0 for r in second)
+    ck = Checkpoint.load(tmp_path / "run" / "last.pt")
+    theta = ck.distiller["adapters.ctkd.global_T"]
+    assert theta.shape == (1,) and theta.item() != 1.0  # trained in the second epoch (the first has kd weight 0)

@@ -18,7 +18,7 @@ EXPECTED = {
              "sskd_kd", "sskd_ss", "sskd_tf",
              "dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd"},
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
-                "ofd_connector"},
+                "ofd_connector", "ctkd"},
     "transform": {"sskd_rotations"},
     "data wrapper": {"crd"},
 }

@@ -146,7 +146,8 @@ class Prepared:
             ad = self.spec.adapters[name]
             where = f"adapters.{name}"
             cls = ADAPTERS.get(ad.type, where=f"{where}.type")
-            given = check_args(cls, dict(ad.args), ("adapters", name), self.spec, f"adapter {name!r} ({ad.type})")
+            raw, scheduled = self._split_schedules(dict(ad.args), ("adapters", name, "args"))
+            given = check_args(cls, raw, ("adapters", name), self.spec, f"adapter {name!r} ({ad.type})")
             bound = bind_inputs(cls, dict(ad.inputs), where)
             shapes = {k: self.tap_shape(parse_tap(t)) for k, t in bound.items()}
             match_shape = self.tap_shape(parse_tap(ad.match)) if ad.match else None
@@ -159,9 +160,10 @@ class Prepared:
                 raise SpecError(f"{where}: cannot infer the arguments of {cls.__name__} from the shapes "
                                 f"{shapes} (match: {match_shape}): {e}. Give them under args.") from None
             module = _instantiate(cls, args, where)
+            self._schedule_args(module, scheduled, cls, ("adapters", name, "args"), raw)
             self.adapters[name] = module
             self.adapter_inputs[name] = bound
-            self.adapter_args[name] = args
+            self.adapter_args[name] = {**args, **{k: sch.describe() for k, sch in scheduled.items()}}  # as reported
             self.adapter_shapes[name] = self._probe(module, shapes, where)
             out = self.adapter_shapes[name]
             if match_shape is not None and not isinstance(out, list) and out is not None \
@@ -210,7 +212,7 @@ class Prepared:
                         args[key] = self._network_module(args[key], self.spec.where("stages", si, "losses", li,
                                                                                     "args", key))
                 per_stage[ls.name] = _instantiate(cls, args, where)
-                self._schedule_args(per_stage[ls.name], scheduled, cls, ("stages", si, "losses", li, "args"))
+                self._schedule_args(per_stage[ls.name], scheduled, cls, ("stages", si, "losses", li, "args"), raw)
                 if isinstance(ls.weight, Schedule):
                     if stage.name not in self.schedules:
                         self.schedules[stage.name] = nn.ModuleDict()
@@ -244,13 +246,15 @@ class Prepared:
             args[key] = sch.initial
         return args, scheduled
 
-    def _schedule_args(self, loss: nn.Module, scheduled: dict[str, Schedule], cls: type, loc: tuple) -> None:
+    def _schedule_args(self, module: nn.Module, scheduled: dict[str, Schedule], cls: type, loc: tuple,
+                       raw: dict[str, Any]) -> None:
+        """Check each scheduled argument at its end value too, then let the schedule set it before every call."""
         for key, sch in scheduled.items():
-            check_args(cls, {key: sch.to}, loc[:-1], self.spec, f"loss {cls.__name__} (schedule end value)")
-            if not isinstance(getattr(loss, key, None), float):
+            check_args(cls, {**raw, key: sch.to}, loc[:-1], self.spec, f"{cls.__name__} (schedule end value)")
+            if not isinstance(getattr(module, key, None), float):
                 raise SpecError(f"{self.spec.where(*loc, key)}: {cls.__name__} keeps no number attribute {key!r}, "
                                 f"so this argument cannot follow a schedule; give a number")
-            loss.register_forward_pre_hook(ScheduledArg(key, sch, self.progress))
+            module.register_forward_pre_hook(ScheduledArg(key, sch, self.progress))
 
     def _network_module(self, text: str, where: str) -> nn.Module:
         """The module a ``module_args`` argument names (``teacher:layer4.2.bn2``), for the loss's constructor."""

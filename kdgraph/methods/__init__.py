@@ -17,7 +17,7 @@ def builtin_methods() -> dict[str, ModuleType]:
 
     Imported on the first registry lookup, not with ``import kdgraph``.
     """
-    from . import at, ce, crd, dist, dkd, ft, kd, kdsvd, kr, l2, nkd, nst, ofd, pad, regression, sskd, ttm, wttm
+    from . import at, ce, crd, ctkd, dist, dkd, ft, kd, kdsvd, kr, l2, nkd, nst, ofd, pad, regression, sskd, ttm, wttm
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -37,5 +37,6 @@ def builtin_methods() -> dict[str, ModuleType]:
         "wttm": wttm,  # wttm: TTM weighted per sample by the teacher's U_gamma
         "nst": nst,  # nst: neuron selectivity transfer (MMD, polynomial kernel)
         "kdsvd": kdsvd,  # kdsvd: singular-vector relations of consecutive maps
+        "ctkd": ctkd,  # ctkd: curriculum temperature (learnable T behind gradient reversal) for kd / dkd
         "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
     }

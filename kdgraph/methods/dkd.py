@@ -21,6 +21,8 @@ Inputs default to the two networks' logits and the batch's labels.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from pydantic import Field
 from torch.nn import functional as F
@@ -42,7 +44,7 @@ def target_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, alpha: float, beta: float,
-             temperature: float) -> torch.Tensor:
+             temperature: float | torch.Tensor) -> torch.Tensor:
     """``alpha * TCKD + beta * NCKD`` (both ``T^2``-scaled, summed over classes, averaged over the batch)."""
     gt = target_mask(student, targets)
     p_s = F.softmax(student / temperature, dim=1)
@@ -62,7 +64,7 @@ def dkd_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor
 class DKDLoss(DistillLoss):
     """Decoupled KD: ``alpha * TCKD + beta * NCKD`` at temperature T."""
 
-    inputs = ("student", "teacher", "targets")
+    inputs = ("student", "teacher", "targets", "temperature")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output", "targets": "batch:targets"}
     same_shape = (("student", "teacher"),)
     batch_only_inputs = ("targets",)
@@ -74,5 +76,8 @@ class DKDLoss(DistillLoss):
             raise ValueError(f"need temperature > 0, alpha >= 0, beta >= 0; got {temperature}, {alpha}, {beta}")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return dkd_loss(student, teacher, targets, self.alpha, self.beta, self.temperature)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``temperature``: an optional tensor tap (CTKD's learnable ``adapter:ctkd``) overriding the argument."""
+        t = self.temperature if temperature is None else temperature
+        return dkd_loss(student, teacher, targets, self.alpha, self.beta, t)

@@ -15,6 +15,8 @@ shows up in ``out.terms`` (alpha = 0.5, T = 1.0 for ImageNet; Tf-KD uses alpha =
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.nn import functional as F
 
@@ -29,7 +31,8 @@ class KDArgs(MethodArgs):
     temperature: Positive = Field(1.0, description="softening temperature T, > 0")
 
 
-def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float | torch.Tensor) -> torch.Tensor:
     """``T^2 * KL(p_t || p_s)`` with batchmean reduction (shared by KD, Tf-KD and SSKD)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -41,7 +44,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 class KDLoss(DistillLoss):
     """Soft-target term of Hinton et al.: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``."""
 
-    inputs = ("student", "teacher")
+    inputs = ("student", "teacher", "temperature")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
     same_shape = (("student", "teacher"),)
     Args = KDArgs
@@ -52,5 +55,7 @@ class KDLoss(DistillLoss):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return kd_divergence(student, teacher, self.temperature)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``temperature``: an optional tensor tap (CTKD's learnable ``adapter:ctkd``) overriding the argument."""
+        return kd_divergence(student, teacher, self.temperature if temperature is None else temperature)
