@@ -186,6 +186,11 @@ class Distiller(nn.Module):
             self.student.eval()
         return self
 
+    def task_terms(self) -> list[str]:
+        """Names of the current stage's task terms (losses whose class sets ``task_term``, e.g. cross_entropy);
+        every other term distils. Term-wise optimizers (DOT) step the two kinds apart."""
+        return [name for name, loss in self.losses[self.stage].items() if getattr(loss, "task_term", False)]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer needs: the student (if the stage trains it), its adapters, loss parameters."""
         train = set(self.spec.stages[self._stage_index].train)

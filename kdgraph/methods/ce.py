@@ -37,6 +37,7 @@ class CrossEntropy(DistillLoss):
     default_inputs = {"logits": "student:@output", "targets": "batch:targets"}
     batch_only_inputs = ("targets",)
     Args = CrossEntropyArgs
+    task_term = True
 
     @classmethod
     def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:

@@ -184,11 +184,13 @@ class TransformSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    type: Literal["sgd", "adam", "adamw"] = "sgd"
+    type: Literal["sgd", "adam", "adamw", "sgd_dot"] = "sgd"
     lr: Float = Field(gt=0)
     momentum: Float = Field(0.9, ge=0, le=1)
     weight_decay: Float = Field(0.0, ge=0)
     nesterov: bool = False
+    delta: Float = Field(0.075, ge=0, le=0.5, description="sgd_dot (DOT): momentum gap; the task gradient uses "
+                         "momentum - delta, the distillation gradient momentum + delta")
 
 
 class SchedulerSpec(_Strict):

@@ -30,6 +30,10 @@ def build_optimizer(stage: StageSpec | Any, params: list[nn.Parameter], lr: floa
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     if o.type == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
+    if o.type == "sgd_dot":  # kdgraph.train.dot: two momenta, stepped with the terms (StepLoop)
+        from .dot import DOT
+
+        return DOT(params, lr=lr, momentum=o.momentum, delta=o.delta, weight_decay=o.weight_decay)
     if o.type == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
     raise TrainingError(f"unknown optimizer type {o.type!r}")  # pragma: no cover - the schema forbids it

@@ -194,7 +194,9 @@ class StepLoop:
             with autocast(self.settings.amp, self.env.device):
                 out = run.model(images, targets, **kw)
             loss = out.loss
-            if run.scaler is not None:
+            if hasattr(run.opt, "step_terms"):  # term-wise optimizers (sgd_dot): task and distillation apart
+                run.opt.step_terms(out.terms, run.task.task_terms())
+            elif run.scaler is not None:
                 run.scaler.scale(loss).backward()
                 run.scaler.step(run.opt)
                 run.scaler.update()
