@@ -121,3 +121,29 @@ def test_ctkd_matches_authors_code():
                                    "count_from": 1})
     for epoch, cos_value in doc["cos_value_by_epoch"].items():
         assert sch.value(int(epoch) - 1, 0, 100) == pytest.approx(-cos_value, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ MLKD
+def test_mlkd_code_variant_matches_authors_code():
+    """Jin-Ying/Multi-Level-Logit-Distillation 5ee473f, KD_ours.forward_train (tests/fixtures/mlkd.json): its
+    loss_kd + loss_cc + loss_bc (times its KD weight) equals `mlkd` with variant 'code' and strong_ce 0; its loss_ce
+    is CE on both views (cross_entropy on the weak view + strong_ce on the strong one)."""
+    for case in _load("mlkd")["cases"]:
+        x = {k: torch.tensor(v, dtype=torch.float64, requires_grad=k.startswith("student"))
+             for k, v in case["inputs"].items() if k != "targets"}
+        y = torch.tensor(case["inputs"]["targets"])
+        s, t = torch.cat([x["student_weak"], x["student_strong"]]), torch.cat([x["teacher_weak"], x["teacher_strong"]])
+        w = case["weights"]
+        loss = LOSSES.get("mlkd")(temperature=case["args"]["temperature"], variant="code", strong_ce=0.0)
+        value = w["kd"] * loss(s, t, y)
+        expected = sum(case["terms"][k] for k in ("loss_kd", "loss_cc", "loss_bc"))
+        assert_rel(value, torch.tensor(expected, dtype=torch.float64), "MLKD (code) distillation terms")
+        gw, gs = torch.autograd.grad(value, [x["student_weak"], x["student_strong"]])
+        assert_rel(gw, torch.tensor(case["grads_distill"]["student_weak"], dtype=torch.float64), "MLKD d/dweak")
+        assert_rel(gs, torch.tensor(case["grads_distill"]["student_strong"], dtype=torch.float64), "MLKD d/dstrong")
+        ce = w["ce"] * (torch.nn.functional.cross_entropy(x["student_weak"], y)
+                        + LOSSES.get("mlkd")(temperature=1.0, strong_ce=1.0)(s, t, y)
+                        - LOSSES.get("mlkd")(temperature=1.0, strong_ce=0.0)(s, t, y))
+        assert_rel(ce, torch.tensor(case["terms"]["loss_ce"], dtype=torch.float64), "MLKD CE on both views")
+        paper = LOSSES.get("mlkd")(temperature=case["args"]["temperature"], strong_ce=0.0)(s, t, y)
+        assert abs(paper.item() - value.item() / w["kd"]) > 1e-3  # the paper variant keeps what the code drops

@@ -16,7 +16,7 @@ from kdgraph.train.checkpoint import Checkpoint
 from conftest import assert_rel, sgd_steps_change_only_trained, small_spec
 from test_train import QUIET, read_jsonl, tiny_spec
 
-SPECS = ["dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "ctkd"]
+SPECS = ["dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "ctkd", "mlkd"]
 
 
 @pytest.mark.parametrize("name", SPECS)

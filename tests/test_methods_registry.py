@@ -16,10 +16,10 @@ REGISTRIES = {"loss": LOSSES, "adapter": ADAPTERS, "transform": TRANSFORMS, "dat
 EXPECTED = {
     "loss": {"cross_entropy", "kd", "at", "mse", "regression_mse", "ft", "hcl", "crd", "dist", "pad_l2", "aux_sskd",
              "sskd_kd", "sskd_ss", "sskd_tf",
-             "dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd"},
+             "dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "mlkd"},
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
                 "ofd_connector", "ctkd"},
-    "transform": {"sskd_rotations"},
+    "transform": {"sskd_rotations", "mlkd_views"},
     "data wrapper": {"crd"},
 }
 

@@ -17,7 +17,7 @@ def builtin_methods() -> dict[str, ModuleType]:
 
     Imported on the first registry lookup, not with ``import kdgraph``.
     """
-    from . import at, ce, crd, ctkd, dist, dkd, ft, kd, kdsvd, kr, l2, nkd, nst, ofd, pad, regression, sskd, ttm, wttm
+    from . import at, ce, crd, ctkd, dist, dkd, ft, kd, kdsvd, kr, l2, mlkd, nkd, nst, ofd, pad, regression, sskd, ttm, wttm
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -38,5 +38,6 @@ def builtin_methods() -> dict[str, ModuleType]:
         "nst": nst,  # nst: neuron selectivity transfer (MMD, polynomial kernel)
         "kdsvd": kdsvd,  # kdsvd: singular-vector relations of consecutive maps
         "ctkd": ctkd,  # ctkd: curriculum temperature (learnable T behind gradient reversal) for kd / dkd
+        "mlkd": mlkd,  # mlkd + mlkd_views: multi-level logit distillation on a weak and a strong view
         "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
     }
