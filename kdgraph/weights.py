@@ -128,6 +128,9 @@ def pretrain_key(ref: ModelRef, spec: Spec) -> str:
     if sched and sched.get("type") != "multistep":  # milestones and gamma only shape a multistep schedule
         sched.pop("milestones", None)
         sched.pop("gamma", None)
+    opt = pretrain.get("optimizer") or {}
+    if opt.get("type") != "sgd_dot":  # delta only shapes sgd_dot (DOT): keys of other optimizers stay as they were
+        opt.pop("delta", None)
     ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": pretrain,
              "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
              "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}

@@ -69,3 +69,18 @@ def test_trainer_runs_sgd_dot(tmp_path):
     spec["stages"][0]["losses"] = [{"name": "ce", "type": "cross_entropy"}]
     with pytest.raises(TrainingError, match="sgd_dot needs task terms and distillation terms"):
         train(spec, out=tmp_path / "ce_only", **QUIET)
+
+
+def test_delta_leaves_other_optimizers_cache_keys_alone():
+    """A cached teacher's key hashes its pretraining settings: the new `delta` field must not change the key of a
+    plain sgd pretraining (every cached teacher would be retrained), but does change an sgd_dot one."""
+    from kdgraph.weights import pretrain_key
+
+    spec = kdgraph.load_spec(Path(__file__).resolve().parents[1] / "specs" / "fashion_mnist" / "kd.yaml")
+    key = pretrain_key(spec.teacher, spec)
+    spec.teacher.pretrain.optimizer.delta = 0.2
+    assert pretrain_key(spec.teacher, spec) == key
+    spec.teacher.pretrain.optimizer.type = "sgd_dot"
+    k1 = pretrain_key(spec.teacher, spec)
+    spec.teacher.pretrain.optimizer.delta = 0.1
+    assert k1 != pretrain_key(spec.teacher, spec) != key
