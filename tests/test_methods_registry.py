@@ -17,11 +17,13 @@ EXPECTED = {
     "loss": {"cross_entropy", "kd", "at", "mse", "regression_mse", "ft", "hcl", "crd", "dist", "pad_l2", "aux_sskd",
              "sskd_kd", "sskd_ss", "sskd_tf",
              "kd_logit_std", "dist_plus", "skd_instance", "skd_direction", "srd", "ickd", "pkt", "rkd", "spkd"}
-    | {"fsp", "dab", "vid", "cckd", "kta", "affinity", "regularization"},  # issue 21 (td_b)
+    | {"fsp", "dab", "vid", "cckd", "kta", "affinity", "regularization"}  # issue 21 (td_b)
+    | {"dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "mlkd"},  # issue 22
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
                 "srd_projector", "ickd_embed"}
-    | {"connector", "vid_regressor"},  # issue 21 (td_b)
-    "transform": {"sskd_rotations"},
+    | {"connector", "vid_regressor"}  # issue 21 (td_b)
+    | {"ofd_connector", "ctkd"},  # issue 22
+    "transform": {"sskd_rotations", "mlkd_views"},
     "data wrapper": {"crd"},
 }
 

@@ -53,7 +53,7 @@ def compile_summary(distiller) -> dict[str, Any]:
             "adapters": [{"name": a.name, "type": a.type, "args": a.args, "inputs": a.inputs,
                           "parameters": a.parameters, "trainable": a.trainable, "side": a.side,
                           "output_shape": shapes.of_adapter(a.name, a.output_shape)} for a in r.adapters],
-            "losses": [{"name": lo.name, "type": lo.type, "weight": lo.weight, "inputs": lo.inputs} for lo in r.losses],
+            "losses": [{"name": lo.name, "type": lo.type, "weight": lo.weight.model_dump(by_alias=True) if hasattr(lo.weight, "model_dump") else lo.weight, "inputs": lo.inputs} for lo in r.losses],
             "trainable_parameters": r.trainable_parameters,
             "teacher_nodes": r.teacher_nodes, "teacher_nodes_pruned": r.teacher_nodes_pruned,
             "pruned": [p["tap"] or p["name"] for p in r.pruned_nodes],
@@ -110,7 +110,7 @@ def print_compile(summary: dict[str, Any]) -> None:
         t = Table("loss", "type", "weight", "inputs", box=box.SIMPLE, pad_edge=False, title="loss terms",
                   title_justify="left")
         for lo in s["losses"]:
-            t.add_row(f"[yellow]{lo['name']}[/]", lo["type"], f"{lo['weight']:g}",
+            t.add_row(f"[yellow]{lo['name']}[/]", lo["type"], _weight_text(lo["weight"]),
                       ", ".join(f"{k}={v}" for k, v in lo["inputs"].items()))
         con.print(t)
         pruned = s["pruned"]
@@ -162,3 +162,10 @@ def compile_cmd(spec: str, emit_code: Optional[str], as_json: bool, input_size) 
     print_compile(summary)
     for p in summary.get("emitted", []):
         click.echo(f"wrote {p}")
+
+
+def _weight_text(weight) -> str:
+    """A number, or a schedule's description (``linear_warmup 0 -> 1 over epochs 0..1 (per step)``)."""
+    from ..spec.schedule import Schedule
+
+    return Schedule.model_validate(weight).describe() if isinstance(weight, dict) else f"{weight:g}"

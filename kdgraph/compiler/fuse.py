@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import KDGraphError
 from .nodeinfo import NodeInfo, Role, info_of, set_info
 from ..spec import StageSpec, parse_tap
+from ..spec.schedule import Schedule
 from .cached import cached_taps
 from .prepare import Prepared
 
@@ -166,7 +167,12 @@ class _Fuser:
             kwargs = {k: self.tap_value(t, inputs) for k, t in prep.loss_inputs[(stage.name, ls.name)].items()}
             node = g.call_module(f"losses.{stage.name}.{ls.name}", (), kwargs)
             set_info(node, NodeInfo(Role.LOSS, ls.name, f"losses.{stage.name}.{ls.name}"))
-            weighted = node if ls.weight == 1.0 else g.call_function(operator.mul, (node, float(ls.weight)))
+            if isinstance(ls.weight, Schedule):  # the weight follows the stage's progress: a module computes it
+                factor = g.call_module(f"schedules.{stage.name}.{ls.name}", ())
+                set_info(factor, NodeInfo(Role.LOSS, f"weight of {ls.name}: {ls.weight.describe()}"))
+                weighted = g.call_function(operator.mul, (node, factor))
+            else:
+                weighted = node if ls.weight == 1.0 else g.call_function(operator.mul, (node, float(ls.weight)))
             if info_of(weighted) is None:
                 set_info(weighted, NodeInfo(Role.LOSS, f"{ls.weight} * {ls.name}"))
             terms[ls.name] = weighted

@@ -28,6 +28,7 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     root.adapters = prep.adapters
     root.losses = prep.losses
     root.transforms = prep.transforms
+    root.schedules = prep.schedules
     fused = fuse_stage(prep, stage_index, root)
     rt = prep.spec.runtime
     ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=rt.fold_teacher_bn,

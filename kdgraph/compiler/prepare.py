@@ -18,8 +18,10 @@ from torch import nn
 from ..capture import TracedNetwork
 from ..errors import KDGraphError, ShapeError, SpecError, did_you_mean
 from ..methods.args import check_args
+from ..methods.progress import Progress, ScheduledArg, ScheduledValue
 from ..methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES, TRANSFORMS
 from ..spec import Spec, Tap, parse_tap
+from ..spec.schedule import Schedule, is_schedule
 from .report import Shape
 
 __all__ = ["Prepared", "bind_inputs"]
@@ -81,6 +83,9 @@ class Prepared:
         self.losses = nn.ModuleDict()
         self.loss_inputs: dict[tuple[str, str], dict[str, str]] = {}
         self.transforms = nn.ModuleDict()
+        #: the stages' progress, read by scheduled weights (``schedules``) and scheduled loss arguments
+        self.progress = Progress()
+        self.schedules = nn.ModuleDict()
         self._check_num_classes()
         self._build_adapters()
         self._build_losses_and_transforms()
@@ -142,7 +147,8 @@ class Prepared:
             ad = self.spec.adapters[name]
             where = f"adapters.{name}"
             cls = ADAPTERS.get(ad.type, where=f"{where}.type")
-            given = check_args(cls, dict(ad.args), ("adapters", name), self.spec, f"adapter {name!r} ({ad.type})")
+            raw, scheduled = self._split_schedules(dict(ad.args), ("adapters", name, "args"))
+            given = check_args(cls, raw, ("adapters", name), self.spec, f"adapter {name!r} ({ad.type})")
             bound = bind_inputs(cls, dict(ad.inputs), where)
             shapes = {k: self.tap_shape(parse_tap(t)) for k, t in bound.items()}
             match_shape = self.tap_shape(parse_tap(ad.match)) if ad.match else None
@@ -155,9 +161,10 @@ class Prepared:
                 raise SpecError(f"{where}: cannot infer the arguments of {cls.__name__} from the shapes "
                                 f"{shapes} (match: {match_shape}): {e}. Give them under args.") from None
             module = _instantiate(cls, args, where)
+            self._schedule_args(module, scheduled, cls, ("adapters", name, "args"), raw)
             self.adapters[name] = module
             self.adapter_inputs[name] = bound
-            self.adapter_args[name] = args
+            self.adapter_args[name] = {**args, **{k: sch.describe() for k, sch in scheduled.items()}}  # as reported
             self.adapter_shapes[name] = self._probe(module, shapes, where)
             out = self.adapter_shapes[name]
             if match_shape is not None and not isinstance(out, list) and out is not None \
@@ -199,9 +206,18 @@ class Prepared:
                 check = getattr(cls, "check_shapes", None)
                 if check is not None:
                     check(shapes, bound, where)
-                args = check_args(cls, dict(ls.args), ("stages", si, "losses", li), self.spec,
-                                  f"loss {ls.name!r} ({ls.type})")
+                raw, scheduled = self._split_schedules(dict(ls.args), ("stages", si, "losses", li, "args"))
+                args = check_args(cls, raw, ("stages", si, "losses", li), self.spec, f"loss {ls.name!r} ({ls.type})")
+                for key in getattr(cls, "module_args", ()):
+                    if isinstance(args.get(key), str):
+                        args[key] = self._network_module(args[key], self.spec.where("stages", si, "losses", li,
+                                                                                    "args", key))
                 per_stage[ls.name] = _instantiate(cls, args, where)
+                self._schedule_args(per_stage[ls.name], scheduled, cls, ("stages", si, "losses", li, "args"), raw)
+                if isinstance(ls.weight, Schedule):
+                    if stage.name not in self.schedules:
+                        self.schedules[stage.name] = nn.ModuleDict()
+                    self.schedules[stage.name][ls.name] = ScheduledValue(ls.weight, self.progress)
                 self.loss_inputs[(stage.name, ls.name)] = bound
             self.losses[stage.name] = per_stage
             if stage.transform is not None and self.spec.input.named:
@@ -213,6 +229,49 @@ class Prepared:
                 args = check_args(cls, dict(stage.transform.args), ("stages", si, "transform"), self.spec,
                                   f"transform {stage.transform.type!r}")
                 self.transforms[stage.name] = _instantiate(cls, args, f"stages[{si}].transform")
+
+    def _split_schedules(self, args: dict[str, Any], loc: tuple) -> tuple[dict[str, Any], dict[str, Schedule]]:
+        """Args with scheduled values replaced by their start value (checked as such), and the schedules."""
+        scheduled: dict[str, Schedule] = {}
+        for key, value in args.items():
+            if is_schedule(value):
+                try:
+                    scheduled[key] = Schedule.model_validate(value)
+                except ValueError as e:
+                    errs = getattr(e, "errors", lambda: [{"loc": (), "msg": str(e)}])()
+                    at = self.spec.where(*loc, key, *errs[0]["loc"])
+                    raise SpecError(f"{at}: invalid schedule: {errs[0]['msg']}. A schedule is {{schedule: "
+                                    f"linear_warmup | linear | cosine, to, epochs, from?, start?, per?, "
+                                    f"count_from?}}") from None
+        for key, sch in scheduled.items():  # checked at its start value here, at its end value once built
+            args[key] = sch.initial
+        return args, scheduled
+
+    def _schedule_args(self, module: nn.Module, scheduled: dict[str, Schedule], cls: type, loc: tuple,
+                       raw: dict[str, Any]) -> None:
+        """Check each scheduled argument at its end value too, then let the schedule set it before every call."""
+        for key, sch in scheduled.items():
+            check_args(cls, {**raw, key: sch.to}, loc[:-1], self.spec, f"{cls.__name__} (schedule end value)")
+            if not isinstance(getattr(module, key, None), float):
+                raise SpecError(f"{self.spec.where(*loc, key)}: {cls.__name__} keeps no number attribute {key!r}, "
+                                f"so this argument cannot follow a schedule; give a number")
+            module.register_forward_pre_hook(ScheduledArg(key, sch, self.progress))
+
+    def _network_module(self, text: str, where: str) -> nn.Module:
+        """The module a ``module_args`` argument names (``teacher:layer4.2.bn2``), for the loss's constructor."""
+        try:
+            tap = parse_tap(text)
+        except (ValueError, SpecError) as e:
+            raise SpecError(f"{where}: {e}") from None
+        if tap.source not in ("teacher", "student") or "@" in text or tap.call is not None or tap.op is not None \
+                or not tap.path:
+            raise SpecError(f"{where}: {text!r} must name a module of a network, e.g. 'teacher:layer4.2.bn2' "
+                            f"(no @input/@output, no #call)")
+        module = self.nets[tap.source].module
+        names = [n for n, _ in module.named_modules() if n]
+        if tap.path not in names:
+            raise SpecError(f"{where}: the {tap.source} has no module {tap.path!r}.{did_you_mean(tap.path, names)}")
+        return module.get_submodule(tap.path)
 
     # ---------------------------------------------------------------- wiring checks
     def _check_num_classes(self) -> None:

@@ -74,6 +74,8 @@ class Distiller(nn.Module):
         self.losses = prep.losses.to(_device_of(student))
         self.transforms = prep.transforms
         self._prep = prep
+        #: the stage's progress (epoch, step): scheduled loss weights and arguments read it; the trainer updates it
+        self.progress = prep.progress
         self._graphs: dict[int, tuple[fx.GraphModule, StageReport]] = {}
         self._runner: Any = None
         self._taps_runner: Any = None
@@ -183,6 +185,11 @@ class Distiller(nn.Module):
         if "student" not in train:
             self.student.eval()
         return self
+
+    def task_terms(self) -> list[str]:
+        """Names of the current stage's task terms (losses whose class sets ``task_term``, e.g. cross_entropy);
+        every other term distils. Term-wise optimizers (DOT) step the two kinds apart."""
+        return [name for name, loss in self.losses[self.stage].items() if getattr(loss, "task_term", False)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer needs: the student (if the stage trains it), its adapters, loss parameters."""

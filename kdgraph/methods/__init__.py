@@ -23,6 +23,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     from . import at, ce, crd, dist, ft, kd, kr, l2, pad, regression, sskd
     from . import dist_plus, ickd, kd_logit_std, pkt, rkd, skd, spkd, srd
     from . import cckd, connector, dab, fsp, ktaad, vid
+    from . import ctkd, dkd, kdsvd, mlkd, nkd, nst, ofd, ttm, wttm
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -50,6 +51,15 @@ def builtin_methods() -> dict[str, ModuleType]:
         "vid": vid,  # vid + vid_regressor: variational information distillation
         "cckd": cckd,  # cckd: correlation congruence
         "ktaad": ktaad,  # kta, affinity, regularization: knowledge adaptation for segmentation (He et al.)
+        "dkd": dkd,  # dkd: decoupled KD (target / non-target terms)
+        "nkd": nkd,  # nkd: normalized KD (target term + normalized non-target term)
+        "ttm": ttm,  # ttm: transformed teacher matching (power-transformed teacher)
+        "wttm": wttm,  # wttm: TTM weighted per sample by the teacher's U_gamma
+        "nst": nst,  # nst: neuron selectivity transfer (MMD, polynomial kernel)
+        "kdsvd": kdsvd,  # kdsvd: singular-vector relations of consecutive maps
+        "ctkd": ctkd,  # ctkd: curriculum temperature (learnable T behind gradient reversal) for kd / dkd
+        "mlkd": mlkd,  # mlkd + mlkd_views: multi-level logit distillation on a weak and a strong view
+        "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
     }
 
 

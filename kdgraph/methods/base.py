@@ -40,6 +40,11 @@ class DistillLoss(nn.Module):
     * ``batch_keys``: extra per-batch keys (beyond ``images``/``targets``) the loss reads; those of
       ``default_inputs`` count too.
     * ``Args``: the pydantic schema of the constructor's arguments (see :mod:`kdgraph.methods.args`).
+    * ``module_args``: arguments whose spec value names a module of a network (``teacher:layer4.2.bn2``, the
+      tap grammar without ``@``/``#``); the compiler passes that module to the constructor (OFD's margins read
+      the teacher's BatchNorm). The loss must not register it as a submodule.
+    * ``task_term``: True for the task's own loss (cross-entropy with the labels), False for distillation terms;
+      term-wise optimizers (DOT) step the two kinds apart.
     """
 
     inputs: ClassVar[tuple[str, ...]] = ()
@@ -48,6 +53,8 @@ class DistillLoss(nn.Module):
     batch_only_inputs: ClassVar[tuple[str, ...]] = ()
     soft_target_inputs: ClassVar[tuple[str, ...]] = ()
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    module_args: ClassVar[tuple[str, ...]] = ()
+    task_term: ClassVar[bool] = False
     Args: ClassVar[Optional[type[BaseModel]]] = None
 
     @classmethod

@@ -39,6 +39,7 @@ class CrossEntropy(DistillLoss):
     batch_only_inputs = ("targets",)
     soft_target_inputs = ("targets",)  # class indices, or B x K probabilities (mixup / cutmix)
     Args = CrossEntropyArgs
+    task_term = True
 
     @classmethod
     def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:

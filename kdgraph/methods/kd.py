@@ -17,6 +17,8 @@ drops the T^2 factor: the softened KL alone, what torchdistill's ``KDLoss`` retu
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.nn import functional as F
 
@@ -33,10 +35,10 @@ class KDArgs(MethodArgs):
                                               "softened KL alone, as torchdistill's KDLoss with targets=None")
 
 
-def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor,
                   t_squared: bool = True) -> torch.Tensor:
     """``T^2 * KL(p_t || p_s)`` with batchmean reduction (shared by KD, Tf-KD and SSKD); the KL alone without
-    ``t_squared``."""
+    ``t_squared``. ``temperature`` may be a tensor (CTKD's learnable temperature)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
@@ -47,7 +49,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 class KDLoss(DistillLoss):
     """Soft-target term of Hinton et al.: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``."""
 
-    inputs = ("student", "teacher")
+    inputs = ("student", "teacher", "temperature")
     default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
     same_shape = (("student", "teacher"),)
     Args = KDArgs
@@ -59,5 +61,8 @@ class KDLoss(DistillLoss):
         self.temperature = float(temperature)
         self.t_squared = bool(t_squared)
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return kd_divergence(student, teacher, self.temperature, self.t_squared)
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``temperature``: an optional tensor tap (CTKD's learnable ``adapter:ctkd``) overriding the argument."""
+        return kd_divergence(student, teacher, self.temperature if temperature is None else temperature,
+                             self.t_squared)

@@ -30,6 +30,7 @@ class RegressionMSE(DistillLoss):
     default_inputs = {"predictions": "student:@output", "targets": "batch:targets"}
     batch_only_inputs = ("targets",)
     Args = NoArgs
+    task_term = True
 
     @classmethod
     def check_shapes(cls, shapes: Mapping[str, Shape | None], taps: Mapping[str, str], where: str) -> None:

@@ -133,6 +133,9 @@ def pretrain_key(ref: ModelRef, spec: Spec) -> str:
         for k, v in KEYLESS_DEFAULTS.get(part, {}).items():
             if (pretrain.get(part) or {}).get(k, v) == v:
                 (pretrain.get(part) or {}).pop(k, None)
+    opt = pretrain.get("optimizer") or {}
+    if opt.get("type") != "sgd_dot":  # delta only shapes sgd_dot (DOT): keys of other optimizers stay as they were
+        opt.pop("delta", None)
     ident = {"model": ref.model, "kwargs": ref.kwargs, "pretrain": pretrain,
              "dataset": spec.data.dataset, "input": spec.input.model_dump(mode="json"),
              "train_subset": ref.pretrain.train_subset or spec.data.train_subset, "seed": ref.pretrain.seed}

@@ -17,7 +17,7 @@ __all__ = ["OPTIMIZER_TYPES", "OptimizerSpec", "ParamGroupSpec", "LayerDecaySpec
            "EmaSpec", "KEYLESS_DEFAULTS", "check_stage_recipe", "describe_recipe"]
 
 #: optimizer types a spec may name; each has a builder in kdgraph.train.optim.OPTIMIZERS (add both together)
-OPTIMIZER_TYPES = ("sgd", "adam", "adamw", "rmsprop", "rmsprop_tf")
+OPTIMIZER_TYPES = ("sgd", "adam", "adamw", "rmsprop", "rmsprop_tf", "sgd_dot")
 MAX_PATTERN = 200
 Pattern = Annotated[str, Field(min_length=1, max_length=MAX_PATTERN)]
 
@@ -72,6 +72,8 @@ class OptimizerSpec(_Strict):
     param_groups: list[ParamGroupSpec] = Field(default_factory=list, description="lr multipliers / weight decay "
                                                "by parameter name pattern; the first matching group applies")
     layer_decay: Optional[LayerDecaySpec] = Field(None, description="layer-wise lr decay for transformers")
+    delta: Optional[Float] = Field(None, ge=0, le=0.5, description="sgd_dot (DOT): the momentum gap, default 0.075; "
+                                   "the task gradient uses momentum - delta, the distillation gradient momentum + delta")
 
     @field_validator("type")
     @classmethod
@@ -96,6 +98,12 @@ class OptimizerSpec(_Strict):
                 raise ValueError(f"{name} applies to optimizer type {' / '.join(types)}, not {self.type!r}")
         if self.nesterov and self.type != "sgd":
             raise ValueError(f"nesterov applies to optimizer type sgd, not {self.type!r}")
+        if self.delta is not None and self.type != "sgd_dot":
+            raise ValueError(f"delta applies to optimizer type sgd_dot (DOT), not {self.type!r}")
+        grouped = [n for n in ("no_decay", "param_groups", "layer_decay") if getattr(self, n)]
+        if self.type == "sgd_dot" and grouped:
+            raise ValueError(f"sgd_dot (DOT) steps one parameter group; {', '.join(grouped)} would split the "
+                             f"parameters into several: remove {'it' if len(grouped) == 1 else 'them'}")
         return self
 
 
@@ -178,7 +186,7 @@ class EmaSpec(_Strict):
 #: fields added after pretraining keys were first computed, with their defaults (kdgraph.weights.pretrain_key
 #: leaves them out at these values, so cached networks keep their names)
 KEYLESS_DEFAULTS = {
-    "optimizer": {"betas": None, "eps": None, "alpha": None, "no_decay": [], "param_groups": [], "layer_decay": None},
+    "optimizer": {"betas": None, "eps": None, "alpha": None, "delta": None, "no_decay": [], "param_groups": [], "layer_decay": None},
     "scheduler": {"interval": "epoch", "step_size": None, "power": 1.0, "warmup_epochs": 0.0, "warmup_steps": 0,
                   "warmup_lr": 0.0, "min_lr": 0.0},
 }
@@ -192,6 +200,9 @@ def check_stage_recipe(stage: Any) -> None:
                          f"epoch(s); the warm-up must end before the stage does")
     if s is not None and s.type == "multistep" and any(m > stage.epochs for m in s.milestones):
         raise ValueError(f"scheduler.milestones {s.milestones} go past the stage's {stage.epochs} epoch(s)")
+    if stage.optimizer.type == "sgd_dot" and (stage.accumulate > 1 or stage.clip_grad is not None):
+        raise ValueError("optimizer sgd_dot (DOT) back-propagates the task and distillation terms apart in every step; "
+                         "it cannot be combined with accumulate > 1 or clip_grad: remove those, or use sgd")
     if stage.ema is not None and "student" not in stage.train:
         raise ValueError("ema averages the student's weights, but this stage does not train the student (train: "
                          f"{stage.train}); remove ema or add student to train")

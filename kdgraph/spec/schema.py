@@ -17,6 +17,7 @@ from .data_section import DataSpec, DataWrapperSpec, HoldoutSpec  # noqa: F401 -
 from .location import fmt_loc
 from .runtime_section import RuntimeSpec  # noqa: F401 - re-exported
 from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
+from .schedule import Schedule
 from .taps import _IDENT, TapStr, parse_tap
 
 
@@ -147,7 +148,8 @@ class LossSpec(_Strict):
     name: Optional[str] = Field(None, description="the term's name in out.terms (default: type)")
     type: str
     inputs: dict[str, TapStr] = Field(default_factory=dict)
-    weight: Float = Field(1.0, description="a finite number multiplying the term")
+    weight: Float | Schedule = Field(1.0, description="a finite number multiplying the term, or a schedule of it "
+                                     "({schedule: linear_warmup, epochs: 20, to: 8.0}; see kdgraph.spec.schedule)")
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inputs")

@@ -45,6 +45,14 @@ def _rmsprop_tf(groups: list[dict], lr: float, o: Any) -> torch.optim.Optimizer:
     return RMSpropTF(groups, lr=lr, momentum=o.momentum, **_kw(o, alpha="alpha", eps="eps"))
 
 
+def _sgd_dot(groups: list[dict], lr: float, o: Any) -> torch.optim.Optimizer:
+    from .dot import DOT  # kdgraph.train.dot: two momenta, stepped with the terms (StepLoop)
+
+    (group,) = groups  # the schema refuses no_decay / param_groups / layer_decay with sgd_dot
+    return DOT(group["params"], lr=group.get("lr", lr), momentum=o.momentum,
+               delta=0.075 if o.delta is None else o.delta, weight_decay=group.get("weight_decay", o.weight_decay))
+
+
 #: optimizer builders by spec type: (parameter groups with lr / weight_decay set, lr, OptimizerSpec) -> optimizer
 OPTIMIZERS: dict[str, Callable[[list[dict], float, Any], torch.optim.Optimizer]] = {
     "sgd": lambda g, lr, o: torch.optim.SGD(g, lr=lr, momentum=o.momentum, nesterov=o.nesterov),
@@ -52,6 +60,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict], float, Any], torch.optim.Optimizer]]
     "adamw": lambda g, lr, o: torch.optim.AdamW(g, lr=lr, **_kw(o, betas="betas", eps="eps")),
     "rmsprop": lambda g, lr, o: torch.optim.RMSprop(g, lr=lr, momentum=o.momentum, **_kw(o, alpha="alpha", eps="eps")),
     "rmsprop_tf": _rmsprop_tf,
+    "sgd_dot": _sgd_dot,
 }
 
 

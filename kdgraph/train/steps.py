@@ -236,18 +236,33 @@ class StepLoop:
             images, targets = self.to_device(images), self.to_device(targets)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
             run.last_batch = (images, targets, kw)
-            group = min(k, steps_per_epoch - step // k * k)  # micro-batches in this optimizer step
-            boundary = (step + 1) % k == 0 or step + 1 == steps_per_epoch
+            if hasattr(run.task, "progress"):  # scheduled loss weights / arguments (kdgraph.methods.progress)
+                run.task.progress.update(epoch, step, steps_per_epoch, run.stage.epochs)
             lr = run.opt.param_groups[0]["lr"]
-            sync = contextlib.nullcontext() if boundary or not hasattr(run.model, "no_sync") else run.model.no_sync()
-            with sync:
+            if hasattr(run.opt, "step_terms"):  # term-wise optimizers (sgd_dot): task and distillation apart
+                boundary = True  # the schema refuses accumulate, clip_grad and fp16 with sgd_dot
                 with autocast(self.settings.amp, self.env.device):
                     out = run.model(images, targets, **kw)
                 loss = out.loss
-                part = loss / group if group > 1 else loss
-                (run.scaler.scale(part) if run.scaler is not None else part).backward()
-            if boundary:
-                optimizer_step(run)
+                run.opt.step_terms(out.terms, run.task.task_terms())
+                run.opt.zero_grad(set_to_none=True)
+                if run.per_step_schedule:
+                    run.sched.step()
+                if run.ema is not None:
+                    run.ema.update(run.student)
+            else:
+                group = min(k, steps_per_epoch - step // k * k)  # micro-batches in this optimizer step
+                boundary = (step + 1) % k == 0 or step + 1 == steps_per_epoch
+                sync = (contextlib.nullcontext() if boundary or not hasattr(run.model, "no_sync")
+                        else run.model.no_sync())
+                with sync:
+                    with autocast(self.settings.amp, self.env.device):
+                        out = run.model(images, targets, **kw)
+                    loss = out.loss
+                    part = loss / group if group > 1 else loss
+                    (run.scaler.scale(part) if run.scaler is not None else part).backward()
+                if boundary:
+                    optimizer_step(run)
             step += 1
             self.progress.global_step += 1
             if self.progress.first_step_s is None:
