@@ -18,24 +18,12 @@ from __future__ import annotations
 import torch
 
 from .registry import register_loss
-from .base import DistillLoss
-from .ttm import TTMArgs, transformed_kl
+from .ttm import TTMLoss, transformed_kl
 
 
 @register_loss("wttm")
-class WTTMLoss(DistillLoss):
-    """``mean_i U_gamma(p_t,i) * KL(p_t,i^gamma normalised || softmax(z_s,i))``."""
-
-    inputs = ("student", "teacher")
-    default_inputs = {"student": "student:@output", "teacher": "teacher:@output"}
-    same_shape = (("student", "teacher"),)
-    Args = TTMArgs
-
-    def __init__(self, gamma: float = 0.1):
-        super().__init__()
-        if gamma <= 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
-        self.gamma = float(gamma)
+class WTTMLoss(TTMLoss):
+    """``mean_i U_gamma(p_t,i) * KL(p_t,i^gamma normalised || softmax(z_s,i))``: TTM weighted per sample."""
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         kl, norm = transformed_kl(student, teacher, self.gamma)
