@@ -268,7 +268,7 @@ def _spec_loss(spec, **tensors):
     for loss in spec.stages[0].losses:
         cls = LOSSES.get(loss.type)
         module = cls(**loss.args)
-        total = total + loss.weight * module(**{k: tensors[k] for k in cls.inputs})
+        total = total + loss.weight * module(**{k: tensors[k] for k in cls.inputs if k in tensors})  # optional inputs unbound
     return total
 
 

@@ -198,8 +198,6 @@ def check_stage_recipe(stage: Any) -> None:
     if s is not None and s.warmup_epochs and s.warmup_epochs >= stage.epochs:
         raise ValueError(f"scheduler.warmup_epochs {s.warmup_epochs:g} is not shorter than the stage's {stage.epochs} "
                          f"epoch(s); the warm-up must end before the stage does")
-    if s is not None and s.type == "multistep" and any(m > stage.epochs for m in s.milestones):
-        raise ValueError(f"scheduler.milestones {s.milestones} go past the stage's {stage.epochs} epoch(s)")
     if stage.optimizer.type == "sgd_dot" and (stage.accumulate > 1 or stage.clip_grad is not None):
         raise ValueError("optimizer sgd_dot (DOT) back-propagates the task and distillation terms apart in every step; "
                          "it cannot be combined with accumulate > 1 or clip_grad: remove those, or use sgd")
