@@ -76,3 +76,18 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
                    env=env, check=True, capture_output=True, timeout=120)
     after = torch.load(exported, weights_only=True)
     assert any(not torch.equal(after[k], sd[k]) for k in sd if after[k].is_floating_point())  # it trained on
+
+
+def test_fsdp_train_refuses_what_it_does_not_support():
+    import pytest
+
+    from kdgraph.errors import KDGraphError
+    from kdgraph.train.fsdp import require_processes
+
+    spec = tiny_spec(runtime={"distributed": "fsdp"})
+    with pytest.raises(KDGraphError, match="needs a process group"):  # no torchrun: nothing to shard over
+        require_processes(load_spec(spec), 1)
+    require_processes(load_spec(spec), 2)  # under torchrun: trained sharded
+    spec["stages"][0]["ema"] = {"decay": 0.9}
+    with pytest.raises(KDGraphError, match=r"stages\.main\.ema"):
+        require_processes(load_spec(spec), 2)
