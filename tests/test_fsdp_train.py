@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 
+from kdgraph.cli import main
 from kdgraph.models import build_model
 from kdgraph.spec import load_spec
 
@@ -47,10 +49,8 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
     assert res["stages"][0]["last"]["images"] == 51  # every validation image once, the padding pass not counted
 
     exported = tmp_path / "student.pt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "kdgraph", "export", str(out / "last.sharded"), "-o", str(exported)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = CliRunner().invoke(main, ["export", str(out / "last.sharded"), "-o", str(exported)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     sd = torch.load(exported, weights_only=True)
     build_model(load_spec(str(fsdp)).student, "student").load_state_dict(sd, strict=True)
     want = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["student"]
@@ -72,8 +72,8 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
     assert len(evals) == 2 and evals[1]["epoch"] > evals[0]["epoch"] and evals[1]["images"] == 51
     manifest = json.loads((out / "last.sharded" / "manifest.json").read_text())
     assert manifest["extra"]["describe"].startswith("end of stage") and manifest["world_size"] == 2
-    subprocess.run([sys.executable, "-m", "kdgraph", "export", str(out / "last.sharded"), "-o", str(exported)],
-                   env=env, check=True, capture_output=True, timeout=120)
+    r = CliRunner().invoke(main, ["export", str(out / "last.sharded"), "-o", str(exported)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     after = torch.load(exported, weights_only=True)
     assert any(not torch.equal(after[k], sd[k]) for k in sd if after[k].is_floating_point())  # it trained on
 

@@ -3,6 +3,7 @@
     d = kdgraph.compile(spec, teacher=teacher, student=student); d.load_weights()     (networks)
     for each stage: d.enter_stage(i); opt = SGD(d.trainable_parameters(), lr_used, ...) (optim)
         for each batch: out = ddp(d)(images, targets, **extras); out.loss.backward(); opt.step()  (steps)
+        (runtime.distributed: fsdp: d is sharded once by fsdp.shard instead, checkpoints are sharded folders)
         after each epoch: top-1/top-5 of d.student on the validation split; checkpoint  (evaluation, checkpoint)
 
 The jobs live in their own modules: :mod:`.runfolder` (lock, resume, files), :mod:`.networks`,
@@ -150,6 +151,10 @@ class Trainer:
         spec, env = self.spec, self.env
         st = spec.stages[i]
         d.enter_stage(i)
+        if self.sharded:  # the student units' prefetch order follows this stage's graph
+            from .fsdp import set_prefetch
+
+            set_prefetch(d)
         d.train()
         info = self._announce_stage(i)
         trains_student = "student" in st.train
@@ -211,7 +216,8 @@ class Trainer:
 
     def _save(self, run: StageRun, where: Position, best: bool, *, progress: RunProgress,
               teacher_eval: Optional[dict[str, Any]], done: list[dict[str, Any]]) -> None:
-        """Write ``last.pt`` (and ``best.pt``): every process hands in its generator states, rank 0 writes."""
+        """Write ``last.pt`` (and ``best.pt``): every process hands in its generator states, rank 0 writes.
+        Under fsdp every process writes its shards into ``last.sharded/`` (and ``best.sharded/``)."""
         rngs = all_gather_object(self.env, rng_state())
         if not self.env.is_main and not self.sharded:
             return
@@ -223,7 +229,8 @@ class Trainer:
             ema=run.ema.state_dict() if run.ema is not None else None,
             stage=run.name, stage_index=run.index, epoch=where.epoch,
             step=where.step, epoch_done=where.epoch_done, stage_done=where.stage_done,
-            optimizer=None if sharded else run.opt.state_dict(), scheduler=run.sched.state_dict() if run.sched is not None else None,
+            optimizer=None if sharded else run.opt.state_dict(),
+            scheduler=run.sched.state_dict() if run.sched is not None else None,
             scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=rngs,
             global_step=progress.global_step, world_size=self.env.world_size,
             samples_done=where.step * run.stage.batch_size * self.env.world_size, best_top1=run.best_top1,
@@ -263,7 +270,8 @@ class Trainer:
         self.say("")
         self.say(f"[bold green]done[/] {spec.name} in {seconds(wall)}: " + ", ".join(parts)
                  + f". Run folder: {self.out} "
-                 + ("(last.sharded/, best.sharded/, " if self.sharded else "(last.pt, best.pt, ") + "metrics.jsonl, curves.png, tb/)")
+                 + ("(last.sharded/, best.sharded/, " if self.sharded else "(last.pt, best.pt, ")
+                 + "metrics.jsonl, curves.png, tb/)")
         self.monitor.close()
         return res
 
