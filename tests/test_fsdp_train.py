@@ -4,7 +4,9 @@ A 2-process fsdp run ends with the same student as a 2-process ddp run of the sa
 averages the gradients as DDP's all-reduce does; BatchNorm statistics are per process in both and rank 0's are
 what is saved and evaluated), rtol 1e-5 / atol 1e-6. 51 validation images over 2 processes and batch 16: rank 0
 has 2 batches, rank 1 one batch plus one padding pass, and the evaluation counts 51 images. ``--resume`` continues
-from ``last.sharded/`` (one more epoch), and ``kdgraph export`` of it gives a student state_dict loading strictly.
+from a sharded end-of-epoch checkpoint (one more epoch) to the same student as the ddp run resumed from its
+``last.pt`` of that point (so the optimizer's momentum came back), and ``kdgraph export`` of the sharded folder gives
+a student state_dict loading strictly.
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
     ddp_top1 = json.loads((tmp_path / "ddp" / "results.json").read_text())["stages"][0]["last"]
     assert abs(ddp_top1["top1"] - res["stages"][0]["last"]["top1"]) < 1e-9 and ddp_top1["images"] == 51
 
-    # best.sharded is the end-of-epoch-1 checkpoint (stage not done): resume it with a second epoch
+    # best.sharded / best.pt are the end-of-epoch-1 checkpoints (stage not done): resume both with a second epoch
     import shutil
 
     shutil.rmtree(out / "last.sharded")
     shutil.copytree(out / "best.sharded", out / "last.sharded")
+    shutil.copy(tmp_path / "ddp" / "best.pt", tmp_path / "ddp" / "last.pt")
+    _torchrun(tmp_path, str(ddp), "--out", str(tmp_path / "ddp"), "--resume", "--set", "stages.main.epochs=2")
     proc = _torchrun(tmp_path, str(fsdp), "--out", str(out), "--resume", "--set", "stages.main.epochs=2")
     assert "resuming from" in proc.stdout and "end of epoch 1" in proc.stdout, proc.stdout[-2000:]
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -76,6 +80,9 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
     assert r.exit_code == 0, r.output
     after = torch.load(exported, weights_only=True)
     assert any(not torch.equal(after[k], sd[k]) for k in sd if after[k].is_floating_point())  # it trained on
+    want = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["student"]  # the optimizer state came back
+    for k in want:
+        torch.testing.assert_close(after[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_fsdp_train_refuses_what_it_does_not_support():
