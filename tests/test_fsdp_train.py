@@ -39,9 +39,11 @@ def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path):
-    spec = tiny_spec(name="fsdp_train", epochs=1, train_subset=64, val_subset=51, batch_size=16)
+    spec = tiny_spec(name="fsdp_train", epochs=1, train_subset=64, val_subset=51, batch_size=16,
+                      runtime={"eval_teacher": True})
     ddp = write_spec(tmp_path / "ddp.yaml", spec)
-    spec["runtime"] = {"seed": 0, "distributed": "fsdp", "fsdp": {"student_units": ["layer*"]}}
+    spec["runtime"] = {"seed": 0, "eval_teacher": True, "distributed": "fsdp",
+                       "fsdp": {"student_units": ["layer*"], "teacher_units": ["layer2", "layer3"]}}
     fsdp = write_spec(tmp_path / "fsdp.yaml", spec)
     _torchrun(tmp_path, str(ddp), "--out", str(tmp_path / "ddp"))
     _torchrun(tmp_path, str(fsdp), "--out", str(tmp_path / "fsdp"))
@@ -49,6 +51,8 @@ def test_fsdp_train_matches_ddp_counts_every_image_resumes_and_exports(tmp_path)
     assert (out / "last.sharded" / "manifest.json").is_file() and not (out / "last.pt").exists()
     res = json.loads((out / "results.json").read_text())
     assert res["stages"][0]["last"]["images"] == 51  # every validation image once, the padding pass not counted
+    ddp_res = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert res["teacher"]["images"] == 51 and res["teacher"]["top1"] == ddp_res["teacher"]["top1"]  # sharded teacher
 
     exported = tmp_path / "student.pt"
     r = CliRunner().invoke(main, ["export", str(out / "last.sharded"), "-o", str(exported)], catch_exceptions=False)
