@@ -124,6 +124,10 @@ def wrap(module: nn.Module, env: DistEnv, synced: nn.Module | None = None) -> nn
     """DistributedDataParallel over the trainable part of ``module``; the module itself in a world of one."""
     if not env.distributed:
         return module
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):  # runtime.distributed: fsdp, sharded once by the trainer (train.fsdp.shard)
+        return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if not any(p.requires_grad for p in module.parameters()):

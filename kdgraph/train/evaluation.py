@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..distiller.data import unpack_batch
+from ..errors import KDGraphError
 from ..spec import Spec
 from .data import make_loader
 from .distributed import DistEnv, all_reduce_sum
@@ -63,10 +64,41 @@ def _gathered(env: DistEnv, chunks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t for t in every if t.numel()])
 
 
+def _even_passes(model: nn.Module, loader: Any, env: DistEnv) -> Optional[int]:
+    """Under FSDP (a sharded ``model``), the number of forward passes every rank runs: the most batches any rank
+    has (each pass all-gathers the units, so a rank with fewer batches would leave the others waiting). None:
+    not sharded, each rank runs its own batches."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not env.distributed or not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    import torch.distributed as dist
+
+    mine = len(loader)
+    t = torch.tensor([mine], dtype=torch.int64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    passes = int(t.item())
+    if mine == 0 and passes > 0:
+        raise KDGraphError(f"runtime.distributed: fsdp: process {env.rank} has no validation images to evaluate "
+                           f"(fewer validation images than the {env.world_size} processes); use more validation "
+                           f"data or fewer processes")
+    return passes
+
+
+def _padded(loader: Any, passes: Optional[int]) -> Any:
+    """The loader's batches, then its last batch again until ``passes`` batches were given (FSDP padding)."""
+    last = None
+    for last in loader:
+        yield last
+    for _ in range(len(loader), passes or 0):
+        yield last
+
+
 def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off", channels_last: bool = False,
                    restore: Optional[nn.Module] = None, task: Optional[str] = None) -> dict[str, Any]:
     """Top-1 / top-5 (%) of ``model`` over a validation loader whose sampler shards without padding, so
-    that with several processes every image is counted exactly once (counts are summed). Afterwards
+    that with several processes every image is counted exactly once (counts are summed). A sharded (FSDP2)
+    ``model`` runs as many forward passes on every rank (a rank's last batch repeated, not counted). Afterwards
     ``restore`` (or else ``model``, if it was training) is put back in training mode.
 
     ``task``: a GLUE task: the outputs and labels of every process are gathered and scored with
@@ -83,7 +115,8 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
     c1 = c5 = n = 0
     outputs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for batch in loader:
+    passes = _even_passes(model, loader, env)
+    for i, batch in enumerate(_padded(loader, passes)):
         images, targets, _ = unpack_batch(batch)
         if isinstance(images, dict):
             images = {k: v.to(env.device, non_blocking=True) for k, v in images.items()}
@@ -92,8 +125,10 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
             if channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(env.device, non_blocking=True)
-        with autocast(amp, env.device):
+        with autocast(amp, env.device), torch.no_grad():
             logits = _logits(model, images)
+        if passes is not None and i >= len(loader):
+            continue  # FSDP: a padding pass (every rank gathers every unit the same number of times), not counted
         if task is not None:
             outputs.append(logits.float().detach().cpu())
             labels.append(targets.cpu())

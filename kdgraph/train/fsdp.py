@@ -35,17 +35,18 @@ _NEEDS_GROUP = ("runtime.distributed: fsdp needs a process group: start the proc
 
 
 def require_processes(spec: Any, world_size: int) -> None:
-    """``kdgraph train`` and fsdp: without torchrun there is nothing to shard over; with it, the trainer's
-    checkpoints and distributed evaluation are not sharding-aware yet, so it refuses rather than silently
-    running DDP. The custom loop (module docstring, docs/training.md) trains sharded."""
+    """``kdgraph train`` and fsdp: without torchrun there is nothing to shard over (one paragraph, exit 2); a
+    stage keeping an EMA of the student is refused too (the EMA copies the whole student on every process)."""
     if spec.runtime.distributed != "fsdp":
         return
     if world_size < 2:
         raise KDGraphError(_NEEDS_GROUP)
-    raise KDGraphError("runtime.distributed: fsdp is not supported by kdgraph train yet (its checkpoints and its "
-                       "evaluation split are not sharding-aware); train sharded with your own loop and "
-                       "kdgraph.train.fsdp.shard(distiller) (docs/training.md, FSDP), or use "
-                       "runtime.distributed: ddp")
+    ema = [s.name for s in spec.stages if getattr(s, "ema", None) is not None]
+    if ema:
+        raise KDGraphError(f"stages.{ema[0]}.ema: an EMA of the student is not supported with runtime.distributed: "
+                           f"fsdp (it would hold a whole, unsharded copy of the student on every process); remove "
+                           f"the stage's ema or use runtime.distributed: ddp")
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,6 +94,7 @@ def shard(distiller: nn.Module, mesh: Optional[Any] = None) -> nn.Module:
     ignored = set() if fs.teacher == "sharded" else set(distiller.teacher.parameters())
     fully_shard(distiller, ignored_params=ignored or None, **kwargs)
     set_prefetch(distiller)
+    fully_shard.state(distiller)._lazy_init()  # the distiller is FSDP2's root even if a network is called first
     return distiller
 
 

@@ -3,6 +3,7 @@
     d = kdgraph.compile(spec, teacher=teacher, student=student); d.load_weights()     (networks)
     for each stage: d.enter_stage(i); opt = SGD(d.trainable_parameters(), lr_used, ...) (optim)
         for each batch: out = ddp(d)(images, targets, **extras); out.loss.backward(); opt.step()  (steps)
+        (runtime.distributed: fsdp: d is sharded once by fsdp.shard instead, checkpoints are sharded folders)
         after each epoch: top-1/top-5 of d.student on the validation split; checkpoint  (evaluation, checkpoint)
 
 The jobs live in their own modules: :mod:`.runfolder` (lock, resume, files), :mod:`.networks`,
@@ -52,7 +53,8 @@ class Trainer:
 
     def __init__(self, spec: Spec, opts: TrainOptions, env: DistEnv):
         self.spec, self.opts, self.env = spec, opts, env
-        self.folder = RunFolder(Path(opts.out) if opts.out else Path("runs") / spec.name, env)
+        self.sharded = spec.runtime.distributed == "fsdp"  # FSDP2 instead of DDP (train.fsdp.shard)
+        self.folder = RunFolder(Path(opts.out) if opts.out else Path("runs") / spec.name, env, sharded=self.sharded)
         self.out = self.folder.out
         self.monitor = Monitor(self.out, enabled=env.is_main, progress=opts.progress, tensorboard=opts.tensorboard)
 
@@ -92,6 +94,12 @@ class Trainer:
                 pretrain_s += pretrain_network(spec, role, path, bundle, steps)
         d = build_distiller(spec, env, first_stage(spec, opts.only_stages, resume), resume, self.folder.last_path,
                             self.say)
+        if self.sharded:
+            from . import fsdp, sharded_checkpoint
+
+            fsdp.shard(d)
+            if resume is not None:
+                sharded_checkpoint.load(self.folder.last_path, d)
         val_loader = validation_loader(spec, bundle.val, env)
         teacher_eval = resume.teacher_eval if resume is not None else None
         if spec.runtime.eval_teacher and teacher_eval is None:
@@ -143,6 +151,10 @@ class Trainer:
         spec, env = self.spec, self.env
         st = spec.stages[i]
         d.enter_stage(i)
+        if self.sharded:  # the student units' prefetch order follows this stage's graph
+            from .fsdp import set_prefetch
+
+            set_prefetch(d)
         d.train()
         info = self._announce_stage(i)
         trains_student = "student" in st.train
@@ -153,6 +165,10 @@ class Trainer:
                              view=view, drop_last=spec.data.drop_last)
         start, rng = (0, 0), None
         if resume is not None:
+            if self.sharded:  # the optimizer's state, re-sharded for this world size
+                from . import sharded_checkpoint
+
+                sharded_checkpoint.load(self.folder.last_path, d, run.opt)
             start, rng = _restore(run, resume, env)
         steps.run_epochs(run, val_loader, start, rng, functools.partial(save, done=done))
         result = dict(info, last=run.last_eval, best_top1=run.best_top1,
@@ -200,24 +216,30 @@ class Trainer:
 
     def _save(self, run: StageRun, where: Position, best: bool, *, progress: RunProgress,
               teacher_eval: Optional[dict[str, Any]], done: list[dict[str, Any]]) -> None:
-        """Write ``last.pt`` (and ``best.pt``): every process hands in its generator states, rank 0 writes."""
+        """Write ``last.pt`` (and ``best.pt``): every process hands in its generator states, rank 0 writes.
+        Under fsdp every process writes its shards into ``last.sharded/`` (and ``best.sharded/``)."""
         rngs = all_gather_object(self.env, rng_state())
-        if not self.env.is_main:
+        if not self.env.is_main and not self.sharded:
             return
-        d = run.task
+        d, sharded = run.task, self.sharded  # sharded: the tensors go to the shards, the rest to trainer.pt
         ck = Checkpoint(
             spec_name=self.spec.name, spec=self.spec.model_dump(mode="json"),
-            stage_names=[s.name for s in self.spec.stages], distiller=state_dict_of(d),
-            student=_student_weights(run), ema=run.ema.state_dict() if run.ema is not None else None,
+            stage_names=[s.name for s in self.spec.stages], distiller={} if sharded else state_dict_of(d),
+            student={} if sharded else _student_weights(run),
+            ema=run.ema.state_dict() if run.ema is not None else None,
             stage=run.name, stage_index=run.index, epoch=where.epoch,
             step=where.step, epoch_done=where.epoch_done, stage_done=where.stage_done,
-            optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict() if run.sched is not None else None,
+            optimizer=None if sharded else run.opt.state_dict(),
+            scheduler=run.sched.state_dict() if run.sched is not None else None,
             scaler=run.scaler.state_dict() if run.scaler is not None else None, rng=rngs,
             global_step=progress.global_step, world_size=self.env.world_size,
             samples_done=where.step * run.stage.batch_size * self.env.world_size, best_top1=run.best_top1,
             last_eval=run.last_eval, history=progress.history, teacher_eval=teacher_eval,
             stage_results={r["name"]: r for r in done if isinstance(r, dict) and "name" in r})
-        self.folder.save(ck, best)
+        if sharded:
+            self.folder.save_sharded(ck, d, run.opt, best)  # every process
+        else:
+            self.folder.save(ck, best)
         progress.last_saved = ck.describe()
 
     # ------------------------------------------------------------------ end
@@ -247,7 +269,9 @@ class Trainer:
             parts.append(f"student top-1 {final['top1']:.2f}% (top-5 {final['top5']:.2f}%, best top-1 {best:.2f}%)")
         self.say("")
         self.say(f"[bold green]done[/] {spec.name} in {seconds(wall)}: " + ", ".join(parts)
-                 + f". Run folder: {self.out} (last.pt, best.pt, metrics.jsonl, curves.png, tb/)")
+                 + f". Run folder: {self.out} "
+                 + ("(last.sharded/, best.sharded/, " if self.sharded else "(last.pt, best.pt, ")
+                 + "metrics.jsonl, curves.png, tb/)")
         self.monitor.close()
         return res
 
@@ -262,7 +286,8 @@ def _student_weights(run: StageRun) -> dict[str, torch.Tensor]:
 def _restore(run: StageRun, ck: Checkpoint, env: DistEnv) -> tuple[tuple[int, int], Optional[dict[str, Any]]]:
     """Put the checkpoint's optimizer, schedule, scaler and best accuracy into ``run``; returns where to
     start (epoch, step) and this process's generator states to restore (None: another world size)."""
-    run.opt.load_state_dict(ck.optimizer)
+    if ck.optimizer is not None:  # None: a sharded checkpoint, its optimizer state loaded by the trainer
+        run.opt.load_state_dict(ck.optimizer)
     if run.sched is not None and ck.scheduler is not None:
         run.sched.load_state_dict(ck.scheduler)
     if run.scaler is not None and ck.scaler is not None:

@@ -46,7 +46,9 @@ def build_distiller(spec: Spec, env: DistEnv, stage: int, resume: Optional[Check
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     d = Distiller.from_spec(spec, teacher=teacher, student=student, stage=stage)  # as kdgraph.compile
     d.load_weights()
-    if resume is not None:
+    if resume is not None and spec.runtime.distributed == "fsdp":
+        pass  # loaded after sharding, from the sharded folder (Trainer)
+    elif resume is not None:
         try:
             d.load_state_dict(resume.distiller, strict=True)
         except RuntimeError as e:

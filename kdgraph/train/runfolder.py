@@ -2,6 +2,7 @@
 and every file of the run is written into it (rank 0 only)::
 
     OUT/spec.json       the spec as run               OUT/last.pt, best.pt   checkpoints (:class:`Checkpoint`)
+                                                      (fsdp: OUT/last.sharded/, best.sharded/: sharded ones)
     OUT/results.json    what :func:`kdgraph.train.train` returns   OUT/metrics.jsonl, curves.png, tb/ (monitor)
 """
 from __future__ import annotations
@@ -22,15 +23,19 @@ from .runlock import RunLock, make_folder
 __all__ = ["RunFolder"]
 
 _RUN_FILES = ("last.pt", "best.pt", "results.json", "metrics.jsonl", "curves.png")
+_RUN_FOLDERS = ("tb", "last.sharded", "best.sharded")
+TRAINER_FILE = "trainer.pt"  # in a sharded checkpoint folder: the run's position, schedule, RNG states, history
 
 
 class RunFolder:
     """The files of one run (see the module docstring)."""
 
-    def __init__(self, out: Path, env: DistEnv):
+    def __init__(self, out: Path, env: DistEnv, sharded: bool = False):
         self.out, self.env = Path(out), env
-        self.last_path = self.out / "last.pt"
-        self.best_path = self.out / "best.pt"
+        self.sharded = sharded
+        # runtime.distributed: fsdp: sharded checkpoint folders (sharded_checkpoint), the rest in their trainer.pt
+        self.last_path = self.out / ("last.sharded" if sharded else "last.pt")
+        self.best_path = self.out / ("best.sharded" if sharded else "best.pt")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["RunFolder"]:
@@ -62,7 +67,13 @@ class RunFolder:
         if not exists:
             say(f"[yellow]--resume: no checkpoint in {self.out}; starting from scratch[/]")
             return None
-        ck = Checkpoint.load(self.last_path)
+        if self.sharded:  # verified (every shard's size and sha256) before anything is read
+            from .sharded_checkpoint import verify
+
+            verify(self.last_path)
+            ck = Checkpoint.load(self.last_path / TRAINER_FILE)
+        else:
+            ck = Checkpoint.load(self.last_path)
         names = [s.name for s in spec.stages]
         if ck.spec_name != spec.name or ck.stage_names != names:
             raise CheckpointError(f"{self.last_path} belongs to spec {ck.spec_name!r} with stages {ck.stage_names}, "
@@ -77,8 +88,9 @@ class RunFolder:
     def _clear(self) -> None:
         for name in _RUN_FILES:
             (self.out / name).unlink(missing_ok=True)
-        if (self.out / "tb").is_dir():
-            shutil.rmtree(self.out / "tb")
+        for name in _RUN_FOLDERS:
+            if (self.out / name).is_dir():
+                shutil.rmtree(self.out / name)
 
     def begin(self, spec: Spec) -> None:
         """Create the folder and write ``spec.json`` (rank 0)."""
@@ -90,6 +102,15 @@ class RunFolder:
         except OSError as e:
             raise TrainingError(f"cannot write {self.out / 'spec.json'}: {e.strerror or type(e).__name__}; "
                                 f"check that --out {self.out} is writable and the disk has space") from None
+
+    def save_sharded(self, ck: Checkpoint, model: Any, optimizer: Any, best: bool = False) -> None:
+        """``last.sharded/`` (and ``best.sharded/``): every process writes its shards of ``model`` and ``optimizer``
+        (:func:`~.sharded_checkpoint.save`), rank 0 adds ``ck`` (what is not a shard) as ``trainer.pt``."""
+        from .sharded_checkpoint import save
+
+        for folder in [self.last_path] + ([self.best_path] if best else []):
+            save(folder, model, optimizer, extra={"describe": ck.describe(), "spec_name": ck.spec_name},
+                 write_files=lambda tmp: ck.save(tmp / TRAINER_FILE))
 
     def save(self, ck: Checkpoint, best: bool = False) -> None:
         """``last.pt`` (and ``best.pt``), each written atomically (rank 0)."""

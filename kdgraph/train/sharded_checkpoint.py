@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 from torch import nn
@@ -58,8 +58,11 @@ def _state(model: nn.Module, optimizer: Optional[Any]) -> dict[str, Any]:
 
 
 def save(folder: str | Path, model: nn.Module, optimizer: Optional[Any] = None,
-         extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``model`` (and ``optimizer``) into ``folder``; all processes call it. Returns the folder."""
+         extra: Optional[dict[str, Any]] = None, write_files: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``model`` (and ``optimizer``) into ``folder``; all processes call it. Returns the folder.
+
+    ``write_files(tmp)``: rank 0 writes more files into the folder before the manifest (so they are verified like
+    the shards; ``kdgraph train`` puts its ``trainer.pt`` there)."""
     import torch.distributed.checkpoint as dcp
 
     folder = Path(folder)
@@ -71,6 +74,8 @@ def save(folder: str | Path, model: nn.Module, optimizer: Optional[Any] = None,
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
+        if write_files is not None:
+            write_files(tmp)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": "kdgraph-sharded-checkpoint", "version": 1,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1,

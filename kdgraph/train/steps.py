@@ -355,7 +355,8 @@ class StepLoop:
         task's state, or a non-finite loss / logits when the last batch is run through it again (eval
         mode, so nothing it holds changes). A step's loss is checked only after that step has changed the
         weights, so without this a checkpoint could hold the weights that produce the first NaN."""
-        state = [t for t in run.task.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        state = [getattr(t, "to_local", lambda t=t: t)() for t in run.task.state_dict().values()  # FSDP: own shard
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()]
         ok_state = torch.stack([t.isfinite().all() for t in state]).all() if state else torch.tensor(True)
         ok_forward = torch.tensor(True, device=ok_state.device)
         if run.last_batch is not None:
