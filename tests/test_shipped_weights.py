@@ -79,3 +79,16 @@ def test_a_changed_byte_or_a_missing_sum_is_refused(shipped_folder):
     with pytest.raises(ModelError, match="expected an entry"):
         kdgraph.compile(SPEC).load_weights()
 
+
+
+def test_the_shipped_fashion_mnist_teacher_matches_its_sum_and_its_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDGRAPH_CACHE", str(tmp_path))  # an empty cache: only the shipped file can serve
+    monkeypatch.delenv(weights.SHIPPED_ENV, raising=False)
+    sums = (shipped_dir() / "SHA256SUMS").read_text().split()
+    assert "fashion_mnist_resnet34_w16-33e6381e.safetensors" in sums
+    spec = kdgraph.load_spec(ROOT / "specs/fashion_mnist/kd.yaml")
+    assert resolve(spec, "teacher", require=False) is None
+    assert Path(spec.teacher.weights).parent == shipped_dir()
+    teacher = kdgraph.models.build_model(spec.teacher, "teacher")
+    assert kdgraph.weights.load_weights(teacher, spec.teacher, "teacher")
+    assert sum(p.numel() for p in teacher.parameters()) > 1_000_000
