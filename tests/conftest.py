@@ -1,6 +1,8 @@
-"""Shared fixtures: small inputs, random-init torchvision models, specs at 64x64."""
+"""Shared fixtures: small inputs, random-init torchvision models, specs at 64x64; under pytest-xdist, each worker's
+torch threads (the cores shared out between the workers)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import kdgraph
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` (pytest-xdist), each of the N workers gets ``cores // N`` torch threads (at least 1)
+    instead of every worker using every core; subprocesses inherit it through OMP_NUM_THREADS unless a test
+    sets its own. Multi-process tests stay safe in parallel: torchrun runs ``--standalone`` (a free port of
+    its own), Lightning picks a free port, and every run folder and cache is a test's own ``tmp_path``."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def small_spec(name: str, size: int = 64):

@@ -161,3 +161,25 @@ def test_every_shipped_suite_validates_and_names_existing_specs() -> None:
         loaded = load_suite(path)
         for entry in loaded.suite.entries:
             loaded.load_entry(entry, seed=0)  # overrides apply, the spec validates
+
+
+def test_the_chart_title_wraps_or_shrinks_to_fit_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdgraph.bench.report import _fit_title
+
+    long = "Fashion-MNIST, ResNet-34-shaped teacher -> ResNet-18-shaped student (width 16), 5,000 labelled images"
+    for title, wrapped in ((long, True), ("x" * 200, True), ("KD", False)):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.bar([0, 1], [1, 2])
+        text = _fit_title(fig, title)
+        fig.tight_layout()
+        fig.canvas.draw()
+        box, page = text.get_window_extent(), fig.get_window_extent()
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (title[:20], box, page)
+        assert ("\n" in text.get_text()) == wrapped and "".join(text.get_text().split()) == "".join(title.split())
+        assert (text.get_fontsize() < 10) == (title == "x" * 200)
+        plt.close(fig)

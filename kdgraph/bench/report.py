@@ -228,7 +228,7 @@ def write_chart(res: BenchResults, png: Path, svg: Path) -> bool:
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("student top-1 (%)")
-    ax.set_title(res.title, fontsize=10)
+    _fit_title(fig, res.title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     for path in (png, svg):
@@ -237,6 +237,28 @@ def write_chart(res: BenchResults, png: Path, svg: Path) -> bool:
         tmp.replace(path)
     plt.close(fig)
     return True
+
+
+def _fit_title(fig: Any, title: str, fontsize: float = 10.0) -> Any:
+    """The figure's title, centred on the figure and wrapped onto as many lines as it needs to fit its width
+    (measured as rendered); a word wider than the figure gets a smaller font (down to 7 pt), then is broken."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    limit = fig.get_window_extent(renderer).width * 0.96
+    text = fig.suptitle(title, fontsize=fontsize)
+
+    def too_wide() -> bool:
+        return text.get_window_extent(renderer).width > limit
+
+    for breaking in (False, True):
+        width = max(1, len(title))
+        while too_wide() and width > 1:
+            width = int(width * 0.9)
+            text.set_text("\n".join(textwrap.wrap(title, width, break_long_words=breaking)))
+        while not breaking and too_wide() and text.get_fontsize() > 7:
+            text.set_fontsize(text.get_fontsize() - 0.5)
+    return text
 
 
 def _atomic_text(path: Path, text: str) -> None:

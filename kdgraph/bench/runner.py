@@ -182,12 +182,13 @@ def _train_one(spec_data: dict, out: str, data: Optional[str], device: Optional[
 def _teacher_key(run: PlannedRun) -> Optional[str]:
     """The cached network a run would train first (None when it needs none)."""
     from ..train.pretrain import weights_path
+    from ..weights import shipped
 
     for role in ("teacher", "student"):
         ref = getattr(run.spec, role)
         if ref.pretrain is not None:
             path = weights_path(ref, run.spec, role)
-            if path is not None and not path.exists():
+            if path is not None and not path.exists() and shipped(path, role) is None:
                 return str(path)
     return None
 

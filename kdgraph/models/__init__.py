@@ -7,7 +7,7 @@
 (verified reading and writing), and :mod:`~kdgraph.models.trust` (consent to import code a spec names).
 Below the capture: nothing here knows how a network is traced.
 """
-from .build import REGISTERED_MODELS, build_model, register_model
+from .build import REGISTERED_MODELS, build_model, check_fits_in_memory, register_model
 from .weights import load_weights
 
-__all__ = ["build_model", "register_model", "REGISTERED_MODELS", "load_weights"]
+__all__ = ["build_model", "check_fits_in_memory", "register_model", "REGISTERED_MODELS", "load_weights"]

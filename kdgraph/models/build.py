@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+import os
+import sys
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -87,14 +89,94 @@ def _refuse(field: str, path: str, module: str) -> ConsentError:
         f"with kdgraph.register_model). Nothing was imported or called. {how_to_allow(module)}")
 
 
+def _available_memory() -> Optional[int]:
+    """Bytes of memory available to allocate now (Linux MemAvailable, else free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+_CHECK_ABOVE = 4096
+
+
+def _largest_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return max((_largest_int(v) for v in value), default=0)
+    return 0
+
+
+def check_fits_in_memory(ref: ModelRef, role: str = "model", available: Optional[int] = None) -> None:
+    """Refuse a network whose parameters and buffers alone cannot fit in the memory available, before any
+    of it is allocated: it is built once on the ``meta`` device (shapes, no storage) to count them, its
+    modules imported first (outside ``meta``, so no module-level tensor lands there). Not checked: a factory
+    that cannot run on ``meta`` (one that reads tensor values while building) and ``hf:`` models
+    (transformers imports its modelling code lazily). Only kwargs holding a number above
+    ``_CHECK_ABOVE`` are checked: a meta build costs about a third of a real one, and the networks kdgraph
+    builds by name at their own sizes fit in a few GB; a width or class count gone wrong does not."""
+    import torch
+
+    package = ref.model.partition(":")[0]
+    if package == "hf" or _largest_int(ref.kwargs) <= _CHECK_ABOVE:
+        return
+    try:
+        if package in ("torchvision", "timm"):
+            importlib.import_module(package)
+        elif package not in ("kdgraph.zoo", "registered"):
+            if not is_allowed(package):
+                return  # refused by the build, which says why
+            importlib.import_module(package)
+        with torch.device("meta"):
+            meta = _build(ref, role)
+        tensors = list(meta.parameters()) + list(meta.buffers())
+        need = sum(t.numel() * t.element_size() for t in tensors)
+        count = sum(t.numel() for t in meta.parameters())
+    except Exception:  # noqa: BLE001 - not buildable on meta: the real build reports its own errors
+        return
+    available = _available_memory() if available is None else available
+    if available is None or need <= available:
+        return
+    ints = {k: v for k, v in ref.kwargs.items() if isinstance(v, int) and not isinstance(v, bool)}
+    culprit = max(ints, key=lambda k: ints[k]) if ints else None
+    hint = (f" The largest number among them is {role}.kwargs.{culprit} = {ints[culprit]:,}; check it." if culprit
+            else "")
+    raise ModelError(f"{role}.kwargs: {ref.model} with kwargs {ref.kwargs} would have {count:,} parameters: "
+                     f"{_gb(need)} for its parameters and buffers alone (training needs several times that), but "
+                     f"this machine has {_gb(available)} of memory available, so it was not built.{hint} "
+                     f"Use smaller kwargs or a machine with more memory.")
+
+
 def build_model(ref: ModelRef, role: str = "model") -> nn.Module:
-    """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised.
+    """Instantiate the network a :class:`~kdgraph.spec.ModelRef` names, randomly initialised, after checking
+    that its parameters fit in memory (:func:`check_fits_in_memory`).
 
     ``torchvision:NAME``, ``timm:NAME`` (when timm is installed), ``hf:CLASS`` (when transformers is
     installed, :mod:`kdgraph.models.hf_support`), ``kdgraph.zoo:NAME`` and ``registered:NAME``
     always; ``package.module:factory``
     only with the user's consent (:mod:`kdgraph.models.trust`), checked before anything is imported.
     """
+    check_fits_in_memory(ref, role)
+    return _build(ref, role)
+
+
+def _build(ref: ModelRef, role: str) -> nn.Module:
     package, _, name = ref.model.partition(":")
     if package == "torchvision":
         import torchvision

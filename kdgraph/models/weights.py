@@ -11,6 +11,10 @@
   without one it is ``NAME.pt``. A ``weights`` path with a ``pretrain`` section is that exact path. Making a
   missing entry is the trainer's job (``kdgraph train SPEC`` pretrains it first, see
   :mod:`kdgraph.train.pretrain`); here a missing entry is a clear error saying so.
+* Shipped entries (:func:`shipped`): a pretrain target missing from the cache is taken from the package's
+  ``kdgraph/models/pretrained/NAME-<key>.safetensors`` when there is one (the same key, so only the exact recipe
+  matches), after checking the file's sha256 against ``kdgraph/models/pretrained/SHA256SUMS``; a mismatch is an
+  error, never a silent retrain. ``KDGRAPH_SHIPPED_WEIGHTS=0`` ignores them (to retrain from scratch).
 * :func:`load_weights` loads what ``ModelRef.weights`` names into a network (strict), files verified against
   their content hash (:mod:`kdgraph.models.weightio`).
 """
@@ -32,7 +36,7 @@ from ..spec.recipe import KEYLESS_DEFAULTS
 from .weightio import CHECKPOINT_MARK, load_file
 
 __all__ = ["CACHE_PREFIX", "cache_dir", "pretrain_key", "weights_path", "resolve", "state_dict_of",
-           "unwrap_module", "is_checkpoint", "load_weights"]
+           "unwrap_module", "is_checkpoint", "load_weights", "shipped", "shipped_dir", "SHIPPED_ENV"]
 
 CACHE_PREFIX = "cache:"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
@@ -160,16 +164,58 @@ def weights_path(ref: ModelRef, spec: Spec, role: str) -> Optional[Path]:
     return None
 
 
+SHIPPED_ENV = "KDGRAPH_SHIPPED_WEIGHTS"
+_SUMS = "SHA256SUMS"
+
+
+def shipped_dir() -> Path:
+    """The package's folder of trained networks shipped with kdgraph (``kdgraph/models/pretrained``)."""
+    from importlib.resources import files
+
+    return Path(str(files("kdgraph.models"))) / "pretrained"
+
+
+def shipped(path: Path, role: str = "teacher") -> Optional[Path]:
+    """The shipped file standing in for the missing cache entry ``path`` (``NAME-<key>.pt``), its whole-file
+    sha256 checked against ``SHA256SUMS``; None when none is shipped (or ``KDGRAPH_SHIPPED_WEIGHTS=0``)."""
+    if os.environ.get(SHIPPED_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    folder = shipped_dir()
+    candidate = folder / f"{path.stem}.safetensors"
+    if not candidate.is_file():
+        return None
+    sums = {}
+    try:
+        for line in (folder / _SUMS).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                sums[parts[1].lstrip("*")] = parts[0]
+    except OSError:
+        pass
+    expected = sums.get(candidate.name)
+    actual = hashlib.sha256(candidate.read_bytes()).hexdigest()
+    if expected != actual:
+        raise ModelError(f"{role}.weights: the shipped file {str(candidate)!r} does not match its sha256 in "
+                         f"{folder / _SUMS} (expected {expected or 'an entry'}, found {actual}); it was not used. "
+                         f"Restore it (git checkout), or set {SHIPPED_ENV}=0 to train the {role} from scratch.")
+    return candidate
+
+
 def resolve(spec: Spec, role: str, require: bool = True) -> Optional[Path]:
     """Point ``spec.<role>.weights`` at the concrete file. Returns the file when it is to be made by
     pretraining and does not exist yet (``require=False``, the trainer's call); raises when a plain
-    ``cache:`` entry is missing, or (``require=True``) when a pretrain target has not been made yet."""
+    ``cache:`` entry is missing, or (``require=True``) when a pretrain target has not been made yet.
+    A missing pretrain target that kdgraph ships (:func:`shipped`) resolves to the shipped file."""
     ref: ModelRef = getattr(spec, role)
     path = weights_path(ref, spec, role)
     if path is None:
         return None
     if path.exists():
         ref.weights = str(path)
+        return None
+    ship = shipped(path, role) if ref.pretrain is not None else None
+    if ship is not None:
+        ref.weights = str(ship)
         return None
     if ref.pretrain is None:
         raise ModelError(f"{role}.weights: {ref.weights!r} is not in kdgraph's cache ({path} does not exist). Put "
