@@ -91,3 +91,12 @@ def sgd_steps_change_only_trained(d, images, targets, steps: int = 2, lr: float 
             for name, v in now.items():
                 assert torch.equal(v, before[k][name]), f"{k}: {name} changed in stage {d.stage!r}"
     return terms
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count gives it back: a later test in the same worker (an in-process run
+    compared bit for bit with a subprocess run, say) must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -31,7 +31,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     spec["stages"][0].update(scheduler={"type": "cosine", "interval": "step", "warmup_steps": 10, "warmup_lr": 0.001,
                                         "min_lr": 0.001}, clip_grad={"max_norm": 1.0}, ema={"decay": 0.9})
     path = write_spec(tmp_path / "resume.yaml", spec)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the killed run (a subprocess) and the two in-process runs must use the same number of threads to agree bit for bit
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdgraph", "train", str(path), "--out", str(out), "--device", "cpu",
                              "--ckpt-every", "3", "--no-progress"], cwd=tmp_path, env=env,
