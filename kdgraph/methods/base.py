@@ -136,3 +136,11 @@ class Batch:
     images: torch.Tensor
     targets: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_reduction(reduction: str) -> str:
+    """A loss's ``reduction`` argument, checked: 'mean' or 'sum' (a ValueError otherwise, for direct Python use;
+    a spec's args are checked by the loss's ``Args`` schema first)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return reduction

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from .registry import register_loss
 from .args import MethodArgs, NonNegative
-from .base import DistillLoss
+from .base import DistillLoss, check_reduction
 
 
 class DABArgs(MethodArgs):
@@ -50,8 +50,7 @@ class AltActTransferLoss(DistillLoss):
 
     def __init__(self, margin: float = 1.0, reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.margin, self.reduction = float(margin), reduction
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

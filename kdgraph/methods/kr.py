@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from ..errors import ShapeError
 from .registry import register_adapter, register_loss
 from .args import Channels, Flag, MethodArgs, PosInt
-from .base import Adapter, DistillLoss, Shape, _fmt, channels, require_arg
+from .base import Adapter, DistillLoss, Shape, _fmt, channels, require_arg, check_reduction
 
 
 class ABFArgs(MethodArgs):
@@ -194,8 +194,7 @@ class HierarchicalContextLoss(DistillLoss):
 
     def __init__(self, output_sizes: Sequence[int] = (4, 2, 1), reduction: Literal["mean", "sum"] = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         if any(int(k) < 1 for k in output_sizes):
             raise ValueError(f"output_sizes must be positive pooled sizes, got {list(output_sizes)}")
         self.output_sizes = tuple(int(k) for k in output_sizes)

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from .registry import register_loss
 from .args import MethodArgs, PosInt
-from .base import DistillLoss
+from .base import DistillLoss, check_reduction
 
 
 class KTAArgs(MethodArgs):
@@ -66,8 +66,7 @@ class KTALoss(DistillLoss):
 
     def __init__(self, p: int = 1, q: int = 2, reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.p, self.q, self.reduction = int(p), int(q), reduction
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -90,8 +89,7 @@ class AffinityLoss(DistillLoss):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.reduction = reduction
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

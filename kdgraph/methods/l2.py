@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from .registry import register_loss
 from .args import MethodArgs
-from .base import DistillLoss
+from .base import DistillLoss, check_reduction
 
 
 class MSEArgs(MethodArgs):
@@ -39,8 +39,7 @@ class MSELoss(DistillLoss):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.reduction = reduction
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import ShapeError
 from .registry import register_adapter, register_loss
 from .args import Features, MethodArgs, NonNegative
-from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg
+from .base import Adapter, DistillLoss, Shape, _fmt, flat_features, require_arg, check_reduction
 
 
 class PADVarianceArgs(MethodArgs):
@@ -103,8 +103,7 @@ class PADL2Loss(DistillLoss):
 
     def __init__(self, eps: float = 1e-6, reduction: Literal["mean", "sum"] = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.eps = float(eps)

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from ..errors import ShapeError
 from .registry import register_loss
 from .args import MethodArgs, NonNegative
-from .base import DistillLoss, Shape, _fmt
+from .base import DistillLoss, Shape, _fmt, check_reduction
 
 
 class RKDArgs(MethodArgs):
@@ -64,8 +64,7 @@ class RKDLoss(DistillLoss):
 
     def __init__(self, dist_factor: float = 1.0, angle_factor: float = 2.0, reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.dist_factor, self.angle_factor, self.reduction = float(dist_factor), float(angle_factor), reduction
 
     @classmethod
