@@ -203,11 +203,14 @@ class Prepared:
                     if t.source == "adapter" and t.path not in self.spec.adapters:
                         raise SpecError(f"{where}: {t.text!r} names no declared adapter")
                 shapes = {k: self.tap_shape(t) for k, t in taps.items()}
-                check = getattr(cls, "check_shapes", None)
-                if check is not None:
-                    check(shapes, bound, where)
                 raw, scheduled = self._split_schedules(dict(ls.args), ("stages", si, "losses", li, "args"))
                 args = check_args(cls, raw, ("stages", si, "losses", li), self.spec, f"loss {ls.name!r} ({ls.type})")
+                check = getattr(cls, "check_shapes", None)
+                if check is not None:  # a check that takes ``args`` sees the spec's validated arguments
+                    if "args" in inspect.signature(check).parameters:
+                        check(shapes, bound, where, args=args)
+                    else:
+                        check(shapes, bound, where)
                 for key in getattr(cls, "module_args", ()):
                     if isinstance(args.get(key), str):
                         args[key] = self._network_module(args[key], self.spec.where("stages", si, "losses", li,

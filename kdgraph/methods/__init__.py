@@ -24,6 +24,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     from . import dist_plus, ickd, kd_logit_std, pkt, rkd, skd, spkd, srd
     from . import cckd, connector, dab, fsp, ktaad, vid
     from . import ctkd, dkd, kdsvd, mlkd, nkd, nst, ofd, ttm, wttm
+    from . import token_kl
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -60,6 +61,7 @@ def builtin_methods() -> dict[str, ModuleType]:
         "ctkd": ctkd,  # ctkd: curriculum temperature (learnable T behind gradient reversal) for kd / dkd
         "mlkd": mlkd,  # mlkd + mlkd_views: multi-level logit distillation on a weak and a strong view
         "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
+        "token_kl": token_kl,  # token_kl: forward KL per token of a causal LM (masked, globally normalised)
     }
 
 
