@@ -18,7 +18,8 @@ EXPECTED = {
              "sskd_kd", "sskd_ss", "sskd_tf",
              "kd_logit_std", "dist_plus", "skd_instance", "skd_direction", "srd", "ickd", "pkt", "rkd", "spkd"}
     | {"fsp", "dab", "vid", "cckd", "kta", "affinity", "regularization"}  # issue 21 (td_b)
-    | {"dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "mlkd"},  # issue 22
+    | {"dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "mlkd"}  # issue 22
+    | {"token_kl"},  # issue 25
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
                 "srd_projector", "ickd_embed"}
     | {"connector", "vid_regressor"}  # issue 21 (td_b)
