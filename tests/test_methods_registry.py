@@ -60,4 +60,4 @@ def test_methods_load_on_first_lookup_not_on_import():
     assert out.returncode == 0, out.stderr
     before, after = json.loads(out.stdout)
     assert before == ["kdgraph.methods.base", "kdgraph.methods.registry"]  # what kdgraph re-exports, no method
-    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args", "registry"]}
+    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args", "registry", "token_base"]}
