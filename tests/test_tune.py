@@ -81,6 +81,10 @@ def _study(out: Path, name: str = "tiny_fm"):
     ("stages.main.optimizer.lr: {type: float, low: 0, high: 0.1, log: true}", "a log range must lie above 0"),
     ("stages.main.epochs: {type: int, low: 0, high: 3}", "refused by the spec"),
     ("stages.main.optimizer.type: {type: categorical, choices: []}", "non-empty list of choices"),
+    ("stages.main.losses.kd.weight: {type: float, low: 0.1, high: 1, also: [stages.main.losses.ce.weigth]}",
+     "(also: 'stages.main.losses.ce.weigth')"),
+    ("stages.main.losses.kd.weight: {type: float, low: 0.1, high: 1, also: [stages.main.losses.kd.weight]}",
+     "is searched twice"),
 ])
 def test_space_errors_name_the_parameter(tmp_path: Path, param: str, message: str) -> None:
     spec, _ = _files(tmp_path)
@@ -261,6 +265,24 @@ def test_fixed_overrides_validation_default(tmp_path: Path) -> None:
     spec, _ = _files(tmp_path)
     space, _ = load_space({"params": {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}})
     assert fixed_overrides(load_spec(spec), space)[0] == 'data.holdout={"fraction": 0.1, "seed": 0}'
+
+
+def test_tied_paths_take_the_drawn_value(tmp_path: Path) -> None:
+    """``also``: one searched dimension sets several paths (AT's two layers share a weight)."""
+    from kdgraph.tune.space import Param
+
+    p = Param(type="float", low=0.1, high=1.0, also=["stages.main.losses.ce.weight"])
+    trial = optuna.trial.FixedTrial({"stages.main.losses.kd.weight": 0.25})
+    value = p.suggest(trial, "stages.main.losses.kd.weight")
+    assert p.paths("stages.main.losses.kd.weight") == ["stages.main.losses.kd.weight", "stages.main.losses.ce.weight"]
+    spec, _ = _files(tmp_path)
+    space, _ = load_space({"params": {"stages.main.losses.kd.weight": p.model_dump()}})
+    check_space(space, load_spec(spec))
+    from kdgraph.spec.overrides import apply_overrides
+    from kdgraph.tune.space import override_for
+
+    tuned = apply_overrides(load_spec(spec), [override_for(q, value) for q in p.paths("stages.main.losses.kd.weight")])
+    assert [ls.weight for ls in tuned.stages[0].losses] == [0.25, 0.25]
 
 
 def test_shipped_spaces_fit_their_specs() -> None:

@@ -50,6 +50,9 @@ class Param(_Strict):
     step: Optional[float] = Field(None, gt=0, description="float/int: a grid step (not with log)")
     choices: Optional[list[Scalar]] = Field(None, description="categorical: the values (numbers, strings, "
                                                               "booleans, null)")
+    also: list[str] = Field(default_factory=list, description="more override paths set to the same drawn value "
+                                                               "(one searched dimension for tied weights, e.g. "
+                                                               "AT's two layers)")
 
     @model_validator(mode="after")
     def _range(self) -> "Param":
@@ -84,6 +87,10 @@ class Param(_Strict):
         if self.type == "int":
             return [int(self.low), int(self.high)]  # type: ignore[arg-type]
         return [float(self.low), float(self.high)]  # type: ignore[arg-type]
+
+    def paths(self, path: str) -> list[str]:
+        """The path this parameter is keyed by, then the paths that take the same value (``also``)."""
+        return [path, *self.also]
 
     def suggest(self, trial: Any, name: str) -> Any:
         """Draw this parameter for an Optuna trial."""
@@ -221,18 +228,28 @@ def check_space(space: Space, spec: Spec, origin: str = "<space>") -> None:
     from ..methods.args import check_args
 
     data = spec.model_dump(mode="json")
-    for path, param in space.params.items():
-        where = f"{origin}: params.{path!r}"
-        if not path or any(not k for k in path.split(".")):
-            raise SpecError(f"{where}: an override path is dotted keys such as stages.main.optimizer.lr")
-        _check_exists(data, path, where)
-        owner = _owner_args(data, path.split("."))
-        for value in param.ends():
-            try:
-                apply_overrides(spec, [override_for(path, value)], label="value")
-                if owner is not None:
-                    cls, args, what = owner
-                    check_args(cls, {**args, path.split(".")[-1]: value}, (), what=what)
-            except SpecError as e:
-                raise SpecError(f"{where}: the value {value!r} (an end of the range) is refused by the spec: {e}") \
-                    from None
+    seen: dict[str, str] = {}
+    for key, param in space.params.items():
+        for path in param.paths(key):
+            where = f"{origin}: params.{key!r}" + (f" (also: {path!r})" if path != key else "")
+            if path in seen:
+                raise SpecError(f"{where}: the path {path!r} is searched twice (also by params.{seen[path]!r}); "
+                                f"each override path takes one value per trial")
+            seen[path] = key
+            _check_path(spec, data, path, param, where, check_args)
+
+
+def _check_path(spec: Spec, data: dict, path: str, param: Param, where: str, check_args: Any) -> None:
+    if not path or any(not k for k in path.split(".")):
+        raise SpecError(f"{where}: an override path is dotted keys such as stages.main.optimizer.lr")
+    _check_exists(data, path, where)
+    owner = _owner_args(data, path.split("."))
+    for value in param.ends():
+        try:
+            apply_overrides(spec, [override_for(path, value)], label="value")
+            if owner is not None:
+                cls, args, what = owner
+                check_args(cls, {**args, path.split(".")[-1]: value}, (), what=what)
+        except SpecError as e:
+            raise SpecError(f"{where}: the value {value!r} (an end of the range) is refused by the spec: {e}") \
+                from None

@@ -54,7 +54,7 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
     t0 = time.perf_counter() - claim_s
     space = Space.model_validate(ctx.space)
     params = {path: p.suggest(trial, path) for path, p in space.params.items()}
-    sets = [override_for(path, v) for path, v in params.items()]
+    sets = [override_for(p, v) for path, v in params.items() for p in space.params[path].paths(path)]
     trial.set_user_attr(SET_ATTR, sets)
     folder = Path(ctx.out) / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("out", str(folder))
