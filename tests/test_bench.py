@@ -97,6 +97,21 @@ def test_changed_spec_is_run_again(tmp_path: Path) -> None:
     assert json.loads((out / "base/seed0/spec.json").read_text())["stages"][0]["epochs"] == 2
 
 
+def test_a_run_saved_before_a_schema_field_existed_is_reused(tmp_path: Path) -> None:
+    """A spec.json written before the schema gained a defaulted field still names this spec; another value does not."""
+    suite = _write_suite(tmp_path, "  - {label: base, spec: base.yaml}\n")
+    out = tmp_path / "out"
+    bench(suite, out=out, seeds=1, device="cpu", progress=False)
+    saved_path = out / "base/seed0/spec.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["data"]["drop_last"], saved["runtime"]["distributed"]  # as written before those fields existed
+    saved_path.write_text(json.dumps(saved))
+    assert bench(suite, out=out, seeds=1, device="cpu", progress=False).row("base").runs[0]["reused"]
+    saved["stages"][0]["epochs"] += 1
+    saved_path.write_text(json.dumps(saved))
+    assert not bench(suite, out=out, seeds=1, device="cpu", progress=False).row("base").runs[0]["reused"]
+
+
 def test_broken_entry_is_reported_and_the_rest_runs(tmp_path: Path) -> None:
     entries = ENTRIES + ("  - {label: diverges, spec: kd.yaml, set: ['stages.main.optimizer.lr=1.0e+30']}\n"
                          "  - {label: badspec, spec: kd.yaml, set: ['stages.main.losses.kd.inputs.student=student:nope']}\n")

@@ -109,9 +109,21 @@ def finished_result(run: PlannedRun) -> Optional[dict[str, Any]]:
         saved = json.loads(spec_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if saved != _spec_json(run.spec) or (res.get("student") or {}).get("top1") is None:
+    if (res.get("student") or {}).get("top1") is None or not _same_spec(saved, run.spec):
         return None
     return res
+
+
+def _same_spec(saved: Any, spec: Spec) -> bool:
+    """The saved spec is this spec: equal as saved, or equal once read by today's schema (a run saved before a field
+    was added to the schema has no value for it; the field's default, which keeps the earlier behaviour, fills in)."""
+    current = _spec_json(spec)
+    if saved == current:
+        return True
+    try:
+        return _spec_json(Spec.model_validate(saved)) == current
+    except Exception:  # a spec today's schema refuses is not this spec
+        return False
 
 
 def spec_changed(run: PlannedRun) -> bool:
