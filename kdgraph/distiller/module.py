@@ -25,6 +25,7 @@ from torch import nn
 
 from ..capture import TracedNetwork, capture_for_spec
 from ..compiler import Prepared, StageReport, build_stage, with_tap_outputs
+from ..compiler.vocabulary import check_vocabularies
 from ..compiler.passes.teacher_dtype import autocast_state_kept
 from ..errors import KDGraphError, ModelError
 from ..models import build_model
@@ -63,6 +64,7 @@ class Distiller(nn.Module):
                              f"modules (the teacher is frozen, the student trains)")
         self.spec = spec
         t0 = time.perf_counter()
+        check_vocabularies(spec, teacher, student)  # token losses: one tokenizer (before the slow captures)
         tnet = capture_for_spec(spec, "teacher", teacher)
         snet = capture_for_spec(spec, "student", student)
         c, (h, w) = spec.input.channels, spec.input.size

@@ -56,6 +56,7 @@ class TokenLoss(DistillLoss):
                       "num_tokens": "batch:num_tokens"}
     batch_only_inputs = ("labels", "num_tokens")
     optional_batch_inputs = ("num_tokens",)  # without it: the micro-batch's own count
+    same_vocabulary = True  # both networks must share a tokenizer (kdgraph.compiler.vocabulary checks it)
     Args: ClassVar = TokenLossArgs
 
     def __init__(self, temperature: float = 1.0, vocab_size: Optional[int] = None, shift: bool = True):

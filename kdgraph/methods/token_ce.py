@@ -31,6 +31,7 @@ class TokenCE(TokenLoss):
     inputs = ("student", "labels", "num_tokens")
     default_inputs = {"student": "student:@output", "labels": "batch:targets", "num_tokens": "batch:num_tokens"}
     task_term = True
+    same_vocabulary = False  # reads the student alone
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels aligned with :meth:`token_mask` (shifted when ``shift``)."""
