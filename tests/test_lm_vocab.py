@@ -80,6 +80,7 @@ def test_cli_compiles_the_tiny_llama_spec_and_refuses_a_tokenizer_mismatch(tmp_p
     assert r.exit_code == 0, r.output
     stage = json.loads(r.output)["stages"][0]
     assert {t["tap"] for t in stage["taps"]} >= {"student:lm_head", "teacher:lm_head", "batch:num_tokens"}
+    assert stage["optional_batch_inputs"] == ["num_tokens"] and stage["batch_inputs"] == []
     raw = yaml.safe_load(SPEC.read_text())
     raw["teacher"]["tokenizer"] = _tokenizer(tmp_path / "t", ["a", "b"])
     raw["student"]["tokenizer"] = _tokenizer(tmp_path / "s", ["b", "a"])
