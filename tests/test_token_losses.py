@@ -168,6 +168,11 @@ def test_token_ce_is_shifted_cross_entropy_and_a_task_term():
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(torch.autograd.grad(ours, s)[0], torch.autograd.grad(ref, s)[0])
     assert TokenCE.task_term and not TokenKL.task_term
+    s16 = s.detach().bfloat16().requires_grad_(True)  # bf16 logits: computed in fp32, the gradient back in bf16
+    ce16 = TokenCE()(s16, labels)
+    ref16 = F.cross_entropy(s16.float()[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(ce16, ref16, rtol=1e-5, atol=1e-7)
+    assert torch.autograd.grad(ce16, s16)[0].dtype == torch.bfloat16
     n = (labels[:, 1:] != -100).sum()
     halves = sum(TokenCE()(s[i:i + 2], labels[i:i + 2], n) for i in (0, 2))  # two micro-batches of 2 rows
     torch.testing.assert_close(halves, ours)

@@ -173,7 +173,8 @@ class Distiller(nn.Module):
     def count_tokens(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """How many tokens of a batch with ``labels`` the current stage's losses that read ``batch:num_tokens``
         score (None: no loss reads it). Sum it over an optimizer step's micro-batches (and ranks) to get the
-        step's count; pass ``num_tokens = count / (micro_batches * ranks)`` with each micro-batch (docs/lm.md)."""
+        step's count; pass ``num_tokens = count / (micro_batches * ranks)`` with each micro-batch
+        (docs/lm_losses.md)."""
         counts = {}
         for name, text_by_input in ((n, self._prep.loss_inputs[(self.stage, n)]) for n in self.losses[self.stage]):
             if "batch:num_tokens" in text_by_input.values():

@@ -15,6 +15,9 @@ A causal LM's logits at position ``i`` predict the token at ``i + 1``. Every tok
    the kept-token count of the whole optimizer step, over micro-batches and ranks, divided by the number of
    micro-batches x ranks the runtime averages over), the sum is divided by that instead, so the loss and its
    gradients are the same whatever the micro-batch split, the gradient accumulation or the number of ranks.
+   ``num_tokens`` is bound to ``batch:num_tokens`` by default and is an optional batch input: kdgraph's trainer
+   fills it every optimizer step (:mod:`kdgraph.train.token_count`); a custom loop may pass it
+   (``Distiller.count_tokens``, docs/lm_losses.md) or leave it out.
 
 Subclasses implement :meth:`per_token` only; the compiler's chunked vocabulary pass calls :meth:`token_mask`,
 :meth:`per_token` and :meth:`normalise` on chunks of tokens, so a subclass must not override :meth:`forward`.
