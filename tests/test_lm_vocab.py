@@ -82,10 +82,12 @@ def test_cli_compiles_the_tiny_llama_spec_and_refuses_a_tokenizer_mismatch(tmp_p
     assert {t["tap"] for t in stage["taps"]} >= {"student:lm_head", "teacher:lm_head", "batch:num_tokens"}
     assert stage["optional_batch_inputs"] == ["num_tokens"] and stage["batch_inputs"] == []
     raw = yaml.safe_load(SPEC.read_text())
-    raw["teacher"]["tokenizer"] = _tokenizer(tmp_path / "t", ["a", "b"])
-    raw["student"]["tokenizer"] = _tokenizer(tmp_path / "s", ["b", "a"])
+    _tokenizer(tmp_path / "t", ["a", "b"])
+    _tokenizer(tmp_path / "s", ["b", "a"])
+    raw["teacher"]["tokenizer"], raw["student"]["tokenizer"] = "./t", "./s"  # relative to the spec file
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(main, ["compile", str(tmp_path / "bad.yaml")])
     assert r.exit_code == 2, r.output
     assert "one tokenizer" in r.output and "id 1 is 'a' for the teacher and 'b' for the student" in r.output
     assert "Traceback" not in r.output
+    assert str(tmp_path / "t") in r.output
