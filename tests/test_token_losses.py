@@ -190,3 +190,24 @@ def test_padded_vocabulary_gives_the_unpadded_loss(cls):
     torch.testing.assert_close(padded, plain)
     g = torch.autograd.grad(padded, s)[0]
     torch.testing.assert_close(g, torch.autograd.grad(plain, s)[0])
+
+
+def test_arguments_are_described_and_checked():
+    """Every argument of every token loss has a description; out-of-range values are refused by the schema (a
+    spec's args) or the constructor (Python)."""
+    from pydantic import ValidationError
+
+    for cls in (TokenCE, TokenKL, TokenRKL, TokenJSD, TokenTVD, TokenSkewKL):
+        fields = cls.Args.model_fields
+        assert {"temperature", "vocab_size", "shift"} <= set(fields)
+        assert all(f.description for f in fields.values()), cls
+        with pytest.raises(ValidationError):
+            cls.Args(temperature=0)
+    with pytest.raises(ValidationError):
+        TokenJSD.Args(beta=1.5)
+    with pytest.raises(ValidationError):
+        TokenSkewKL.Args(alpha=-0.1)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
+        TokenSkewKL(alpha=1.0)
+    with pytest.raises(ValueError, match="authors_value concerns the skew forward KL only"):
+        TokenSkewKL(reverse=True, authors_value=True)
