@@ -19,7 +19,8 @@ EXPECTED = {
              "kd_logit_std", "dist_plus", "skd_instance", "skd_direction", "srd", "ickd", "pkt", "rkd", "spkd"}
     | {"fsp", "dab", "vid", "cckd", "kta", "affinity", "regularization"}  # issue 21 (td_b)
     | {"dkd", "nkd", "ttm", "wttm", "nst", "kdsvd", "ofd", "mlkd"}  # issue 22
-    | {"token_kl"},  # issue 25
+    | {"token_kl"}  # issue 25
+    | {"token_rkl", "token_jsd", "token_tvd", "token_skew_kl", "token_ce"},  # issue 25 (lm_loss)
     "adapter": {"ft_encoder", "ft_decoder", "ft_translator", "abf", "crd_head", "pad_variance", "sskd_head",
                 "srd_projector", "ickd_embed"}
     | {"connector", "vid_regressor"}  # issue 21 (td_b)

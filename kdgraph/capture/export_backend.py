@@ -16,7 +16,9 @@ rewrites the exported graph into a plain :class:`torch.fx.GraphModule` over the 
 * a device the capture baked into an op (``arange(..., device=cpu)``) becomes the input's device, and
   ``_assert_tensor_metadata`` checks are dropped, so a distiller moved with ``.to()`` after compiling still runs;
   a small constant tensor the forward creates is rebuilt in the graph;
-* the output is the network's tensor output, or the ``logits`` of a dict / Hugging Face ``ModelOutput``.
+* the output is the network's tensor output, or the ``logits`` of a dict / Hugging Face ``ModelOutput``; a
+  transformers model's ``config.use_cache`` is off while it is exported (a causal LM's KV cache is not an output
+  export can write, and a training graph never reuses it) and restored after, so ``generate`` still caches.
 
 Names come from each node's ``nn_module_stack`` (the module calls it ran in): a module call's output is the
 value computed inside it that is read outside it (or returned), its input the first value from outside that it
@@ -64,6 +66,10 @@ def _export(module: nn.Module, role: str, example: Any) -> torch.export.Exported
                else ({0: auto} if isinstance(args[0], torch.Tensor) and args[0].dim() else None,))
     modes = {m: m.training for m in module.modules()}
     module.train(role == "student")
+    config = getattr(module, "config", None)
+    cache = getattr(config, "use_cache", None)  # a transformers model's KV cache switch
+    if cache:  # a causal LM returns a DynamicCache, which export cannot output; the fused graph never reuses it
+        config.use_cache = False
     try:
         return torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic if kwargs else dynamic,
                                    strict=False)
@@ -75,6 +81,8 @@ def _export(module: nn.Module, role: str, example: Any) -> torch.export.Exported
     finally:
         for m, mode in modes.items():
             m.training = mode
+        if cache:
+            config.use_cache = cache
 
 
 def _stack(node: fx.Node) -> list[tuple[str, str]]:

@@ -46,6 +46,7 @@ def compile_summary(distiller) -> dict[str, Any]:
         shapes = ShapeText(to_networkx(distiller))
         out["stages"].append({
             "stage": name, "train": r.train, "transform": r.transform, "batch_inputs": r.batch_inputs,
+            "optional_batch_inputs": r.optional_batch_inputs,
             "recipe": describe_recipe(distiller.spec.stages[i]),
             "cached_taps": r.cached_taps,
             "taps": [{"tap": t.tap, "node": t.node, "shape": shapes.of_tap(t.tap, t.shape), "dtype": t.dtype,
@@ -91,6 +92,7 @@ def print_compile(summary: dict[str, Any]) -> None:
         con.rule(f"stage [bold cyan]{s['stage']}[/]  trains: {', '.join(s['train'])}"
                  + (f"  transform: {s['transform']}" if s["transform"] else "")
                  + (f"  batch inputs: {', '.join(s['batch_inputs'])}" if s["batch_inputs"] else "")
+                 + (f"  optional: {', '.join(s['optional_batch_inputs'])}" if s["optional_batch_inputs"] else "")
                  + (f"  from the teacher cache: {', '.join(s['cached_taps'])}" if s["cached_taps"] else ""),
                  align="left")
         if s.get("recipe"):

@@ -41,6 +41,7 @@ class FusedStage:
     adapters: list[str]  # the adapters it calls, in dependency order
     networks: set[str]  # "teacher" and/or "student"
     batch_inputs: list[str]  # the batch keys beyond images / targets, sorted
+    optional_inputs: list[str]  # those a batch may leave out (every reader lists it in optional_batch_inputs)
     transform: Optional[str] = None  # the input transform's type
     cached_taps: dict[str, str] = field(default_factory=dict)  # tap text -> batch key (teacher output cache)
     output_node: Optional[fx.Node] = field(default=None, repr=False)
@@ -139,6 +140,7 @@ class _Fuser:
                             - {"images", "targets"} | set(self.cached.values()))
         named = list(prep.spec.input.named)
         batch_keys = [k for k in batch_keys if k not in named]
+        optional = self.optional_keys(batch_keys, adapters)
         if named:  # one placeholder per named input, in the spec's order, then targets and the extras
             inputs = {k: g.placeholder(k) for k in named}
             inputs["targets"] = g.placeholder("targets", default_value=None)
@@ -182,8 +184,23 @@ class _Fuser:
         out = g.output({"loss": total, "terms": terms, "logits": outputs.get("student")})
         set_info(out, NodeInfo(Role.OUTPUT, "output"))
         gm = fx.GraphModule(root, g, class_name=f"Distill_{stage.name}")
-        return FusedStage(gm, {t: self.values[t] for t in taps}, self.tap_users, adapters, nets, batch_keys,
-                          transform, dict(self.cached), out)
+        return FusedStage(gm, {t: self.values[t] for t in taps}, self.tap_users, adapters, nets,
+                          [k for k in batch_keys if k not in optional], optional, transform, dict(self.cached), out)
+
+    def optional_keys(self, batch_keys: list[str], adapters: list[str]) -> list[str]:
+        """The batch keys only read by loss inputs their class lists in ``optional_batch_inputs`` (the loss's
+        forward default applies when the batch leaves them out; e.g. the token losses' step count)."""
+        optional, required = set(), set(self.cached.values())
+        readers = [(self.prep.adapter_inputs[a], ()) for a in adapters]
+        readers += [(self.prep.loss_inputs[(self.stage.name, ls.name)],
+                     getattr(self.prep.losses[self.stage.name][ls.name], "optional_batch_inputs", ()))
+                    for ls in self.stage.losses]
+        for bound, may_omit in readers:
+            for name, text in bound.items():
+                tap = parse_tap(text)
+                if tap.source == "batch" and tap.path in batch_keys:
+                    (optional if name in may_omit else required).add(tap.path)
+        return sorted(optional - required)
 
 
 def fuse_stage(prep: Prepared, stage_index: int, root: nn.Module) -> FusedStage:

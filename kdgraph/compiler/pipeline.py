@@ -59,7 +59,8 @@ def stage_report(prep: Prepared, stage_index: int, fused: FusedStage, results: l
     uses_teacher = "teacher" in fused.networks
     report = StageReport(stage.name, stage_index, list(stage.train), [], [], [], list(fused.batch_inputs),
                          uses_teacher=uses_teacher, uses_student="student" in fused.networks,
-                         transform=fused.transform, cached_taps=dict(fused.cached_taps), passes=list(results))
+                         transform=fused.transform, cached_taps=dict(fused.cached_taps), passes=list(results),
+                         optional_batch_inputs=list(fused.optional_inputs))
     # the teacher's own nodes, all of them (for the report's total)
     report.teacher_nodes = len(prep.nets["teacher"].graph_module.graph.nodes) - 2 if uses_teacher else 0
     report.pruned_nodes = list(pruned.details["teacher_pruned"]) if pruned is not None else []

@@ -76,6 +76,7 @@ class StageReport:
     transform: Optional[str] = None
     cached_taps: dict[str, str] = field(default_factory=dict)  # tap -> batch key, read from the teacher cache
     passes: list[PassResult] = field(default_factory=list)  # in the order they ran
+    optional_batch_inputs: list[str] = field(default_factory=list)  # batch keys read when given (num_tokens)
 
     def pass_result(self, name: str) -> Optional[PassResult]:
         """The result of the pass called ``name``, or ``None`` if it did not run."""

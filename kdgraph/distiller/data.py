@@ -96,8 +96,9 @@ def stage_batch_inputs(spec: Spec, stage: int | str) -> list[str]:
 
     for i, ls in enumerate(st.losses):
         cls = LOSSES.get(ls.type, where=f"stages.{st.name}.losses[{i}].type")
-        for t in bind_inputs(cls, dict(ls.inputs), f"stages.{st.name}.losses[{i}] ({ls.name})").values():
-            visit(t)
+        for k, t in bind_inputs(cls, dict(ls.inputs), f"stages.{st.name}.losses[{i}] ({ls.name})").items():
+            if k not in getattr(cls, "optional_batch_inputs", ()):  # read when given (the trainer's num_tokens)
+                visit(t)
     return sorted(found)
 
 

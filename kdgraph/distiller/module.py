@@ -25,6 +25,7 @@ from torch import nn
 
 from ..capture import TracedNetwork, capture_for_spec
 from ..compiler import Prepared, StageReport, build_stage, with_tap_outputs
+from ..compiler.vocabulary import check_vocabularies
 from ..compiler.passes.teacher_dtype import autocast_state_kept
 from ..errors import KDGraphError, ModelError
 from ..models import build_model
@@ -63,6 +64,7 @@ class Distiller(nn.Module):
                              f"modules (the teacher is frozen, the student trains)")
         self.spec = spec
         t0 = time.perf_counter()
+        check_vocabularies(spec, teacher, student)  # token losses: one tokenizer (before the slow captures)
         tnet = capture_for_spec(spec, "teacher", teacher)
         snet = capture_for_spec(spec, "student", student)
         c, (h, w) = spec.input.channels, spec.input.size
@@ -163,6 +165,35 @@ class Distiller(nn.Module):
         return list(self.report.batch_inputs)
 
     @property
+    def optional_batch_inputs(self) -> list[str]:
+        """Per-batch inputs the current stage reads when the batch carries them (``num_tokens``: the optimizer
+        step's token count, which kdgraph's trainer supplies; without it each micro-batch normalises by its own)."""
+        return list(self.report.optional_batch_inputs)
+
+    def count_tokens(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """How many tokens of a batch with ``labels`` the current stage's losses that read ``batch:num_tokens``
+        score (None: no loss reads it). Sum it over an optimizer step's micro-batches (and ranks) to get the
+        step's count; pass ``num_tokens = count / (micro_batches * ranks)`` with each micro-batch
+        (docs/lm_losses.md)."""
+        counts = {}
+        for name, text_by_input in ((n, self._prep.loss_inputs[(self.stage, n)]) for n in self.losses[self.stage]):
+            if "batch:num_tokens" in text_by_input.values():
+                loss = self.losses[self.stage][name]
+                if not hasattr(loss, "count_tokens"):
+                    raise KDGraphError(f"stage {self.stage!r}: loss {name!r} ({type(loss).__name__}) reads "
+                                       f"batch:num_tokens but has no count_tokens(labels) saying what it counts")
+                counts[name] = loss.count_tokens(labels)
+        if not counts:
+            return None
+        values = {k: int(v) for k, v in counts.items()}
+        if len(set(values.values())) > 1:
+            raise KDGraphError(f"stage {self.stage!r}: the losses reading batch:num_tokens count different tokens "
+                               f"in the same batch ({', '.join(f'{k}: {v}' for k, v in values.items())}), e.g. one "
+                               f"with args.shift true and one with false; one step count cannot normalise them all. "
+                               f"Give them the same shift, or bind num_tokens of some to another batch key.")
+        return next(iter(counts.values()))
+
+    @property
     def graph(self):
         """A ``networkx.DiGraph`` view of the current stage's fused graph (see :mod:`kdgraph.distiller.graphview`)."""
         from .graphview import to_networkx
@@ -231,8 +262,9 @@ class Distiller(nn.Module):
         if "labels" in batch and "targets" in batch:
             raise KDGraphError("the batch holds both 'labels' and 'targets'; give the labels once")
         targets = batch.pop("labels", batch.pop("targets", None))
-        accepted = [*named, "labels", *self.report.batch_inputs]
-        unknown = [k for k in batch if k not in named and k not in self.report.batch_inputs]
+        readable = [*self.report.batch_inputs, *self.report.optional_batch_inputs]
+        accepted = [*named, "labels", *readable]
+        unknown = [k for k in batch if k not in named and k not in readable]
         missing = [k for k in named if k not in batch]
         if unknown or missing:
             raise KDGraphError(
@@ -257,7 +289,7 @@ class Distiller(nn.Module):
             raise KDGraphError("the distiller needs a batch of images: distiller(images, targets, **extras)")
         needed = self.report.batch_inputs
         missing = [k for k in needed if k not in extras]
-        unknown = [k for k in extras if k not in needed]
+        unknown = [k for k in extras if k not in needed and k not in self.report.optional_batch_inputs]
         if missing or unknown:
             raise KDGraphError(
                 f"stage {self.stage!r} takes per-batch inputs {needed or 'none'} beyond images and targets; "

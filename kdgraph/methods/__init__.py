@@ -25,6 +25,7 @@ def builtin_methods() -> dict[str, ModuleType]:
     from . import cckd, connector, dab, fsp, ktaad, vid
     from . import ctkd, dkd, kdsvd, mlkd, nkd, nst, ofd, ttm, wttm
     from . import token_kl
+    from . import token_ce, token_jsd, token_rkl, token_skew_kl, token_tvd
 
     return {
         "ce": ce,  # cross_entropy: the hard-label term
@@ -62,6 +63,11 @@ def builtin_methods() -> dict[str, ModuleType]:
         "mlkd": mlkd,  # mlkd + mlkd_views: multi-level logit distillation on a weak and a strong view
         "ofd": ofd,  # ofd + ofd_connector: overhaul of feature distillation (pre-ReLU, BN margins)
         "token_kl": token_kl,  # token_kl: forward KL per token of a causal LM (masked, globally normalised)
+        "token_rkl": token_rkl,  # token_rkl: reverse KL per token (MiniLLM; GKD's beta = 1)
+        "token_jsd": token_jsd,  # token_jsd: generalised JSD with beta (GKD, as TRL's generalized_jsd_loss)
+        "token_tvd": token_tvd,  # token_tvd: total variation distance per token
+        "token_skew_kl": token_skew_kl,  # token_skew_kl: DistiLLM's skew KL / skew reverse KL
+        "token_ce": token_ce,  # token_ce: the causal LM's task term, next-token CE with the same mask / normaliser
     }
 
 

@@ -34,6 +34,10 @@ class DistillLoss(nn.Module):
     * ``same_shape``: groups of inputs whose shapes must be equal (checked at compile time).
     * ``batch_only_inputs``: inputs that must be bound to a ``batch:`` tap (labels, sample indices),
       never to a network's or adapter's values.
+    * ``optional_batch_inputs``: batch-only inputs a batch may leave out (forward's default, None, applies): the
+      token losses' ``num_tokens``, which kdgraph's trainer fills with the optimizer step's count.
+    * ``same_vocabulary``: True for a loss comparing the networks token by token (the token losses): both must
+      use one tokenizer (:mod:`kdgraph.compiler.vocabulary`; its ``vocab_size`` arg is the tokenizer's size).
     * ``soft_target_inputs``: inputs that accept soft targets (float ``B x num_classes`` probabilities, which
       ``data.augment`` mixup / cutmix put in ``batch:targets``) as well as class indices. A loss with an input bound
       to ``batch:targets`` that is not listed here is refused at compile time when the spec mixes.
@@ -51,6 +55,8 @@ class DistillLoss(nn.Module):
     default_inputs: ClassVar[Mapping[str, str]] = {}
     same_shape: ClassVar[tuple[tuple[str, ...], ...]] = ()
     batch_only_inputs: ClassVar[tuple[str, ...]] = ()
+    optional_batch_inputs: ClassVar[tuple[str, ...]] = ()
+    same_vocabulary: ClassVar[bool] = False
     soft_target_inputs: ClassVar[tuple[str, ...]] = ()
     batch_keys: ClassVar[tuple[str, ...]] = ()
     module_args: ClassVar[tuple[str, ...]] = ()

@@ -15,6 +15,9 @@ A causal LM's logits at position ``i`` predict the token at ``i + 1``. Every tok
    the kept-token count of the whole optimizer step, over micro-batches and ranks, divided by the number of
    micro-batches x ranks the runtime averages over), the sum is divided by that instead, so the loss and its
    gradients are the same whatever the micro-batch split, the gradient accumulation or the number of ranks.
+   ``num_tokens`` is bound to ``batch:num_tokens`` by default and is an optional batch input: kdgraph's trainer
+   fills it every optimizer step (:mod:`kdgraph.train.token_count`); a custom loop may pass it
+   (``Distiller.count_tokens``, docs/lm_losses.md) or leave it out.
 
 Subclasses implement :meth:`per_token` only; the compiler's chunked vocabulary pass calls :meth:`token_mask`,
 :meth:`per_token` and :meth:`normalise` on chunks of tokens, so a subclass must not override :meth:`forward`.
@@ -52,8 +55,11 @@ class TokenLoss(DistillLoss):
     """Base of the token-level losses (``token_kl``, ``token_rkl``, ...): shift, mask, slice, per-token, normalise."""
 
     inputs = ("student", "teacher", "labels", "num_tokens")
-    default_inputs = {"student": "student:@output", "teacher": "teacher:@output", "labels": "batch:targets"}
+    default_inputs = {"student": "student:@output", "teacher": "teacher:@output", "labels": "batch:targets",
+                      "num_tokens": "batch:num_tokens"}
     batch_only_inputs = ("labels", "num_tokens")
+    optional_batch_inputs = ("num_tokens",)  # without it: the micro-batch's own count
+    same_vocabulary = True  # both networks must share a tokenizer (kdgraph.compiler.vocabulary checks it)
     Args: ClassVar = TokenLossArgs
 
     def __init__(self, temperature: float = 1.0, vocab_size: Optional[int] = None, shift: bool = True):
@@ -95,15 +101,22 @@ class TokenLoss(DistillLoss):
             logits = logits[:, :-1]
         return logits if self.vocab_size is None else logits[..., :self.vocab_size]
 
+    def count_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """The number of tokens this loss scores in a batch with ``labels`` (what ``num_tokens`` counts)."""
+        return self.token_mask(labels).sum()
+
     def per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The loss of each kept token: ``N x V`` student and teacher logits (fp32, unscaled) -> ``N`` values."""
         raise NotImplementedError
 
     def normalise(self, total: torch.Tensor, kept: torch.Tensor,
                   num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``total / num_tokens`` when the step's count is given, else ``total / max(kept, 1)``."""
-        denom = num_tokens if num_tokens is not None else kept
-        return total / denom.to(total.dtype).clamp_min(1)
+        """``total / num_tokens`` when the step's count is given (a share of it: may be below 1), else
+        ``total / max(kept, 1)``; a zero count (nothing kept: ``total`` is 0) divides by 1."""
+        if num_tokens is None:
+            return total / kept.to(total.dtype).clamp_min(1)
+        denom = torch.as_tensor(num_tokens, device=total.device).to(total.dtype)
+        return total / torch.where(denom > 0, denom, torch.ones_like(denom))
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:

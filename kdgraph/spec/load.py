@@ -100,6 +100,7 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
         spec.runtime.teacher_cache = str((base / Path(cache).expanduser()).resolve())
     for ref in (spec.teacher, spec.student):
         ref.weights = fix(ref.weights)
+        ref.tokenizer = fix(ref.tokenizer)
         if ref.model.startswith("hf:") and isinstance(ref.kwargs.get("config"), str):  # a local config folder
             ref.kwargs["config"] = fix(ref.kwargs["config"])
     if spec.data.tokenizer:

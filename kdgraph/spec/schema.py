@@ -40,6 +40,9 @@ class ModelRef(_Strict):
     capture: Literal["auto", "fx", "export"] = Field(
         "auto", description="how the network is captured as a graph: 'fx' (torch.fx symbolic tracing), "
                             "'export' (torch.export, non-strict) or 'auto' (fx, and torch.export when fx fails)")
+    tokenizer: Optional[str] = Field(
+        None, description="a local folder with this network's tokenizer.json (save_pretrained): token losses "
+                          "refuse a teacher and a student whose tokenizers differ (default: data.tokenizer)")
     pretrain: Optional["PretrainSpec"] = Field(
         None, description="train this network with cross-entropy on the spec's data when its weights file does "
                           "not exist yet, and write it there (kdgraph train; see kdgraph.models.weights). "

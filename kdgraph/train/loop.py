@@ -42,6 +42,7 @@ from .options import TrainOptions
 from .pretrain import pretrain_network
 from .rng import rng_state, seed_everything
 from .runfolder import RunFolder
+from .token_count import data_batch_inputs
 from .steps import LoopSettings, Position, RunProgress, SkipCounter, StageRun, StepLoop, make_stage_run
 
 __all__ = ["TrainOptions", "Trainer", "train", "lr_used", "build_optimizer", "build_scheduler", "load_init_from",
@@ -161,7 +162,7 @@ class Trainer:
         view = self._replay_view(d, train_set, cache) or mixing_view(spec, train_set)
         run = make_stage_run(st.name, i, st, d, d.student if trains_student else None, train_set, env=env,
                              workers=spec.data.workers, seed=spec.runtime.seed, amp=spec.runtime.amp, save=True,
-                             evaluate="epoch" if trains_student else "never", batch_inputs=d.batch_inputs,
+                             evaluate="epoch" if trains_student else "never", batch_inputs=data_batch_inputs(d),
                              view=view, drop_last=spec.data.drop_last)
         start, rng = (0, 0), None
         if resume is not None:

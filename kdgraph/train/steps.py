@@ -31,6 +31,7 @@ from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
+from .token_count import KEY, step_token_counts, token_counter
 
 __all__ = ["StageRun", "Position", "LoopSettings", "RunProgress", "SkipCounter", "StepLoop", "make_stage_run", "optimizer_step"]
 
@@ -228,13 +229,15 @@ class StepLoop:
         interval = _Interval()
         checked = False
         k = getattr(run.stage, "accumulate", 1)
-        for batch in run.loader:
+        for batch, num_tokens in step_token_counts(run.loader, token_counter(run.task), self.env, step,
+                                                   steps_per_epoch, k):  # num_tokens: batch:num_tokens readers
             images, targets, extras = unpack_batch(batch)
             if not checked:
                 _check_batch_inputs(run, extras)
                 checked = True
             images, targets = self.to_device(images), self.to_device(targets)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
+            kw.update({} if num_tokens is None else {KEY: self.to_device(num_tokens)})
             run.last_batch = (images, targets, kw)
             if hasattr(run.task, "progress"):  # scheduled loss weights / arguments (kdgraph.methods.progress)
                 run.task.progress.update(epoch, step, steps_per_epoch, run.stage.epochs)
