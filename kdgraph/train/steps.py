@@ -27,6 +27,7 @@ from ..spec import StageSpec
 from .data import make_loader, unpack_batch
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, wrap
 from .ema import StudentEMA
+from .step_checks import check_batch_inputs as _check_batch_inputs, nan_message as _nan_message
 from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler, lr_used
@@ -390,24 +391,3 @@ class _Interval:
     t0: float = field(default_factory=time.perf_counter)
     epoch_t0: float = field(default_factory=time.perf_counter)
     images: int = 0  # of the epoch so far, all processes
-
-
-def _check_batch_inputs(run: StageRun, extras: dict[str, Any]) -> None:
-    missing = [k for k in run.batch_inputs if k not in extras]
-    if missing:
-        raise DataError(f"stage {run.name!r} needs per-batch inputs {missing} that the data does not provide (it "
-                        f"gives {sorted(extras) or 'only images and targets'}); set the spec's data.wrapper (e.g. "
-                        f"{{type: crd}}) so dataset items carry them")
-
-
-def _nan_message(vals: torch.Tensor, finite: torch.Tensor, names: list[str], pending: list, stage: str, epoch: int,
-                 steps_per_epoch: int, global_step: int) -> str:
-    r = int((~finite).nonzero()[0])
-    row = vals[r]
-    culprits = [n for j, n in enumerate(names) if not torch.isfinite(row[j + 1])]
-    shown = ", ".join(f"{n} = {float(row[j + 1]):.4g}" for j, n in enumerate(names))
-    gstep = global_step - (len(pending) - 1 - r)
-    what = (f"loss term{'s' if len(culprits) > 1 else ''} {', '.join(repr(c) for c in culprits)}"
-            if culprits else f"the total loss ({float(row[0])})")
-    return (f"non-finite {what} at step {gstep} (stage {stage}, epoch {epoch + 1}, step {pending[r][0]} of "
-            f"{steps_per_epoch}) [{shown}]")
