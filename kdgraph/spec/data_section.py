@@ -72,6 +72,8 @@ class DataSpec(_Strict):
         if (self.dataset == "text") != (self.text is not None):
             raise ValueError("the text section is given with dataset text, and only then (sources, packing, "
                              "validation)")
+        if self.dataset == "text" and self.holdout is not None:
+            raise ValueError("dataset text holds out whole documents with text.validation; holdout is for images")
         if self.dataset == "text" and not self.tokenizer:
             raise ValueError("dataset text needs tokenizer: a local save_pretrained folder or a .gguf file")
         return self
