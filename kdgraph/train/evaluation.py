@@ -18,7 +18,11 @@ __all__ = ["topk_counts", "evaluate_model", "autocast", "validation_loader", "ba
 
 
 def describe(ev: dict[str, Any]) -> str:
-    """``top-1 71.20%  top-5 90.10%``, or a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``)."""
+    """``top-1 71.20%  top-5 90.10%``, a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``) or an LM's."""
+    if ev.get("task") == "lm":
+        from .lm_metrics import describe_lm
+
+        return describe_lm(ev)
     if "task" in ev:
         return "  ".join(f"{k} {ev[k]:.2f}%" for k in ev["metrics"]) + f"  (GLUE {ev['task']} score {ev['top1']:.2f}%)"
     return f"top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%"
@@ -95,7 +99,8 @@ def _padded(loader: Any, passes: Optional[int]) -> Any:
 
 
 def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off", channels_last: bool = False,
-                   restore: Optional[nn.Module] = None, task: Optional[str] = None) -> dict[str, Any]:
+                   restore: Optional[nn.Module] = None, task: Optional[str] = None,
+                   reference: Optional[nn.Module] = None) -> dict[str, Any]:
     """Top-1 / top-5 (%) of ``model`` over a validation loader whose sampler shards without padding, so
     that with several processes every image is counted exactly once (counts are summed). A sharded (FSDP2)
     ``model`` runs as many forward passes on every rank (a rank's last batch repeated, not counted). Afterwards
@@ -103,7 +108,12 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
 
     ``task``: a GLUE task: the outputs and labels of every process are gathered and scored with
     :func:`~kdgraph.train.glue_metrics.glue_metrics` (in %), ``top1`` being their mean (the task's score);
-    batches are dicts of named inputs."""
+    batches are dicts of named inputs. ``task`` ``"lm"`` (``data.dataset: text``): a causal LM's perplexity, bits per
+    token and KL to ``reference`` (:func:`~kdgraph.train.lm_metrics.evaluate_lm`)."""
+    if task == "lm":
+        from .lm_metrics import evaluate_lm
+
+        return evaluate_lm(model, loader, env, amp, reference, restore)
     t0 = time.perf_counter()
     was = model.training
     model.eval()

@@ -101,7 +101,8 @@ class Monitor:
                 return
             self._tb = SummaryWriter(str(self.out / "tb"))
         stage = rec.get("stage", "")
-        for key in ("loss", "lr", "images_per_s", "top1", "top5"):
+        for key in ("loss", "lr", "images_per_s", "top1", "top5", "perplexity", "bits_per_token", "kl_to_teacher",
+                    "tokens_per_s"):
             if isinstance(rec.get(key), (int, float)):
                 self._tb.add_scalar(f"{prefix}/{stage}/{key}", rec[key], step)
         for k, v in (rec.get("terms") or {}).items():
