@@ -100,8 +100,8 @@ class _Reader:
         if kind == _LIST:  # a pairlist: read as {tag: value}, in order
             out: dict[Any, Any] = {}
             while kind == _LIST:
-                attrs = self.item() if has_attr else None
-                del attrs
+                if has_attr:
+                    self.item()  # a pairlist node's own attributes: not kept
                 tag = self.item() if has_tag else len(out)
                 out[tag] = self.item()
                 flags = self.int()
