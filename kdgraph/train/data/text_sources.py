@@ -163,7 +163,7 @@ def read_jsonl(path: str) -> list[Document]:
                 raise DataError(f"data.text.sources: jsonl: {f} line {n} is not JSON ({e})") from None
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 out.append(Document(obj["text"], str(f), f"{f.name}:{n}"))
-            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            elif isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
                 out.append(Document(obj["completion"], str(f), f"{f.name}:{n}", prompt=obj["prompt"]))
             else:
                 raise DataError(f"data.text.sources: jsonl: {f} line {n}: an object needs a string 'text' field, or "
