@@ -79,8 +79,44 @@ runtime: {{eval_teacher: true}}
     assert ev["task"] == "lm" and ev["tokens"] > 0 and ev["kl_to_teacher"] > 0 and 1 < ev["perplexity"] < 1000
     assert ev["bits_per_token"] == pytest.approx(math.log2(ev["perplexity"]))
     assert teacher["tokens"] == ev["tokens"] and "kl_to_teacher" not in teacher
+    steps = [r for r in recs if r["event"] == "train"]
+    assert steps and all(r["tokens_per_s"] == pytest.approx(16 * r["images_per_s"], rel=1e-3) for r in steps)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
-    assert {"eval/main/perplexity", "eval/main/kl_to_teacher", "eval/main/tokens_per_s"} <= set(acc.Tags()["scalars"])
+    assert {"eval/main/perplexity", "eval/main/kl_to_teacher", "eval/main/tokens_per_s",
+            "train/main/tokens_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_packed_batch_through_the_compiled_graph_equals_unpacked_eager(tmp_path, tok_dir):  # noqa: F811
+    """The fused graph (torch.export capture) on packed rows gives the token_kl of the same documents run alone."""
+    import kdgraph
+    from kdgraph.methods.token_kl import TokenKL
+
+    tok = load_text_tokenizer(str(tok_dir))
+    words = WORDS.split()
+    docs = [Document(" ".join(words[i:i + n]), "b", str(i)) for i, n in ((0, 5), (9, 8), (20, 4), (30, 11))]
+    pieces = encode_documents(docs, tok, max_length=16)
+    packed = TextRows(pieces, 16, tok.pad_token_id, True, ["input_ids", "position_ids"])
+    plain = TextRows(pieces, 16, tok.pad_token_id, False, ["input_ids", "attention_mask"])
+    assert len(packed) < len(plain)
+    spec = kdgraph.load_spec(f"""
+name: packed_graph
+input: {{named: {{input_ids: {{shape: [16], dtype: int64, high: 60}}, position_ids: {{shape: [16], dtype: int64}}}}}}
+teacher: {{model: "hf:AutoModelForCausalLM", kwargs: {{config: {LLAMA}}}}}
+student: {{model: "hf:AutoModelForCausalLM", kwargs: {{config: {LLAMA.replace("num_hidden_layers: 2", "num_hidden_layers: 1")}}}}}
+stages: [{{name: main, epochs: 1, batch_size: 2, optimizer: {{type: adamw, lr: 1.0e-3}}, train: [student],
+           losses: [{{name: kd, type: token_kl, inputs: {{student: "student:lm_head", teacher: "teacher:lm_head"}}}}]}}]
+data: {{dataset: synthetic}}
+""")
+    torch.manual_seed(0)
+    d = kdgraph.compile(spec)
+    d.eval()
+    out = d(packed.get_batch(range(len(packed))))
+    ub = plain.get_batch(range(len(plain)))
+    labels = ub.pop("labels")
+    with torch.no_grad():
+        ref = TokenKL()(d.student(**ub).logits, d.teacher(**ub).logits, labels)
+    torch.testing.assert_close(out.terms["kd"].detach(), ref, rtol=1e-5, atol=1e-6)
+    assert float(ref) > 1e-4

@@ -46,6 +46,7 @@ class Monitor:
         self._progress: Any = None
         self._task: Any = None
         self._plain_next = 0
+        self.tokens_per_row: Optional[int] = None  # text data: train records' tokens_per_s = images_per_s x this
 
     # ------------------------------------------------------------------ console
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -57,6 +58,8 @@ class Monitor:
         if not self.enabled:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
+        if event == "train" and self.tokens_per_row and isinstance(fields.get("images_per_s"), (int, float)):
+            rec["tokens_per_s"] = round(fields["images_per_s"] * self.tokens_per_row, 1)
         if self._jsonl is None and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
