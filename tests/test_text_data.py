@@ -236,3 +236,29 @@ def test_package_file_tokenizer_paths_stay_inside_the_package():
         load_text_tokenizer("pkg:not_a_package_kdg/x.gguf")
     with pytest.raises(DataError, match="leaves the package's folder"):
         load_text_tokenizer("pkg:bible/../../../etc/passwd.gguf")
+
+
+def test_gguf_file_tokenizer(tmp_path):
+    """A tokenizer read from a GGUF file's metadata (a byte-level BPE the test writes with the gguf package)."""
+    import gguf
+    import numpy as np
+
+    tokens = ["<|endoftext|>", "<|im_end|>", *"abcdefghijklmnopqrstuvwxyz", "Ġ", "th", "the", "Ġthe"]
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                   (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_head_count_kv, 2),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "default"),
+                   (w.add_token_list, tokens), (w.add_token_types, [3, 3] + [1] * (len(tokens) - 2)),
+                   (w.add_token_merges, ["t h", "th e", "Ġ the"]), (w.add_bos_token_id, 0), (w.add_eos_token_id, 1)):
+        add(v)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = load_text_tokenizer(str(tmp_path / "tiny.gguf"))
+    assert len(tok) == len(tokens) and tok.eos_token_id == 1
+    (piece,) = encode_documents([Document("the cat", "b", "0")], tok, max_length=16)
+    assert piece[0] == [tokens.index(t) for t in ("the", "Ġ", "c", "a", "t", "<|im_end|>")]
+    with pytest.raises(DataError, match="neither a local tokenizer folder"):
+        load_text_tokenizer(str(tmp_path / "missing.gguf"))
