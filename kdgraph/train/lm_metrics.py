@@ -8,10 +8,11 @@ smaller one when an embedding is padded). Summed over every process's tokens, th
 * ``perplexity = exp(CE / N)``, ``bits_per_token = CE / (N ln 2)`` (N scored tokens),
 * ``kl_to_teacher``: nats per token (absent without a reference),
 * ``top1`` / ``top5``: next-token accuracy in % (the loop's "best" and the plot read ``top1``),
-The loop over the validation batches is :func:`kdgraph.train.evaluation.evaluate_model` (``task="lm"``).
-
 * ``tokens_per_s``: positions forwarded per second (rows x width, padding included; the teacher's forward
   counted in the time when there is one), ``tokens``: N, ``images``: rows.
+
+The loop over the validation batches is :func:`kdgraph.train.evaluation.evaluate_lm` (``evaluate_model`` with
+``task="lm"``, which ``kdgraph train`` uses for ``data.dataset: text``).
 """
 from __future__ import annotations
 
