@@ -120,3 +120,15 @@ data: {{dataset: synthetic}}
         ref = TokenKL()(d.student(**ub).logits, d.teacher(**ub).logits, labels)
     torch.testing.assert_close(out.terms["kd"].detach(), ref, rtol=1e-5, atol=1e-6)
     assert float(ref) > 1e-4
+
+
+def test_token_sums_chunked_equal_whole():
+    from kdgraph.train.lm_metrics import token_sums
+
+    g = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(3, 9, 40, generator=g), torch.randn(3, 9, 48, generator=g)
+    labels = torch.randint(0, 40, (3, 9), generator=g)
+    labels[0, :4] = labels[2, 7:] = -100
+    whole, chunked = token_sums(logits, labels, ref, chunk=10_000), token_sums(logits, labels, ref, chunk=5)
+    assert whole[2:] == chunked[2:] and whole[4] == 3 * 8 - 3 - 2
+    assert whole[0] == pytest.approx(chunked[0], rel=1e-6) and whole[1] == pytest.approx(chunked[1], rel=1e-6)

@@ -26,21 +26,27 @@ __all__ = ["IGNORE_INDEX", "token_sums", "lm_summary", "describe_lm"]
 IGNORE_INDEX = -100
 
 
-def token_sums(logits: torch.Tensor, labels: torch.Tensor,
-               reference: Optional[torch.Tensor] = None) -> tuple[float, float, int, int, int]:
-    """``(CE sum, KL sum, top-1 hits, top-5 hits, scored tokens)`` of one batch of ``B x T x V`` logits."""
-    keep = labels[:, 1:] != IGNORE_INDEX
-    target = labels[:, 1:][keep]
-    s = logits[:, :-1][keep].float()
-    logp = torch.log_softmax(s, dim=-1)
-    ce = -logp.gather(1, target[:, None]).sum()
-    top = s.topk(min(5, s.shape[-1]), dim=-1).indices == target[:, None]
-    kl = torch.zeros(())
-    if reference is not None:
-        v = min(s.shape[-1], reference.shape[-1])
-        logq = torch.log_softmax(reference[:, :-1][keep].float()[:, :v], dim=-1)
-        kl = (logq.exp() * (logq - torch.log_softmax(s[:, :v], dim=-1))).sum()
-    return float(ce), float(kl), int(top[:, :1].sum()), int(top.any(dim=1).sum()), int(target.numel())
+def token_sums(logits: torch.Tensor, labels: torch.Tensor, reference: Optional[torch.Tensor] = None,
+               chunk: int = 1024) -> tuple[float, float, int, int, int]:
+    """``(CE sum, KL sum, top-1 hits, top-5 hits, scored tokens)`` of one batch of ``B x T x V`` logits, computed
+    ``chunk`` scored tokens at a time (fp32 copies of ``chunk x V``, never of the whole batch)."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    targets = labels[:, 1:][rows, cols]
+    ce = kl = torch.zeros((), dtype=torch.float64, device=logits.device)
+    c1 = c5 = 0
+    for a in range(0, int(targets.numel()), chunk):
+        r, c, target = rows[a:a + chunk], cols[a:a + chunk], targets[a:a + chunk]
+        s = logits[r, c].float()  # position c predicts label c + 1
+        logp = torch.log_softmax(s, dim=-1)
+        ce = ce - logp.gather(1, target[:, None]).sum().double()
+        top = s.topk(min(5, s.shape[-1]), dim=-1).indices == target[:, None]
+        c1, c5 = c1 + int(top[:, :1].sum()), c5 + int(top.any(dim=1).sum())
+        if reference is not None:
+            v = min(s.shape[-1], reference.shape[-1])
+            logq = torch.log_softmax(reference[r, c].float()[:, :v], dim=-1)
+            logp = logp if v == s.shape[-1] else torch.log_softmax(s[:, :v], dim=-1)
+            kl = kl + (logq.exp() * (logq - logp)).sum().double()
+    return float(ce), float(kl), c1, c5, int(targets.numel())
 
 
 def lm_summary(sums: list[float], seconds: float, with_kl: bool) -> dict[str, Any]:
