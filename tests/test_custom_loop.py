@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, SPECS
 
 # specs/glue/ takes named token inputs and BERT-Large / BERT-Base, not 32x32 images: tests/test_glue.py covers it;
-# specs/lm/ (causal LMs on token sequences): tests/test_lm_runtime.py
+# specs/lm/ (causal LMs on token sequences): tests/test_lm_runtime.py, tests/test_text_data.py
 ALL_SPECS = sorted(p.relative_to(SPECS).as_posix() for p in SPECS.rglob("*.yaml")
                    if p.parent.name not in ("glue", "lm"))
 

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from .augment import AugmentSpec
 from .base import Float, Int, _Strict
+from .text_section import TextSpec
 
 
 class DataWrapperSpec(_Strict):
@@ -32,13 +33,15 @@ class HoldoutSpec(_Strict):
 class DataSpec(_Strict):
     """Where the training data is. ``dataset`` picks the loader; ``root`` may be overridden by --data."""
 
-    dataset: Literal["imagenet", "fashion_mnist", "synthetic", "glue"] = "imagenet"
+    dataset: Literal["imagenet", "fashion_mnist", "synthetic", "glue", "text"] = "imagenet"
     root: Optional[str] = None
     task: Optional[Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]] = Field(
         None, description="dataset glue: the GLUE task (its local copy is under root, see kdgraph.train.data.glue)")
-    tokenizer: Optional[str] = Field(None, description="dataset glue: a local tokenizer folder (save_pretrained); "
-                                                       "'./DIR' is relative to the spec file")
-    max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated)")
+    tokenizer: Optional[str] = Field(None, description=(
+        "dataset glue / text: a local tokenizer folder (save_pretrained; text also: a .gguf file, or "
+        "pkg:PACKAGE/FILE.gguf in an installed package); './DIR' is relative to the spec file"))
+    max_length: Int = Field(128, ge=8, le=4096, description="dataset glue: tokens per example at most (truncated); "
+                                                            "text: tokens per row")
     padding: Literal["longest", "max_length"] = Field(
         "longest", description="dataset glue: pad each batch to its longest example, or always to max_length")
     pad_to_multiple_of: Optional[Int] = Field(
@@ -55,10 +58,23 @@ class DataSpec(_Strict):
                                            "targets), crop and interpolation (kdgraph.spec.augment)")
     holdout: Optional[HoldoutSpec] = Field(None, description="validate on training images held out (count or "
                                                              "fraction, seed) instead of the evaluation split")
+    text: Optional[TextSpec] = Field(None, description="dataset text: the sources, packing and held-out documents "
+                                                       "(kdgraph.spec.text_section)")
 
     @model_validator(mode="after")
     def _glue_task(self) -> "DataSpec":
         if (self.dataset == "glue") != (self.task is not None):
             raise ValueError("task is given with dataset glue, and only then (cola, sst2, mrpc, stsb, qqp, mnli, "
                              "qnli, rte, wnli)")
+        return self
+
+    @model_validator(mode="after")
+    def _text(self) -> "DataSpec":
+        if (self.dataset == "text") != (self.text is not None):
+            raise ValueError("the text section is given with dataset text, and only then (sources, packing, "
+                             "validation)")
+        if self.dataset == "text" and self.holdout is not None:
+            raise ValueError("dataset text holds out whole documents with text.validation; holdout is for images")
+        if self.dataset == "text" and not self.tokenizer:
+            raise ValueError("dataset text needs tokenizer: a local save_pretrained folder or a .gguf file")
         return self

@@ -105,4 +105,6 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
             ref.kwargs["config"] = fix(ref.kwargs["config"])
     if spec.data.tokenizer:
         spec.data.tokenizer = fix(spec.data.tokenizer)
+    for source in spec.data.text.sources if spec.data.text else ():
+        source.path = fix(source.path)
     return spec

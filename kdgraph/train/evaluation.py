@@ -1,4 +1,5 @@
-"""Evaluation: top-1 / top-5 of a network over a validation loader, every image counted once under DDP."""
+"""Evaluation: top-1 / top-5 of a network over a validation loader, every image counted once under DDP; GLUE's
+metrics; a causal LM's perplexity, bits per token and KL to the teacher (:mod:`.lm_metrics`)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,12 +14,15 @@ from ..errors import KDGraphError
 from ..spec import Spec
 from .data import make_loader
 from .distributed import DistEnv, all_reduce_sum
+from .lm_metrics import describe_lm, lm_summary, token_sums
 
-__all__ = ["topk_counts", "evaluate_model", "autocast", "validation_loader", "batch_size", "describe"]
+__all__ = ["topk_counts", "evaluate_model", "evaluate_lm", "autocast", "validation_loader", "batch_size", "describe"]
 
 
 def describe(ev: dict[str, Any]) -> str:
-    """``top-1 71.20%  top-5 90.10%``, or a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``)."""
+    """``top-1 71.20%  top-5 90.10%``, a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``) or an LM's."""
+    if ev.get("task") == "lm":
+        return describe_lm(ev)
     if "task" in ev:
         return "  ".join(f"{k} {ev[k]:.2f}%" for k in ev["metrics"]) + f"  (GLUE {ev['task']} score {ev['top1']:.2f}%)"
     return f"top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%"
@@ -95,7 +99,8 @@ def _padded(loader: Any, passes: Optional[int]) -> Any:
 
 
 def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off", channels_last: bool = False,
-                   restore: Optional[nn.Module] = None, task: Optional[str] = None) -> dict[str, Any]:
+                   restore: Optional[nn.Module] = None, task: Optional[str] = None,
+                   reference: Optional[nn.Module] = None) -> dict[str, Any]:
     """Top-1 / top-5 (%) of ``model`` over a validation loader whose sampler shards without padding, so
     that with several processes every image is counted exactly once (counts are summed). A sharded (FSDP2)
     ``model`` runs as many forward passes on every rank (a rank's last batch repeated, not counted). Afterwards
@@ -103,7 +108,10 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
 
     ``task``: a GLUE task: the outputs and labels of every process are gathered and scored with
     :func:`~kdgraph.train.glue_metrics.glue_metrics` (in %), ``top1`` being their mean (the task's score);
-    batches are dicts of named inputs."""
+    batches are dicts of named inputs. ``task`` ``"lm"`` (``data.dataset: text``): a causal LM's perplexity, bits per
+    token and KL to ``reference`` (:func:`~kdgraph.train.lm_metrics.evaluate_lm`)."""
+    if task == "lm":
+        return evaluate_lm(model, loader, env, amp, reference, restore)
     t0 = time.perf_counter()
     was = model.training
     model.eval()
@@ -150,6 +158,36 @@ def evaluate_model(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off"
         return {"top1": pct["score"], "top5": pct["score"], **pct, "task": task,
                 "metrics": [k for k in metrics if k != "score"], "images": int(n), "seconds": seconds}
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "images": int(n), "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, loader: Any, env: DistEnv, amp: str = "off",
+                reference: Optional[nn.Module] = None, restore: Optional[nn.Module] = None) -> dict[str, Any]:
+    """A causal LM's metrics (:mod:`.lm_metrics`) over a validation loader of dict batches, every process's tokens
+    counted once. ``reference``: the network the KL is measured to (none when it is ``model`` itself)."""
+    t0 = time.perf_counter()
+    reference = None if reference is model else reference
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    sums = [0.0] * 7  # CE, KL, top-1, top-5, tokens, rows, positions
+    passes = _even_passes(model, loader, env)
+    for i, batch in enumerate(_padded(loader, passes)):
+        inputs, labels, _ = unpack_batch(batch)
+        inputs = {k: v.to(env.device, non_blocking=True) for k, v in inputs.items()}
+        labels = labels.to(env.device, non_blocking=True)
+        with autocast(amp, env.device):
+            logits = _logits(model, inputs)
+            ref = _logits(reference, inputs) if reference is not None else None
+        if passes is not None and i >= len(loader):
+            continue  # FSDP: a padding pass, not counted
+        sums = [a + b for a, b in zip(sums, [*token_sums(logits, labels, ref), labels.shape[0], labels.numel()])]
+    sums = all_reduce_sum(env, sums)
+    for m, was in modes:
+        m.train(was)
+    if restore is not None:
+        restore.train()
+    return lm_summary(sums, time.perf_counter() - t0, reference is not None)
 
 
 def validation_loader(spec: Spec, dataset: Any, env: DistEnv, batch_size: Optional[int] = None) -> Any:

@@ -58,6 +58,8 @@ class Trainer:
         self.folder = RunFolder(Path(opts.out) if opts.out else Path("runs") / spec.name, env, sharded=self.sharded)
         self.out = self.folder.out
         self.monitor = Monitor(self.out, enabled=env.is_main, progress=opts.progress, tensorboard=opts.tensorboard)
+        if spec.data.dataset == "text":  # rows of max_length tokens: train records also carry tokens_per_s
+            self.monitor.tokens_per_row = spec.data.max_length
 
     def say(self, text: str) -> None:
         self.monitor.print(text, soft_wrap=True)
@@ -102,6 +104,7 @@ class Trainer:
             if resume is not None:
                 sharded_checkpoint.load(self.folder.last_path, d)
         val_loader = validation_loader(spec, bundle.val, env)
+        steps.reference = d.teacher  # an LM evaluation's KL to the teacher (kdgraph.train.lm_metrics)
         teacher_eval = resume.teacher_eval if resume is not None else None
         if spec.runtime.eval_teacher and teacher_eval is None:
             teacher_eval = steps.evaluate(d.teacher, val_loader)
@@ -130,7 +133,8 @@ class Trainer:
         return LoopSettings(amp=rt.amp, channels_last=rt.channels_last,
                             flush_every=opts.log_every or (1 if self.env.device.type == "cpu" else 20),
                             ckpt_every=opts.ckpt_every, ckpt_minutes=opts.ckpt_minutes, eval_every=rt.eval_every,
-                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else None,
+                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else
+                            "lm" if self.spec.data.dataset == "text" else None,
                             on_eval=opts.on_eval)
 
     def _announce(self, bundle: DataBundle, resumed: bool) -> None:

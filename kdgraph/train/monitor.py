@@ -46,6 +46,7 @@ class Monitor:
         self._progress: Any = None
         self._task: Any = None
         self._plain_next = 0
+        self.tokens_per_row: Optional[int] = None  # text data: train records' tokens_per_s = images_per_s x this
 
     # ------------------------------------------------------------------ console
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -57,6 +58,8 @@ class Monitor:
         if not self.enabled:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
+        if event == "train" and self.tokens_per_row and isinstance(fields.get("images_per_s"), (int, float)):
+            rec["tokens_per_s"] = round(fields["images_per_s"] * self.tokens_per_row, 1)
         if self._jsonl is None and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
@@ -101,7 +104,8 @@ class Monitor:
                 return
             self._tb = SummaryWriter(str(self.out / "tb"))
         stage = rec.get("stage", "")
-        for key in ("loss", "lr", "images_per_s", "top1", "top5"):
+        for key in ("loss", "lr", "images_per_s", "top1", "top5", "perplexity", "bits_per_token", "kl_to_teacher",
+                    "tokens_per_s"):
             if isinstance(rec.get(key), (int, float)):
                 self._tb.add_scalar(f"{prefix}/{stage}/{key}", rec[key], step)
         for k, v in (rec.get("terms") or {}).items():

@@ -90,7 +90,7 @@ class LoopSettings:
     ckpt_minutes: float = 30.0  # ... and at least this often
     eval_every: int = 1
     plot: bool = True
-    task: Optional[str] = None  # a GLUE task: evaluation reports its metrics (glue_metrics), top1 = their mean
+    task: Optional[str] = None  # a GLUE task: evaluation reports its metrics (glue_metrics), top1 = their mean; "lm"
     on_eval: Optional[Callable[[dict[str, Any]], None]] = None  # TrainOptions.on_eval
 
 
@@ -196,7 +196,7 @@ class StepLoop:
 
     def evaluate(self, model: nn.Module, loader: Any, restore: Optional[nn.Module] = None) -> dict[str, Any]:
         return evaluate_model(model, loader, self.env, self.settings.amp, self.settings.channels_last, restore,
-                              task=self.settings.task)
+                              task=self.settings.task, reference=getattr(self, "reference", None))
 
     # ------------------------------------------------------------------ epochs
     def run_epochs(self, run: StageRun, val_loader: Any, start: tuple[int, int] = (0, 0),

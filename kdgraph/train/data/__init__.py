@@ -1,4 +1,5 @@
-"""Training data: Fashion-MNIST (in memory), ImageNet-style folders (ImageFolder), synthetic images and GLUE.
+"""Training data: Fashion-MNIST (in memory), ImageNet-style folders (ImageFolder), synthetic images, GLUE and text
+for causal LMs (:mod:`.text`, its readers :mod:`.text_sources` and R data files :mod:`.rdata`).
 
 One module per kind (:mod:`.fashion_mnist`, :mod:`.image_folder`, :mod:`.synthetic`, :mod:`.glue`), reproducible sampling
 (:mod:`.sampling`: a batch's content depends neither on workers, world size nor where a run resumed), and the

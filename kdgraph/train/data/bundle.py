@@ -54,6 +54,10 @@ def check_data(spec: Spec, root: Optional[str] = None) -> None:
         if spec.input.num_classes != 10:
             raise DataError(f"Fashion-MNIST has 10 classes but the spec's input.num_classes is "
                             f"{spec.input.num_classes}")
+    elif spec.data.dataset == "text":
+        from .text import text_batch_keys
+
+        text_batch_keys(list(spec.input.named), spec.data.text.packing)
     elif spec.data.dataset == "glue":
         task = str(spec.data.task)
         find_glue(root, task)
@@ -84,6 +88,11 @@ def build_datasets(spec: Spec, root: Optional[str] = None, need_train: bool = Tr
         d = spec.data
         full, val, desc = glue_datasets(root, str(d.task), d.tokenizer, d.max_length, d.padding, need_train,
                                         pad_to_multiple_of=d.pad_to_multiple_of)
+    elif ds == "text":
+        from .text import text_datasets
+
+        check_data(spec, root)
+        full, val, desc, k = text_datasets(spec, need_train)
     elif ds == "synthetic":
         full, val, desc = synthetic_datasets(spec.data.train_subset, spec.data.val_subset, c, size, k,
                                              spec.runtime.seed)
