@@ -37,6 +37,9 @@ class ModelRef(_Strict):
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
                           "loaded when training starts, never when compiling")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="the weights file's sha256 "
+                                  "(sha256sum FILE): checked over the whole file before it is read, a mismatch "
+                                  "refused (a .gguf teacher, any downloaded file)")
     capture: Literal["auto", "fx", "export"] = Field(
         "auto", description="how the network is captured as a graph: 'fx' (torch.fx symbolic tracing), "
                             "'export' (torch.export, non-strict) or 'auto' (fx, and torch.export when fx fails)")
