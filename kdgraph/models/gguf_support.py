@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import ModelError
 
 __all__ = ["PKG_PREFIX", "is_gguf", "resolve_local", "file_sha256", "check_file_sha256", "gguf_config",
-           "gguf_state_dict", "load_gguf_weights"]
+           "gguf_state_dict", "read_gguf_weights"]
 
 PKG_PREFIX = "pkg:"
 _PKG_RE = re.compile(r"pkg:([A-Za-z_][A-Za-z0-9_]*)/(.+)")
@@ -134,16 +134,12 @@ def gguf_state_dict(model: nn.Module, path: Path, what: str) -> dict[str, torch.
     return parsed["tensors"]
 
 
-def load_gguf_weights(model: nn.Module, ref: str, sha256: Optional[str], what: str) -> str:
-    """Load the GGUF file ``ref`` (verified against ``sha256`` when given) into ``model`` (strict keys, tied
-    weights allowed to be absent). Returns the file's sha256; without a pinned one it is reported as a warning."""
-    from .hf_support import load_hf_weights
-
+def read_gguf_weights(model: nn.Module, ref: str, sha256: Optional[str], what: str) -> dict[str, torch.Tensor]:
+    """The state_dict of the GGUF file ``ref`` for ``model`` (verified against ``sha256`` first when given; without
+    it the file's digest is reported as a warning, so a spec can pin it). The caller loads it (strict keys)."""
     path = resolve_local(ref, what)
     digest = check_file_sha256(path, sha256, what)
     if sha256 is None:
         warnings.warn(f"{what}: {path.name} read unverified (sha256 {digest}); pin it with sha256: {digest} in "
-                      f"the spec's model reference", stacklevel=2)
-    sd = gguf_state_dict(model, path, what)
-    load_hf_weights(model, sd, what)
-    return digest
+                      f"the spec's model reference", stacklevel=3)
+    return gguf_state_dict(model, path, what)

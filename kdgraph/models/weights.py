@@ -263,15 +263,14 @@ def _torchvision_weights(ref: ModelRef, role: str) -> dict[str, torch.Tensor]:
 
 def _load_hf(model: nn.Module, ref: ModelRef, role: str) -> bool:
     """An ``hf:`` network's weights: a save_pretrained folder or a weights file (see :mod:`kdgraph.models.hf_support`)."""
-    from .gguf_support import is_gguf, load_gguf_weights
+    from .gguf_support import is_gguf, read_gguf_weights
     from .hf_support import hf_folder_state_dict, is_hf_folder, load_hf_weights
 
     w = str(ref.weights)
     what = f"{role}.weights: {w!r}"
     if is_gguf(w):  # llama.cpp's format, dequantised (kdgraph.models.gguf_support)
-        load_gguf_weights(model, w, ref.sha256, f"{role}.weights")
-        return True
-    if is_hf_folder(w):
+        sd = read_gguf_weights(model, w, ref.sha256, f"{role}.weights")
+    elif is_hf_folder(w):
         sd = hf_folder_state_dict(w, what)
     elif os.path.isfile(w):
         try:
