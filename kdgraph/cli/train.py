@@ -133,7 +133,7 @@ def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> 
 @consent_options
 def export_cmd(ckpt, out, no_verify, hf) -> None:
     """Write the student of CKPT as a plain state_dict (loads into e.g. torchvision.models.resnet18(), strict),
-    or (--hf) as a folder AutoModelForSequenceClassification.from_pretrained(OUT) loads."""
+    or (--hf) as a folder AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(OUT) loads."""
     from ..train.export import export_student
 
     if not hf and Path(out).is_dir():
@@ -142,3 +142,5 @@ def export_cmd(ckpt, out, no_verify, hf) -> None:
     res = export_student(ckpt, out, verify=not no_verify, hf=hf)
     check = f", checked against {res['model']} (strict)" if res["verified"] else ""
     click.echo(f"wrote {res['out']}: {res['tensors']} tensors, {res['parameters']:,} parameters{check}")
+    for note in res.get("notes", []):
+        click.echo(f"  {note}")

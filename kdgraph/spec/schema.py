@@ -15,6 +15,7 @@ from .augment import check_augment
 from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
 from .data_section import DataSpec, DataWrapperSpec, HoldoutSpec  # noqa: F401 - re-exported
 from .location import fmt_loc
+from .on_policy_section import OnPolicySpec
 from .runtime_section import RuntimeSpec  # noqa: F401 - re-exported
 from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
 from .schedule import Schedule
@@ -215,6 +216,8 @@ class StageSpec(_Strict):
     accumulate: Int = Field(1, ge=1, le=4096, description="micro-batches of batch_size per optimizer step (the "
                                                          "update of one batch accumulate times larger)")
     ema: Optional[EmaSpec] = Field(None, description="an exponential moving average of the student")
+    on_policy: Optional[OnPolicySpec] = Field(None, description="causal LMs: a share of batches completed by the "
+                                              "student (or teacher) before the step (kdgraph.spec.on_policy_section)")
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,213 @@
+"""Causal LMs in and out of kdgraph (issue 25 parts 7-8), on one tiny random Llama pair compiled once:
+
+* on-policy distillation (stages[i].on_policy, kdgraph.train.on_policy): a generated batch keeps its prompt, its
+  labels score only the generated tokens, the token loss through the fused graph equals the loss computed by hand on
+  those tokens, the draw and the sampling are seeded (and leave the global RNG alone); trained through the trainer's
+  step loop, fraction 0 equals a run without on_policy and fraction 1 reproduces itself;
+* export: the trained student as a save_pretrained folder (tied embeddings, generation_config, the spec's tokenizer)
+  that AutoModelForCausalLM.from_pretrained loads with equal logits.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import kdgraph
+from kdgraph.spec.on_policy_section import OnPolicySpec
+from kdgraph.train.on_policy import OnPolicy
+
+transformers = pytest.importorskip("transformers")
+
+V, T, PROMPT = 128, 16, 4
+LLAMA = {"model_type": "llama", "vocab_size": V, "num_attention_heads": 4, "max_position_embeddings": 64,
+         "use_cache": False}
+
+
+def _spec(tokenizer=None):
+    return kdgraph.load_spec({
+        "name": "tiny_llama_hub",
+        "input": {"named": {"input_ids": {"shape": [T], "dtype": "int64", "high": V},
+                            "attention_mask": {"shape": [T], "dtype": "int64"}}},
+        "teacher": {"model": "hf:AutoModelForCausalLM",
+                    "kwargs": {"config": {**LLAMA, "hidden_size": 64, "num_hidden_layers": 2,
+                                          "intermediate_size": 128}}},
+        "student": {"model": "hf:AutoModelForCausalLM",
+                    "kwargs": {"config": {**LLAMA, "hidden_size": 32, "num_hidden_layers": 2,
+                                          "intermediate_size": 64, "tie_word_embeddings": True}}},
+        "stages": [{"name": "main", "epochs": 1, "batch_size": 2, "optimizer": {"type": "adamw", "lr": 1e-2},
+                    "losses": [{"name": "kd", "type": "token_kl",
+                                "inputs": {"student": "student:lm_head", "teacher": "teacher:lm_head"}}]}],
+        "data": {"dataset": "synthetic", **({"tokenizer": str(tokenizer)} if tokenizer else {})}})
+
+
+class Texts(torch.utils.data.Dataset):
+    """Random token rows; the first PROMPT tokens are the prompt (labels -100), as a prompt/completion pair."""
+
+    def __init__(self, n=4, seed=0):
+        self.ids = torch.randint(3, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[:PROMPT] = -100
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(T, dtype=torch.long), "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    torch.manual_seed(0)
+    d = kdgraph.compile(_spec())
+    return d, {k: v.clone() for k, v in d.state_dict().items()}
+
+
+def _batch():
+    items = [Texts()[i] for i in range(2)]
+    b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    return {k: b[k] for k in ("input_ids", "attention_mask")}, b["labels"]
+
+
+def test_a_generated_batch_keeps_the_prompt_and_scores_only_generated_tokens(distiller):
+    d, init = distiller
+    d.load_state_dict(init)
+    inputs, labels = _batch()
+    op = OnPolicy(OnPolicySpec(fraction=1.0, max_new_tokens=8, temperature=1.0), d.student, seed=3)
+    d.train()
+    rng = torch.get_rng_state()
+    new_in, new_lab = op(inputs, labels, epoch=0, step=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling ran under its own seed
+    assert d.student.training  # generated in eval mode, back in train mode
+    ids, mask = new_in["input_ids"], new_in["attention_mask"]
+    assert ids.shape == (2, T) and torch.equal(ids[:, :PROMPT], inputs["input_ids"][:, :PROMPT])
+    scored = new_lab != -100
+    assert not scored[:, :PROMPT].any() and not scored[:, PROMPT + 8:].any()  # prompt and beyond max_new_tokens
+    assert scored.sum() == op.generated > 0 and torch.equal(new_lab[scored], ids[scored])
+    assert torch.equal(mask.bool(), torch.arange(T).expand(2, T) < PROMPT + scored.sum(1, keepdim=True))
+    assert not torch.equal(ids, inputs["input_ids"])  # the data's completion was replaced
+    # reproducible: the same seed and step give the same batch; another step another one
+    again, lab2 = OnPolicy(op.settings, d.student, seed=3)(inputs, labels, 0, 0)
+    assert torch.equal(again["input_ids"], ids) and torch.equal(lab2, new_lab)
+    other, _ = OnPolicy(op.settings, d.student, seed=3)(inputs, labels, 0, 1)
+    assert not torch.equal(other["input_ids"], ids)
+    # the fused graph's token loss covers the generated tokens only: equal to the KL computed by hand on them
+    d.eval()
+    out = d({**new_in, "labels": new_lab})
+    with torch.no_grad():
+        zs = d.student(**new_in).logits[:, :-1]
+        zt = d.teacher(**new_in).logits[:, :-1]
+    keep = new_lab[:, 1:] != -100
+    ref = F.kl_div(F.log_softmax(zs[keep], -1), F.log_softmax(zt[keep], -1), log_target=True,
+                   reduction="sum") / keep.sum()
+    torch.testing.assert_close(out.terms["kd"].detach(), ref, rtol=1e-5, atol=1e-6)
+    d.train()
+
+
+def test_draws_fraction_budget_and_greedy():
+    class Dummy(torch.nn.Module):
+        def generate(self, **kw):  # pragma: no cover - never called here
+            raise AssertionError
+
+    op = OnPolicy(OnPolicySpec(fraction=0.5), Dummy(), seed=7)
+    picks = [op.picked(0, s) for s in range(400)]
+    assert 150 < sum(picks) < 250 and picks == [OnPolicy(op.settings, Dummy(), seed=7).picked(0, s)
+                                                 for s in range(400)]
+    assert picks != [OnPolicy(op.settings, Dummy(), seed=8).picked(0, s) for s in range(400)]
+    assert not any(OnPolicy(OnPolicySpec(fraction=0.0), Dummy()).picked(0, s) for s in range(50))
+    spent = OnPolicy(OnPolicySpec(fraction=1.0, token_budget=10), Dummy())
+    spent.generated = 10
+    assert not spent.picked(0, 0)
+    with pytest.raises(ValueError, match="fraction"):
+        OnPolicySpec(fraction=1.5)
+
+
+def test_greedy_teacher_generation_is_deterministic(distiller):
+    d, init = distiller
+    d.load_state_dict(init)
+    inputs, labels = _batch()
+    s = OnPolicySpec(fraction=1.0, max_new_tokens=6, temperature=0.0, generator="teacher", token_budget=6)
+    a = OnPolicy(s, d.teacher, seed=1)
+    new_in, lab = a(inputs, labels, 0, 0)
+    b_in, _ = OnPolicy(s, d.teacher, seed=2)(inputs, labels, 0, 0)
+    assert torch.equal(new_in["input_ids"], b_in["input_ids"])  # greedy: the seed does not matter
+    assert (lab != -100).sum() <= 6 and a.generated <= 6 and not a.picked(0, 1)  # the budget: 3 tokens a row
+
+
+def _train(d, init, tmp_path, on_policy=None, name="run"):
+    from kdgraph.train.distributed import DistEnv
+    from kdgraph.train.monitor import Monitor
+    from kdgraph.train.steps import LoopSettings, RunProgress, SkipCounter, StepLoop, make_stage_run
+
+    d.load_state_dict(init)
+    torch.manual_seed(0)
+    stage = d.spec.stages[0].model_copy(update={"on_policy": on_policy})
+    env = DistEnv()
+    run = make_stage_run("main", 0, stage, d, d.student, Texts(), env=env, workers=0, seed=0, amp="off",
+                         save=False, evaluate="never", batch_inputs=d.batch_inputs)
+    monitor = Monitor(tmp_path / name, progress=False, tensorboard=False)
+    StepLoop(env, monitor, LoopSettings(plot=False), RunProgress(started=0.0), SkipCounter()).run_epochs(run, None)
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return {k: v.clone() for k, v in d.student.state_dict().items()}, records
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_policy_through_the_step_loop(distiller, tmp_path):
+    d, init = distiller
+    off, _ = _train(d, init, tmp_path, None, "off")
+    zero, rec0 = _train(d, init, tmp_path, OnPolicySpec(fraction=0.0), "zero")
+    assert _same(off, zero) and not any(r["event"] == "on_policy" for r in rec0)
+    on = OnPolicySpec(fraction=1.0, max_new_tokens=8)
+    a, rec = _train(d, init, tmp_path, on, "a")
+    b, _ = _train(d, init, tmp_path, on, "b")
+    assert _same(a, b) and not _same(a, off)
+    gen = [r for r in rec if r["event"] == "on_policy"]
+    assert [r["step"] for r in gen] == [0, 1] and all(r["generated_tokens"] > 0 and r["tokens_per_s"] for r in gen)
+    assert gen[-1]["stage_generated_tokens"] == sum(r["generated_tokens"] for r in gen)
+
+
+def _tiny_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
+def test_export_round_trips_through_from_pretrained(distiller, tmp_path):
+    from kdgraph.train.checkpoint import Checkpoint
+    from kdgraph.train.export import export_student
+
+    d, init = distiller
+    trained, _ = _train(d, init, tmp_path, None, "export")  # two steps through the fused graph
+    assert not _same(trained, {k: init[f"student.{k}"] for k in trained})
+    _tiny_tokenizer(tmp_path / "tok")
+    spec = _spec(tokenizer=tmp_path / "tok")
+    Checkpoint(spec_name=spec.name, spec=spec.model_dump(mode="json"), stage_names=["main"], distiller={},
+               student=trained, stage="main", stage_index=0, epoch=0, step=2).save(tmp_path / "last.pt")
+    res = export_student(tmp_path / "last.pt", tmp_path / "hf", hf=True)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(res["files"])
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), local_files_only=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied, as trained
+    assert loaded.config.use_cache is True
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    d.eval()
+    with torch.no_grad():
+        want = d.student(input_ids=ids).logits
+        got = loaded.eval()(input_ids=ids).logits
+    d.train()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert tok("w5 w7")["input_ids"] == [5, 7] and tok.eos_token == "</s>"
+    # the GLUE case (a sequence classifier) is covered by tests/test_hf_models.py::test_export_hf_folder_round_trips
