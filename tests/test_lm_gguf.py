@@ -3,7 +3,6 @@ tensor names and its q/k permutation, as convert_hf_to_gguf.py writes them), loa
 from the file's metadata: logits equal the source network's; the file's sha256 pinned and checked; pkg: references."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,49 +12,14 @@ from kdgraph.models import build_model
 from kdgraph.models.weights import load_weights
 from kdgraph.spec import ModelRef
 
+from gguf_writer import write_tiny_gguf
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 CFG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
        "rope_theta": 10000.0, "tie_word_embeddings": True}
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf.py LlamaModel.permute (q/k rows reordered for its rope)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_tiny_gguf(model, path) -> None:
-    """``model`` (a LlamaForCausalLM) as a GGUF file: llama metadata and F32 tensors under llama.cpp's names."""
-    c = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny test llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))  # transformers 5 keeps it in rope_parameters
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and c.tie_word_embeddings:
-            continue  # tied: GGUF leaves output.weight out, which is how transformers reads tie_word_embeddings
-        base, suffix = key.rsplit(".", 1)
-        arr = t.detach().float().numpy().copy()
-        if base.endswith("q_proj"):
-            arr = _permute(arr, c.num_attention_heads)
-        elif base.endswith("k_proj"):
-            arr = _permute(arr, c.num_key_value_heads)
-        w.add_tensor(f"{names.get_name(base)}.{suffix}", arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.fixture(scope="module")

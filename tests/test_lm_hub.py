@@ -1,4 +1,5 @@
-"""Causal LMs in and out of kdgraph (issue 25 parts 7-8), on one tiny random Llama pair compiled once:
+"""Causal LMs in and out of kdgraph (issue 25 parts 7-8), on one tiny random Llama pair compiled once, its teacher
+read from a GGUF file the test writes (config from the file's metadata, weights dequantised, sha256 pinned):
 
 * on-policy distillation (stages[i].on_policy, kdgraph.train.on_policy): a generated batch keeps its prompt, its
   labels score only the generated tokens, the token loss through the fused graph equals the loss computed by hand on
@@ -19,21 +20,27 @@ import kdgraph
 from kdgraph.spec.on_policy_section import OnPolicySpec
 from kdgraph.train.on_policy import OnPolicy
 
+from conftest import SPECS
+from gguf_writer import write_tiny_gguf
+
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
 
 V, T, PROMPT = 128, 16, 4
 LLAMA = {"model_type": "llama", "vocab_size": V, "num_attention_heads": 4, "max_position_embeddings": 64,
          "use_cache": False}
 
 
-def _spec(tokenizer=None):
+TEACHER = {**LLAMA, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_key_value_heads": 2}
+
+
+def _spec(gguf_file, sha256, tokenizer=None):
     return kdgraph.load_spec({
         "name": "tiny_llama_hub",
         "input": {"named": {"input_ids": {"shape": [T], "dtype": "int64", "high": V},
                             "attention_mask": {"shape": [T], "dtype": "int64"}}},
-        "teacher": {"model": "hf:AutoModelForCausalLM",
-                    "kwargs": {"config": {**LLAMA, "hidden_size": 64, "num_hidden_layers": 2,
-                                          "intermediate_size": 128}}},
+        "teacher": {"model": "hf:AutoModelForCausalLM", "weights": str(gguf_file), "sha256": sha256,
+                    "kwargs": {"config": {"gguf": str(gguf_file)}, "use_cache": False}},
         "student": {"model": "hf:AutoModelForCausalLM",
                     "kwargs": {"config": {**LLAMA, "hidden_size": 32, "num_hidden_layers": 2,
                                           "intermediate_size": 64, "tie_word_embeddings": True}}},
@@ -59,10 +66,26 @@ class Texts(torch.utils.data.Dataset):
 
 
 @pytest.fixture(scope="module")
-def distiller():
+def distiller(tmp_path_factory):
+    """The pair compiled once; the teacher's config and weights from a GGUF file of a random Llama."""
+    from kdgraph.models.gguf_support import file_sha256
+
     torch.manual_seed(0)
-    d = kdgraph.compile(_spec())
-    return d, {k: v.clone() for k, v in d.state_dict().items()}
+    source = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TEACHER)).eval()
+    path = tmp_path_factory.mktemp("gguf") / "teacher.gguf"
+    write_tiny_gguf(source, path)
+    d = kdgraph.compile(_spec(path, file_sha256(path)))
+    assert d.load_weights() == {"teacher": True, "student": False}
+    return d, {k: v.clone() for k, v in d.state_dict().items()}, source
+
+
+def test_the_gguf_teacher_of_the_compiled_pair_equals_its_source(distiller):
+    d, _, source = distiller
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(d.teacher(input_ids=ids).logits, source(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+    assert d.teacher.config.num_key_value_heads == 2 and d.teacher.config.use_cache is False
 
 
 def _batch():
@@ -72,7 +95,7 @@ def _batch():
 
 
 def test_a_generated_batch_keeps_the_prompt_and_scores_only_generated_tokens(distiller):
-    d, init = distiller
+    d, init, _ = distiller
     d.load_state_dict(init)
     inputs, labels = _batch()
     op = OnPolicy(OnPolicySpec(fraction=1.0, max_new_tokens=8, temperature=1.0), d.student, seed=3)
@@ -125,7 +148,7 @@ def test_draws_fraction_budget_and_greedy():
 
 
 def test_greedy_teacher_generation_is_deterministic(distiller):
-    d, init = distiller
+    d, init, _ = distiller
     d.load_state_dict(init)
     inputs, labels = _batch()
     s = OnPolicySpec(fraction=1.0, max_new_tokens=6, temperature=0.0, generator="teacher", token_budget=6)
@@ -159,7 +182,7 @@ def _same(a, b):
 
 
 def test_on_policy_through_the_step_loop(distiller, tmp_path):
-    d, init = distiller
+    d, init, _ = distiller
     off, _ = _train(d, init, tmp_path, None, "off")
     zero, rec0 = _train(d, init, tmp_path, OnPolicySpec(fraction=0.0), "zero")
     assert _same(off, zero) and not any(r["event"] == "on_policy" for r in rec0)
@@ -187,11 +210,11 @@ def test_export_round_trips_through_from_pretrained(distiller, tmp_path):
     from kdgraph.train.checkpoint import Checkpoint
     from kdgraph.train.export import export_student
 
-    d, init = distiller
+    d, init, _ = distiller
     trained, _ = _train(d, init, tmp_path, None, "export")  # two steps through the fused graph
     assert not _same(trained, {k: init[f"student.{k}"] for k in trained})
     _tiny_tokenizer(tmp_path / "tok")
-    spec = _spec(tokenizer=tmp_path / "tok")
+    spec = _spec(d.spec.teacher.weights, d.spec.teacher.sha256, tokenizer=tmp_path / "tok")
     Checkpoint(spec_name=spec.name, spec=spec.model_dump(mode="json"), stage_names=["main"], distiller={},
                student=trained, stage="main", stage_index=0, epoch=0, step=2).save(tmp_path / "last.pt")
     res = export_student(tmp_path / "last.pt", tmp_path / "hf", hf=True)
@@ -211,3 +234,22 @@ def test_export_round_trips_through_from_pretrained(distiller, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     assert tok("w5 w7")["input_ids"] == [5, 7] and tok.eos_token == "</s>"
     # the GLUE case (a sequence classifier) is covered by tests/test_hf_models.py::test_export_hf_folder_round_trips
+
+
+def test_on_policy_refusals_before_any_step(distiller):
+    from types import SimpleNamespace
+
+    from kdgraph.errors import TrainingError
+    from kdgraph.train.on_policy import on_policy_for_stage
+
+    d, _, _ = distiller
+    stage = d.spec.stages[0].model_copy(update={"on_policy": OnPolicySpec()})
+    assert isinstance(on_policy_for_stage(stage, d, 0, 0, 0), OnPolicy)
+    assert on_policy_for_stage(d.spec.stages[0], d, 0, 0, 0) is None
+    image_task = SimpleNamespace(spec=kdgraph.load_spec(SPECS / "kd_resnet18.yaml"), student=torch.nn.Linear(2, 2))
+    with pytest.raises(TrainingError, match=r"stages\[0\].on_policy: the student \(Linear\) has no generate"):
+        on_policy_for_stage(stage, image_task, 0, 0, 0)
+    sharded = d.spec.model_copy(deep=True)
+    sharded.runtime.distributed = "fsdp"
+    with pytest.raises(TrainingError, match="fsdp shards"):
+        on_policy_for_stage(stage, SimpleNamespace(spec=sharded, student=d.student), 0, 0, 0)
