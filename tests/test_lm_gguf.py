@@ -91,3 +91,35 @@ def test_pkg_references_stay_inside_an_installed_package(tmp_path):
         resolve_local("pkg:kdgraph/missing.gguf", "w")
     with pytest.raises(ModelError, match="is not a file"):
         resolve_local(str(tmp_path / "none.gguf"), "w")
+
+
+def test_relative_gguf_paths_resolve_against_the_spec_file(tmp_path):
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "spec.yaml").write_text(
+        "name: g\n"
+        "input: {named: {input_ids: {shape: [8], dtype: int64, high: 96}}}\n"
+        "teacher: {model: 'hf:AutoModelForCausalLM', weights: ./nets/t.gguf, kwargs: {config: {gguf: ./nets/t.gguf}}}\n"
+        "student: {model: 'hf:AutoModelForCausalLM', kwargs: {config: {model_type: llama}}}\n"
+        "stages: [{name: m, optimizer: {type: adamw, lr: 0.001}, losses: [{type: token_kl}]}]\n")
+    spec = kdgraph.load_spec(tmp_path / "spec.yaml")
+    want = str((tmp_path / "nets" / "t.gguf").resolve())
+    assert spec.teacher.weights == want and spec.teacher.kwargs["config"]["gguf"] == want
+
+
+def test_sha256_pins_any_weights_file(tiny_gguf, tmp_path):
+    from safetensors.torch import save_file
+
+    from kdgraph.models.gguf_support import file_sha256
+
+    src, _ = tiny_gguf
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items() if k != "lm_head.weight"}, str(f))
+    ref = dict(model="hf:AutoModelForCausalLM", weights=str(f), kwargs={"config": dict(CFG)})
+    model = build_model(ModelRef(**ref), "student")
+    good = file_sha256(f)
+    assert load_weights(model, ModelRef(**ref, sha256=good.upper()), "student")
+    f.write_bytes(f.read_bytes()[:-4] + b"\0\0\0\0")  # rotted bytes in a tensor: safetensors would read them
+    with pytest.raises(ModelError, match="student.weights: .*does not match the spec's sha256"):
+        load_weights(model, ModelRef(**ref, sha256=good), "student")
+    with pytest.raises(ModelError, match="pins one weights file"):
+        load_weights(model, ModelRef(**{**ref, "weights": str(tmp_path)}, sha256="1" * 64), "student")

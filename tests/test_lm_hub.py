@@ -253,3 +253,7 @@ def test_on_policy_refusals_before_any_step(distiller):
     sharded.runtime.distributed = "fsdp"
     with pytest.raises(TrainingError, match="fsdp shards"):
         on_policy_for_stage(stage, SimpleNamespace(spec=sharded, student=d.student), 0, 0, 0)
+    replayed = SimpleNamespace(spec=d.spec, student=d.student, report=SimpleNamespace(
+        cached_taps={"teacher:lm_head": "teacher_output"}))
+    with pytest.raises(TrainingError, match="the teacher must score them live"):
+        on_policy_for_stage(stage, replayed, 0, 0, 0)

@@ -49,6 +49,11 @@ def on_policy_for_stage(stage: Any, task: nn.Module, rank: int, seed: int, index
     if spec is not None and spec.runtime.distributed == "fsdp":
         raise TrainingError(f"{where}: generation runs on the original (unsharded) module, which runtime.distributed: "
                             f"fsdp shards; train on-policy stages with ddp or one process")
+    cached = getattr(getattr(task, "report", None), "cached_taps", None)
+    if cached:
+        raise TrainingError(f"{where}: this stage reads the teacher's {', '.join(cached)} from runtime.teacher_cache, "
+                            f"but generated completions are text the cache has never seen; the teacher must score "
+                            f"them live: unset runtime.teacher_cache for on-policy stages")
     model = getattr(task, settings.generator, None)
     if not callable(getattr(model, "generate", None)):
         raise TrainingError(f"{where}: the {settings.generator} ({type(model).__name__}) has no generate method; "
