@@ -151,12 +151,14 @@ def test_greedy_teacher_generation_is_deterministic(distiller):
     d, init, _ = distiller
     d.load_state_dict(init)
     inputs, labels = _batch()
-    s = OnPolicySpec(fraction=1.0, max_new_tokens=6, temperature=0.0, generator="teacher", token_budget=6)
+    s = OnPolicySpec(fraction=1.0, max_new_tokens=6, temperature=0.0, generator="teacher", token_budget=7)
     a = OnPolicy(s, d.teacher, seed=1)
     new_in, lab = a(inputs, labels, 0, 0)
     b_in, _ = OnPolicy(s, d.teacher, seed=2)(inputs, labels, 0, 0)
     assert torch.equal(new_in["input_ids"], b_in["input_ids"])  # greedy: the seed does not matter
-    assert (lab != -100).sum() <= 6 and a.generated <= 6 and not a.picked(0, 1)  # the budget: 3 tokens a row
+    assert 0 < (lab != -100).sum() == a.generated <= 6  # the budget: 7 // 2 = 3 tokens a row at most
+    again, lab2 = a(inputs, labels, 0, 1)  # 1 token of budget left, less than one a row: the data's batch
+    assert a.picked(0, 1) and again is inputs and lab2 is labels
 
 
 def _train(d, init, tmp_path, on_policy=None, name="run"):

@@ -105,7 +105,7 @@ class OnPolicy:
         prompt = self._prompt_lengths(mask, labels)
         new = min(int(self.settings.max_new_tokens), ids.shape[1] - int(prompt.min()))
         if self.settings.token_budget is not None:
-            new = min(new, -(-(self.settings.token_budget - self.generated) // ids.shape[0]))
+            new = min(new, (self.settings.token_budget - self.generated) // ids.shape[0])  # never past the budget
         if new <= 0:
             return inputs, labels
         t0 = time.perf_counter()
