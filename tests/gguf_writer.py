@@ -10,8 +10,29 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(model, path) -> None:
-    """``model`` (a LlamaForCausalLM) as a GGUF file: llama metadata and F32 tensors under llama.cpp's names."""
+#: a tiny byte-level BPE vocabulary (GPT-2 style, as SmolLM2's GGUF holds one): specials, letters, six merges
+_LETTERS = list("abcdefghijklmnopqrstuvwxyz") + ["\u0120"]  # "\u0120" (Ġ): GPT-2's byte-level space
+_MERGES = ["a b", "ab c", "\u0120 a", "e m", "em m", "emm a"]
+_MERGED = ["ab", "abc", "\u0120a", "em", "emm", "emma"]
+
+
+def _add_tokenizer(w, vocab_size: int) -> None:
+    tokens = ["<unk>", "<s>", "</s>"] + _LETTERS + _MERGED
+    types = [2, 3, 3] + [1] * (len(tokens) - 3)
+    pad = vocab_size - len(tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens + [f"<extra{i}>" for i in range(pad)])
+    w.add_token_types(types + [4] * pad)
+    w.add_token_merges(_MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+
+def write_tiny_gguf(model, path, tokenizer: bool = False) -> None:
+    """``model`` (a LlamaForCausalLM) as a GGUF file: llama metadata and F32 tensors under llama.cpp's names; with
+    ``tokenizer`` also a tiny GPT-2 BPE tokenizer ("emma abc" -> emma, Ġ, abc)."""
     import gguf
 
     c = model.config
@@ -28,6 +49,8 @@ def write_tiny_gguf(model, path) -> None:
     w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))  # transformers 5 keeps it in rope_parameters
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    if tokenizer:
+        _add_tokenizer(w, c.vocab_size)
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue  # tied: GGUF leaves output.weight out, which is how transformers reads tie_word_embeddings

@@ -73,7 +73,7 @@ def distiller(tmp_path_factory):
     torch.manual_seed(0)
     source = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TEACHER)).eval()
     path = tmp_path_factory.mktemp("gguf") / "teacher.gguf"
-    write_tiny_gguf(source, path)
+    write_tiny_gguf(source, path, tokenizer=True)
     d = kdgraph.compile(_spec(path, file_sha256(path)))
     assert d.load_weights() == {"teacher": True, "student": False}
     return d, {k: v.clone() for k, v in d.state_dict().items()}, source
@@ -215,8 +215,8 @@ def test_export_round_trips_through_from_pretrained(distiller, tmp_path):
     d, init, _ = distiller
     trained, _ = _train(d, init, tmp_path, None, "export")  # two steps through the fused graph
     assert not _same(trained, {k: init[f"student.{k}"] for k in trained})
-    _tiny_tokenizer(tmp_path / "tok")
-    spec = _spec(d.spec.teacher.weights, d.spec.teacher.sha256, tokenizer=tmp_path / "tok")
+    gguf_file = d.spec.teacher.weights
+    spec = _spec(gguf_file, d.spec.teacher.sha256, tokenizer=gguf_file)  # the teacher's tokenizer, from its GGUF
     Checkpoint(spec_name=spec.name, spec=spec.model_dump(mode="json"), stage_names=["main"], distiller={},
                student=trained, stage="main", stage_index=0, epoch=0, step=2).save(tmp_path / "last.pt")
     res = export_student(tmp_path / "last.pt", tmp_path / "hf", hf=True)
@@ -234,7 +234,17 @@ def test_export_round_trips_through_from_pretrained(distiller, tmp_path):
     d.train()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
-    assert tok("w5 w7")["input_ids"] == [5, 7] and tok.eos_token == "</s>"
+    assert tok.convert_ids_to_tokens(tok("emma abc")["input_ids"]) == ["emma", "\u0120", "abc"]
+    assert tok.eos_token == "</s>"
+    # a tokenizer folder (save_pretrained) is copied the same way
+    _tiny_tokenizer(tmp_path / "tok")
+    spec = _spec(gguf_file, d.spec.teacher.sha256, tokenizer=tmp_path / "tok")
+    Checkpoint(spec_name=spec.name, spec=spec.model_dump(mode="json"), stage_names=["main"], distiller={},
+               student=trained, stage="main", stage_index=0, epoch=0, step=2).save(tmp_path / "last2.pt")
+    res = export_student(tmp_path / "last2.pt", tmp_path / "hf2", hf=True)
+    assert res["notes"][-1] == f"tokenizer copied from {tmp_path / 'tok'}"
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf2"), local_files_only=True)
+    assert tok("w5 w7")["input_ids"] == [5, 7]
     # the GLUE case (a sequence classifier) is covered by tests/test_hf_models.py::test_export_hf_folder_round_trips
 
 
@@ -255,6 +265,14 @@ def test_on_policy_refusals_before_any_step(distiller):
     sharded.runtime.distributed = "fsdp"
     with pytest.raises(TrainingError, match="fsdp shards"):
         on_policy_for_stage(stage, SimpleNamespace(spec=sharded, student=d.student), 0, 0, 0)
+    inputs, labels = _batch()
+    packed = {**inputs, "position_ids": torch.cat([torch.arange(6), torch.arange(T - 6)]).expand(2, T)}
+    with pytest.raises(TrainingError, match="packed documents"):
+        OnPolicy(OnPolicySpec(fraction=1.0), d.student)(packed, labels, 0, 0)
+    plain = {**inputs, "position_ids": torch.arange(T).expand(2, T)}
+    out, _ = OnPolicy(OnPolicySpec(fraction=1.0, max_new_tokens=2), d.student)(plain, labels, 0, 0)
+    assert list(out) == ["input_ids", "attention_mask", "position_ids"] and torch.equal(out["position_ids"],
+                                                                                       plain["position_ids"])
     replayed = SimpleNamespace(spec=d.spec, student=d.student, report=SimpleNamespace(
         cached_taps={"teacher:lm_head": "teacher_output"}))
     with pytest.raises(TrainingError, match="the teacher must score them live"):

@@ -15,7 +15,7 @@ An ``hf:`` student (a transformers network) can also be written as a ``save_pret
 ``AutoModelForSequenceClassification.from_pretrained(DIR)`` (or ``AutoModelForCausalLM``, ...) loads with no missing
 or unexpected key. Tied weights stay tied (save_pretrained writes the shared tensor once). A causal LM also gets
 its generation_config.json, ``use_cache`` back on (a spec turns it off for capture only), and the tokenizer of the
-spec's ``data.tokenizer`` when that folder exists here.
+spec's ``data.tokenizer`` (a folder, or a GGUF file's tokenizer) when it exists here.
 """
 from __future__ import annotations
 
@@ -62,19 +62,29 @@ def _export_hf(ckpt: str | Path, out: str | Path, stored_spec: Optional[dict], s
             "files": files, "notes": notes}
 
 
-def _copy_tokenizer(folder: str, out: str | Path) -> str:
-    """The spec's ``data.tokenizer`` (a local folder) saved into ``out`` beside the weights; a note for people."""
-    if not Path(folder).expanduser().is_dir():
-        return f"tokenizer not copied: the spec's data.tokenizer {folder!r} is not a folder on this machine"
+def _copy_tokenizer(ref: str, out: str | Path) -> str:
+    """The spec's ``data.tokenizer`` (a local folder, or a GGUF file's tokenizer: a path or ``pkg:PACKAGE/FILE.gguf``)
+    saved into ``out`` beside the weights; a note for people."""
     from transformers import AutoTokenizer
 
+    from ..models.gguf_support import is_gguf, resolve_local
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(folder).expanduser()), local_files_only=True,
-                                            trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"data.tokenizer: {folder!r} cannot be read as a tokenizer ({e}); it was not copied") from None
+        if is_gguf(ref):
+            path = resolve_local(ref, "data.tokenizer")
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                                trust_remote_code=False)
+        elif Path(ref).expanduser().is_dir():
+            tok = AutoTokenizer.from_pretrained(str(Path(ref).expanduser()), local_files_only=True,
+                                                trust_remote_code=False)
+        else:
+            return f"tokenizer not copied: the spec's data.tokenizer {ref!r} is not a folder on this machine"
+    except ModelError as e:  # a pkg: reference whose package is not installed here, a missing file
+        return f"tokenizer not copied: {e}"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"data.tokenizer: {ref!r} cannot be read as a tokenizer ({e}); it was not copied") from None
     tok.save_pretrained(str(out))
-    return f"tokenizer copied from {folder}"
+    return f"tokenizer copied from {ref}"
 
 
 def export_student(ckpt: str | Path, out: str | Path, verify: bool = True, hf: bool = False) -> dict[str, Any]:

@@ -102,6 +102,13 @@ class OnPolicy:
                                 f"(it rebuilds {', '.join(_KNOWN_INPUTS)}); packed documents are not completed")
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask", torch.ones_like(ids))
+        if "position_ids" in inputs:
+            pos = inputs["position_ids"]
+            expected = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            if not bool(((pos == expected) | (mask == 0)).all()):
+                raise TrainingError("on_policy: the batch's position_ids restart inside a row (packed documents); "
+                                    "a generated completion continues one document: train on-policy stages on "
+                                    "unpacked rows (data.text.packing: false)")
         prompt = self._prompt_lengths(mask, labels)
         new = min(int(self.settings.max_new_tokens), ids.shape[1] - int(prompt.min()))
         if self.settings.token_budget is not None:
