@@ -277,3 +277,17 @@ def test_on_policy_refusals_before_any_step(distiller):
         cached_taps={"teacher:lm_head": "teacher_output"}))
     with pytest.raises(TrainingError, match="the teacher must score them live"):
         on_policy_for_stage(stage, replayed, 0, 0, 0)
+
+
+def test_generation_uses_the_key_value_cache_even_with_use_cache_false_in_the_config():
+    cfg = transformers.AutoConfig.for_model(**{**LLAMA, "hidden_size": 32, "num_hidden_layers": 1,
+                                               "intermediate_size": 64})
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert m.config.use_cache is False  # as a spec sets it for capture
+    lengths = []
+    hook = m.model.embed_tokens.register_forward_hook(lambda mod, i, o: lengths.append(i[0].shape[1]))
+    inputs, labels = _batch()
+    OnPolicy(OnPolicySpec(fraction=1.0, max_new_tokens=5, temperature=0.0), m)(inputs, labels, 0, 0)
+    hook.remove()
+    assert lengths[0] == PROMPT and set(lengths[1:]) == {1}  # the prompt once, then one token a step
