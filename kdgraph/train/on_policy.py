@@ -126,6 +126,12 @@ class OnPolicy:
                      "tokens_per_s": round(n / dt, 1) if dt > 0 else None, "stage_generated_tokens": self.generated,
                      "generated_batches": self.batches, "by": self.settings.generator}
         if monitor is not None:
+            if self.batches == 1:
+                s = self.settings
+                monitor.print(f"  on-policy: {s.fraction:g} of the batches completed by the {s.generator} (up to "
+                              f"{s.max_new_tokens} new tokens, temperature {s.temperature:g}"
+                              + (f", budget {s.token_budget} tokens" if s.token_budget else "") + f"); first batch: "
+                              f"{n} tokens, {self.last['tokens_per_s']} tokens/s", soft_wrap=True)
             monitor.record("on_policy", **self.last)
         result = {"input_ids": out_ids, "attention_mask": out_mask}
         if "position_ids" in inputs:
