@@ -11,8 +11,9 @@ transformers is an optional dependency (``pip install 'kdgraph[hf]'``). A spec i
   by transformers (``BertForSequenceClassification``); nothing else is looked up, never remote code
   (``trust_remote_code`` and ``auto_map`` are refused).
 * ``kwargs.config`` is a mapping with ``model_type`` (``AutoConfig.for_model``), ``{gguf: FILE.gguf}`` (the
-  metadata of a GGUF file, :mod:`kdgraph.models.gguf_support`) or a local folder holding ``config.json`` (``AutoConfig.from_pretrained(folder, local_files_only=True)``; a relative ``./`` path is
-  relative to the spec file). Other keys of ``kwargs`` override config attributes (``num_labels: 3``).
+  metadata of a GGUF file, :mod:`kdgraph.models.gguf_support`) or a local folder holding ``config.json``
+  (``AutoConfig.from_pretrained(folder, local_files_only=True)``; a relative ``./`` path is relative to the spec
+  file). Other keys of ``kwargs`` override config attributes (``num_labels: 3``).
   Nothing is ever downloaded: a hub name is refused before transformers sees it.
 * The network is randomly initialised from the config; weights come from the spec's ``weights:`` and are loaded
   by kdgraph (:func:`load_hf_weights`): strict key checks, safetensors (single file or sharded index) or a
