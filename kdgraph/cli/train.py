@@ -129,11 +129,11 @@ def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> 
 @click.argument("ckpt", type=click.Path(dir_okay=True))
 @click.option("-o", "--out", required=True, type=click.Path(), help="(CKPT: a checkpoint file or a sharded checkpoint folder) where to write the state_dict (.safetensors: as safetensors; else a torch file), or with --hf the folder")
 @click.option("--no-verify", is_flag=True, help="skip loading it into a fresh student built from the checkpoint's spec")
-@click.option("--hf", is_flag=True, help="hf: students: write a Hugging Face save_pretrained folder (config.json, model.safetensors)")
+@click.option("--hf", is_flag=True, help="hf: students: write a Hugging Face save_pretrained folder (config.json, model.safetensors; causal LMs also generation_config.json and the spec's tokenizer)")
 @consent_options
 def export_cmd(ckpt, out, no_verify, hf) -> None:
     """Write the student of CKPT as a plain state_dict (loads into e.g. torchvision.models.resnet18(), strict),
-    or (--hf) as a folder AutoModelForSequenceClassification.from_pretrained(OUT) loads."""
+    or (--hf) as a folder AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(OUT) loads."""
     from ..train.export import export_student
 
     if not hf and Path(out).is_dir():
@@ -142,3 +142,5 @@ def export_cmd(ckpt, out, no_verify, hf) -> None:
     res = export_student(ckpt, out, verify=not no_verify, hf=hf)
     check = f", checked against {res['model']} (strict)" if res["verified"] else ""
     click.echo(f"wrote {res['out']}: {res['tensors']} tensors, {res['parameters']:,} parameters{check}")
+    for note in res.get("notes", []):
+        click.echo(f"  {note}")

@@ -10,9 +10,10 @@ transformers is an optional dependency (``pip install 'kdgraph[hf]'``). A spec i
 * ``CLASS`` must be one of transformers' own ``Auto*`` model classes or a ``PreTrainedModel`` subclass exported
   by transformers (``BertForSequenceClassification``); nothing else is looked up, never remote code
   (``trust_remote_code`` and ``auto_map`` are refused).
-* ``kwargs.config`` is a mapping with ``model_type`` (``AutoConfig.for_model``) or a local folder holding
-  ``config.json`` (``AutoConfig.from_pretrained(folder, local_files_only=True)``; a relative ``./`` path is
-  relative to the spec file). Other keys of ``kwargs`` override config attributes (``num_labels: 3``).
+* ``kwargs.config`` is a mapping with ``model_type`` (``AutoConfig.for_model``), ``{gguf: FILE.gguf}`` (the
+  metadata of a GGUF file, :mod:`kdgraph.models.gguf_support`) or a local folder holding ``config.json``
+  (``AutoConfig.from_pretrained(folder, local_files_only=True)``; a relative ``./`` path is relative to the spec
+  file). Other keys of ``kwargs`` override config attributes (``num_labels: 3``).
   Nothing is ever downloaded: a hub name is refused before transformers sees it.
 * The network is randomly initialised from the config; weights come from the spec's ``weights:`` and are loaded
   by kdgraph (:func:`load_hf_weights`): strict key checks, safetensors (single file or sharded index) or a
@@ -82,6 +83,11 @@ def _config(tf: Any, kwargs: dict[str, Any], role: str) -> Any:
         raise ModelError(f"{role}.kwargs.config is missing: an hf: model is built from a config, either inline "
                          f"({{model_type: bert, hidden_size: 768, ...}}) or a local folder holding config.json")
     cfg, overrides = kwargs["config"], {k: v for k, v in kwargs.items() if k != "config"}
+    if isinstance(cfg, dict) and "gguf" in cfg:  # the config in a GGUF file's metadata (kdgraph.models.gguf_support)
+        from .gguf_support import gguf_config
+
+        cfg = {**gguf_config(str(cfg["gguf"]), f"{role}.kwargs.config.gguf"),
+               **{k: v for k, v in cfg.items() if k != "gguf"}}
     if isinstance(cfg, dict):
         cfg = dict(cfg)
         model_type = cfg.pop("model_type", None)

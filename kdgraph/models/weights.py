@@ -263,11 +263,14 @@ def _torchvision_weights(ref: ModelRef, role: str) -> dict[str, torch.Tensor]:
 
 def _load_hf(model: nn.Module, ref: ModelRef, role: str) -> bool:
     """An ``hf:`` network's weights: a save_pretrained folder or a weights file (see :mod:`kdgraph.models.hf_support`)."""
+    from .gguf_support import is_gguf, read_gguf_weights
     from .hf_support import hf_folder_state_dict, is_hf_folder, load_hf_weights
 
     w = str(ref.weights)
     what = f"{role}.weights: {w!r}"
-    if is_hf_folder(w):
+    if is_gguf(w):  # llama.cpp's format, dequantised (kdgraph.models.gguf_support)
+        sd = read_gguf_weights(model, w, ref.sha256, f"{role}.weights")
+    elif is_hf_folder(w):
         sd = hf_folder_state_dict(w, what)
     elif os.path.isfile(w):
         try:
@@ -295,6 +298,13 @@ def load_weights(model: nn.Module, ref: ModelRef, role: str = "model") -> bool:
     if w.startswith(CACHE_PREFIX):
         raise ModelError(f"{role}.weights: {w!r} is a cache entry; resolve it first (kdgraph.models.weights.resolve, "
                          f"as Distiller.load_weights does)")
+    if ref.sha256 is not None and not w.lower().endswith(".gguf"):  # a .gguf file is checked where it is read
+        from .gguf_support import check_file_sha256
+
+        if not os.path.isfile(w):
+            raise ModelError(f"{role}.sha256 pins one weights file, but {role}.weights {w!r} is not a file (a "
+                             f"folder or a torchvision name); remove sha256 or name the file")
+        check_file_sha256(Path(w), ref.sha256, f"{role}.weights")
     if ref.model.startswith("hf:"):
         return _load_hf(model, ref, role)
     if _is_file_ref(w):

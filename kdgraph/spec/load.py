@@ -103,6 +103,8 @@ def _resolve_paths(spec: Spec, base: Path) -> Spec:
         ref.tokenizer = fix(ref.tokenizer)
         if ref.model.startswith("hf:") and isinstance(ref.kwargs.get("config"), str):  # a local config folder
             ref.kwargs["config"] = fix(ref.kwargs["config"])
+        if isinstance(ref.kwargs.get("config"), dict) and isinstance(ref.kwargs["config"].get("gguf"), str):
+            ref.kwargs["config"]["gguf"] = fix(ref.kwargs["config"]["gguf"])  # a GGUF file's metadata
     if spec.data.tokenizer:
         spec.data.tokenizer = fix(spec.data.tokenizer)
     for source in spec.data.text.sources if spec.data.text else ():

@@ -15,6 +15,7 @@ from .augment import check_augment
 from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
 from .data_section import DataSpec, DataWrapperSpec, HoldoutSpec  # noqa: F401 - re-exported
 from .location import fmt_loc
+from .on_policy_section import OnPolicySpec
 from .runtime_section import RuntimeSpec  # noqa: F401 - re-exported
 from .recipe import ClipSpec, EmaSpec, OptimizerSpec, SchedulerSpec, check_stage_recipe  # noqa: F401
 from .schedule import Schedule
@@ -37,6 +38,9 @@ class ModelRef(_Strict):
         None, description="torchvision weights enum name (IMAGENET1K_V1, DEFAULT) or a local file path; "
                           "loaded when training starts, never when compiling")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+    sha256: Optional[str] = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="the weights file's sha256 "
+                                  "(sha256sum FILE): checked over the whole file before it is read, a mismatch "
+                                  "refused (a .gguf teacher, any downloaded file)")
     capture: Literal["auto", "fx", "export"] = Field(
         "auto", description="how the network is captured as a graph: 'fx' (torch.fx symbolic tracing), "
                             "'export' (torch.export, non-strict) or 'auto' (fx, and torch.export when fx fails)")
@@ -215,6 +219,8 @@ class StageSpec(_Strict):
     accumulate: Int = Field(1, ge=1, le=4096, description="micro-batches of batch_size per optimizer step (the "
                                                          "update of one batch accumulate times larger)")
     ema: Optional[EmaSpec] = Field(None, description="an exponential moving average of the student")
+    on_policy: Optional[OnPolicySpec] = Field(None, description="causal LMs: a share of batches completed by the "
+                                              "student (or teacher) before the step (kdgraph.spec.on_policy_section)")
 
     @field_validator("name")
     @classmethod

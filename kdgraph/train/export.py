@@ -12,7 +12,10 @@ metadata): ``model.load_state_dict(safetensors.torch.load_file("student.safetens
 
 An ``hf:`` student (a transformers network) can also be written as a ``save_pretrained`` folder with ``hf=True``
 (``kdgraph export CKPT -o DIR --hf``): config.json and model.safetensors, which
-``AutoModelForSequenceClassification.from_pretrained(DIR)`` loads with no missing or unexpected key.
+``AutoModelForSequenceClassification.from_pretrained(DIR)`` (or ``AutoModelForCausalLM``, ...) loads with no missing
+or unexpected key. Tied weights stay tied (save_pretrained writes the shared tensor once). A causal LM also gets
+its generation_config.json, ``use_cache`` back on (a spec turns it off for capture only), and the tokenizer of the
+spec's ``data.tokenizer`` (a folder, or a GGUF file's tokenizer) when it exists here.
 """
 from __future__ import annotations
 
@@ -44,10 +47,44 @@ def _export_hf(ckpt: str | Path, out: str | Path, stored_spec: Optional[dict], s
         raise CheckpointError(f"{ckpt}: --hf writes a Hugging Face save_pretrained folder, but the student is "
                               f"{spec.student.model!r}, not an hf: model; export a .pt or .safetensors file instead")
     model = build_model(spec.student, "student")
+    notes = []
+    if callable(getattr(model, "can_generate", None)) and model.can_generate() and model.config.use_cache is False:
+        model.config.use_cache = True  # a capture setting (torch.export of a causal LM), not the network's: generation
+        model.generation_config.use_cache = True  # with the exported folder uses the key-value cache again
+        notes.append("use_cache set back to true in config.json (the spec turned it off for capture only)")
     files = save_hf_folder(model, {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, out)
+    tokenizer = getattr(spec.data, "tokenizer", None)
+    if tokenizer:
+        notes.append(_copy_tokenizer(tokenizer, out))
+        files = sorted(p.name for p in Path(out).iterdir())
     n = sum(p.numel() for p in model.parameters())
     return {"out": str(out), "tensors": len(sd), "parameters": n, "model": spec.student.model, "verified": True,
-            "files": files}
+            "files": files, "notes": notes}
+
+
+def _copy_tokenizer(ref: str, out: str | Path) -> str:
+    """The spec's ``data.tokenizer`` (a local folder, or a GGUF file's tokenizer: a path or ``pkg:PACKAGE/FILE.gguf``)
+    saved into ``out`` beside the weights; a note for people."""
+    from transformers import AutoTokenizer
+
+    from ..models.gguf_support import is_gguf, resolve_local
+
+    try:
+        if is_gguf(ref):
+            path = resolve_local(ref, "data.tokenizer")
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                                trust_remote_code=False)
+        elif Path(ref).expanduser().is_dir():
+            tok = AutoTokenizer.from_pretrained(str(Path(ref).expanduser()), local_files_only=True,
+                                                trust_remote_code=False)
+        else:
+            return f"tokenizer not copied: the spec's data.tokenizer {ref!r} is not a folder on this machine"
+    except ModelError as e:  # a pkg: reference whose package is not installed here, a missing file
+        return f"tokenizer not copied: {e}"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"data.tokenizer: {ref!r} cannot be read as a tokenizer ({e}); it was not copied") from None
+    tok.save_pretrained(str(out))
+    return f"tokenizer copied from {ref}"
 
 
 def export_student(ckpt: str | Path, out: str | Path, verify: bool = True, hf: bool = False) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from .ema import StudentEMA
 from .step_checks import check_batch_inputs as _check_batch_inputs, nan_message as _nan_message
 from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
+from .on_policy import on_policy_for_stage
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
 from .token_count import KEY, step_token_counts, token_counter
@@ -61,6 +62,7 @@ class StageRun:
     last_batch: Optional[tuple[Any, Any, dict[str, Any]]] = None  # what the save-time probe runs on
     ema: Optional[StudentEMA] = None  # the student's EMA (stages[i].ema)
     student: Optional[nn.Module] = None  # what the EMA averages
+    on_policy: Any = None  # stages[i].on_policy: generated completions (kdgraph.train.on_policy.OnPolicy)
 
     @property
     def per_step_schedule(self) -> bool:
@@ -147,7 +149,8 @@ def make_stage_run(name: str, index: int, stage: Any, task: nn.Module, eval_mode
     ema = StudentEMA(eval_model, ema_spec) if ema_spec is not None and eval_model is not None else None
     shown = ema.module if ema is not None and ema_spec.report else eval_model
     return StageRun(name, index, stage, task, wrap(task, env), shown, loader, opt, sched, scaler, lr,
-                    list(batch_inputs), save, evaluate, ema=ema, student=eval_model)
+                    list(batch_inputs), save, evaluate, ema=ema, student=eval_model,
+                    on_policy=on_policy_for_stage(stage, task, env.rank, seed, index))
 
 
 def optimizer_step(run: StageRun) -> None:
@@ -237,6 +240,8 @@ class StepLoop:
                 _check_batch_inputs(run, extras)
                 checked = True
             images, targets = self.to_device(images), self.to_device(targets)
+            if run.on_policy is not None:  # GKD: this batch's completions generated first (kdgraph.train.on_policy)
+                images, targets = run.on_policy(images, targets, epoch, step, self.monitor)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
             kw.update({} if num_tokens is None else {KEY: self.to_device(num_tokens)})
             run.last_batch = (images, targets, kw)
