@@ -89,6 +89,9 @@ def test_pass_report_graph_and_compile_output(distiller, capsys):
     # the student's soft-cap (div, tanh, mul after lm_head) went too
     assert not {f"{role_of(n)}:{info_of(n).name}" for n in nodes if info_of(n)} & set(r.details["removed"])
     assert sum(n.target is chunked_token_loss for n in nodes) == 1
+    g = d.graph                                                          # the networkx view reads the new nodes
+    assert [a["name"] for _, a in g.nodes(data=True) if a["role"] == "loss" and a["op"] == "call_function"
+            and a["module_path"] == "losses.main.kd"] == ["kd"]
     print_compile(compile_summary(d))
     assert "chunked_vocab kd in chunks of 5 tokens" in " ".join(capsys.readouterr().out.split())
 
