@@ -193,3 +193,41 @@ def test_spec_refuses_chunked_vocab_with_fsdp_and_bad_chunk():
     spec["runtime"] = {"chunked_vocab": {"chunk_tokens": 64}, "distributed": "fsdp"}
     with pytest.raises(SpecError, match="chunked_vocab"):
         kdgraph.load_spec(spec)
+
+
+class _TinyLM(torch.nn.Module):
+    """A user's causal LM (not transformers'): a biased head, no config (no scale / soft-cap)."""
+
+    def __init__(self, vocab: int = 48, width: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.lm_head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.mix(self.embed(input_ids))) * attention_mask.unsqueeze(-1)
+        return self.lm_head(h)
+
+
+def test_a_users_head_with_bias_is_chunked():
+    kdgraph.register_model("chunked_vocab_tiny_lm")(_TinyLM)
+    spec = _spec(chunk_tokens=3)
+    spec["input"]["named"]["input_ids"]["high"] = 48
+    spec["teacher"] = {"model": "registered:chunked_vocab_tiny_lm"}
+    spec["student"] = {"model": "registered:chunked_vocab_tiny_lm", "kwargs": {"width": 8}}
+    spec["stages"] = spec["stages"][:1]
+    spec["stages"][0]["losses"][0] = {"name": "kd", "type": "token_kl", "args": {"temperature": 2.0}}  # @output
+    torch.manual_seed(0)
+    d = kdgraph.compile(spec)
+    r = d.report.pass_result("chunked_vocab")
+    assert sorted(r.details["removed"]) == ["student:lm_head", "teacher:lm_head"], r.summary
+    assert d.student.lm_head.bias is not None
+    batch = _batch(4)
+    batch["input_ids"] = batch["input_ids"] % 48
+    out = d(batch)
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ref = TokenKL(temperature=2.0)(d.student(**kw), d.teacher(**kw).detach(), batch["labels"])
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    params = list(d.student.parameters())
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

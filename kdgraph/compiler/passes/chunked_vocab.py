@@ -15,7 +15,6 @@ and the report says which and why; the pass knows no method by name.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -34,16 +33,14 @@ __all__ = ["NAME", "run"]
 NAME = "chunked_vocab"
 
 _aten = torch.ops.aten
-_MUL = {_aten.mul.Tensor, _aten.mul.Scalar, operator.mul, torch.mul}
-_DIV = {_aten.div.Tensor, _aten.div.Scalar, operator.truediv, torch.div}
-_TANH = {_aten.tanh.default, torch.tanh}
-_LINEAR = {_aten.linear.default, torch.nn.functional.linear}
+_MUL = {_aten.mul.Tensor, _aten.mul.Scalar}
+_DIV = {_aten.div.Tensor, _aten.div.Scalar}
+_TANH = {_aten.tanh.default}
+_LINEAR = {_aten.linear.default}
 
 
 def _step(n: fx.Node) -> Optional[tuple[str, Optional[float], fx.Node]]:
     """``(op, constant, input)`` of a scale / soft-cap step (``x * c``, ``x / c``, ``tanh(x)``), else ``None``."""
-    if n.op == "call_method" and n.target == "tanh" and len(n.args) == 1:
-        return "tanh", None, n.args[0]
     if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
         return None
     if n.target in _TANH and len(n.args) == 1:
@@ -86,19 +83,21 @@ def _find_head(gm: fx.GraphModule, ctx: PassContext, top: fx.Node) -> tuple[Opti
         n = step[2]
         chain.insert(0, n)
     for i, head in enumerate(chain):  # the first Linear from the head end
-        path = (info_of(head).module_path or info_of(head).name or "") if info_of(head) else ""
-        if head.op == "call_module" and isinstance(gm.get_submodule(head.target), nn.Linear):
-            mod_path, x = head.target[len(role.value) + 1:], head.args[0]
-        elif head.op == "call_function" and head.target in _LINEAR and len(head.args) >= 2:
-            mod_path, x = path, head.args[0]
-        else:
+        if head.op == "call_module":  # fx capture: LMs take named inputs, which only torch.export captures
+            return None, f"{head.target} is a module call (fx capture); the pass reads torch.export's aten.linear"
+        if head.op != "call_function" or head.target not in _LINEAR or len(head.args) < 2:
             continue
+        mod_path = (info_of(head).name or "") if info_of(head) else ""
+        x, w = head.args[0], head.args[1]
+        b = head.args[2] if len(head.args) > 2 else head.kwargs.get("bias")
         try:
             linear = net.get_submodule(mod_path)
         except AttributeError:
-            return None, f"{path or head.name} is not a module of the {role.value}"
+            return None, f"{mod_path or head.name} is not a module of the {role.value}"
         if not isinstance(linear, nn.Linear) or not isinstance(x, fx.Node):
             return None, f"{mod_path} is not an nn.Linear"
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and gm.get_parameter(w.target) is linear.weight):
+            return None, f"{mod_path}'s weight is not read as a parameter"
         steps = [(s[0], s[1]) for s in map(_step, chain[i + 1:])]
         expected, scale, cap = _config_steps(net)
         if steps and steps != expected:
@@ -106,12 +105,6 @@ def _find_head(gm: fx.GraphModule, ctx: PassContext, top: fx.Node) -> tuple[Opti
                           f"logit scale / soft-cap the {role.value}'s config declares")
         if not steps:
             scale = cap = None
-        if head.op == "call_function":
-            w, b = head.args[1], head.args[2] if len(head.args) > 2 else head.kwargs.get("bias")
-            if not (isinstance(w, fx.Node) and w.op == "get_attr" and gm.get_parameter(w.target) is linear.weight):
-                return None, f"{mod_path}'s weight is not read as a parameter"
-        else:
-            w, b = "weight", "bias" if linear.bias is not None else None
         return _Head(role.value, chain[i:], x, w, b, scale, cap, mod_path), ""
     return None, "not the output of an nn.Linear head"
 
@@ -124,17 +117,8 @@ def _chunkable(gm: fx.GraphModule, n: fx.Node) -> bool:
             and {"student", "teacher", "labels"} <= set(n.kwargs) <= {"student", "teacher", "labels", "num_tokens"})
 
 
-def _side(graph: fx.Graph, head: Optional[_Head], node: fx.Node):
-    if head is None:
-        return Dense(node)
-    if isinstance(head.weight, str):  # an nn.Linear call (fx backend): read its parameters
-        base = f"{head.role}.{head.path}"
-        head.weight = graph.get_attr(f"{base}.weight")
-        head.bias = graph.get_attr(f"{base}.bias") if head.bias else None
-        for a in (head.weight, head.bias):
-            if a is not None:
-                set_info(a, NodeInfo(Role.TEACHER if head.role == "teacher" else Role.STUDENT, f"{head.path}.{a.name}"))
-    return Head(head.hidden, head.weight, head.bias, head.scale, head.cap)
+def _side(head: Optional[_Head], node: fx.Node):
+    return Dense(node) if head is None else Head(head.hidden, head.weight, head.bias, head.scale, head.cap)
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -162,8 +146,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with graph.inserting_before(n):
             mod = set_info(graph.get_attr(n.target), NodeInfo(Role.LOSS, f"{name}/module", n.target))
             new = graph.call_function(chunked_token_loss, (mod, n.kwargs["labels"], n.kwargs.get("num_tokens"),
-                                                           ctx.chunked_vocab, _side(graph, heads[s][0], s),
-                                                           _side(graph, heads[t][0], t)))
+                                                           ctx.chunked_vocab, _side(heads[s][0], s),
+                                                           _side(heads[t][0], t)))
         set_info(new, info_of(n).replace(derived_from=n.name))
         n.replace_all_uses_with(new)
         graph.erase_node(n)
