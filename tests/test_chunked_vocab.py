@@ -102,7 +102,7 @@ def test_a_head_output_other_nodes_read_stays_dense(distiller):
     try:
         r = d.report.pass_result("chunked_vocab")
         assert r.changed and r.details["chunked"] == ["kd"] and r.details["removed"] == ["teacher:lm_head"]
-        assert len(r.details["dense"]) == 1 and r.details["dense"][0].startswith("kd.student dense: also read by")
+        assert r.details["dense"] == ["kd.student dense: also read by student:/div"]    # Gemma2's soft-cap
         batch = _batch(1)
         out = d(batch)
         assert out.logits is not None and out.logits.shape == (2, SEQ, 128)   # the student's capped logits

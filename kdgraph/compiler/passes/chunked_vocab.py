@@ -117,6 +117,14 @@ def _chunkable(gm: fx.GraphModule, n: fx.Node) -> bool:
             and {"student", "teacher", "labels"} <= set(n.kwargs) <= {"student", "teacher", "labels", "num_tokens"})
 
 
+def _label(n: fx.Node) -> str:
+    """``student:/div``, ``loss mse``: a node as the report names it."""
+    info = info_of(n)
+    if info is None or info.name is None:
+        return n.name
+    return f"{info.role}:{info.name}" if info.role.is_network else f"{info.role} {info.name}"
+
+
 def _side(head: Optional[_Head], node: fx.Node):
     return Dense(node) if head is None else Head(head.hidden, head.weight, head.bias, head.scale, head.cap)
 
@@ -132,7 +140,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             top = n.kwargs[key]
             if top not in heads:
                 head, why = _find_head(gm, ctx, top) if isinstance(top, fx.Node) else (None, "not a node")
-                others = [u.name for u in top.users if u.op != "output" and u not in losses] if head else []
+                others = [_label(u) for u in top.users if u.op != "output" and u not in losses] if head else []
                 heads[top] = (None, f"also read by {', '.join(others)}") if others else (head, why)
     chunked, dense = [], []
     for n in losses:
@@ -161,7 +169,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             logits_dropped = True
         for node in reversed(head.nodes):
             if not node.users:
-                removed.append(f"{head.role}:{info_of(node).name if info_of(node) else node.name}")
+                removed.append(_label(node))
                 graph.erase_node(node)
     if not chunked:
         why = f" ({'; '.join(dense)})" if dense else ""
