@@ -187,7 +187,8 @@ def test_cleanup_drops_exactly_the_modules_no_node_calls():
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def test_passes_run_in_the_listed_order_and_the_report_lists_them():
-    assert [p.NAME for p in PASSES] == ["inplace_safety", "prune_teacher", "fold_teacher_bn", "teacher_channels_last",
+    assert [p.NAME for p in PASSES] == ["inplace_safety", "chunked_vocab", "prune_teacher", "fold_teacher_bn",
+                                       "teacher_channels_last",
                                        "teacher_dtype", "teacher_mkldnn", "fsdp_schedule", "teacher_no_grad",
                                        "cleanup"]
     gm = _two_network_graph()
@@ -203,7 +204,7 @@ def test_passes_run_in_the_listed_order_and_the_report_lists_them():
         role_of(n) is Role.TEACHER for n in d.graph_module.graph.nodes)
     data = json.loads(json.dumps(report.to_dict()))
     assert [p["name"] for p in data["passes"]] == [p.NAME for p in PASSES]
-    assert data["passes"][1]["summary"] == prune.summary and data["teacher_nodes_pruned"] == 3
+    assert data["passes"][2]["summary"] == prune.summary and data["teacher_nodes_pruned"] == 3
 
 
 def test_every_node_of_a_compiled_stage_has_node_info():

@@ -1,7 +1,7 @@
 """The pipeline of one stage: fuse the graph, run the passes in order, report what was built and what changed.
 
-    fuse_stage -> PASSES (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype,
-                          teacher_mkldnn, fsdp_schedule, teacher_no_grad, cleanup) -> StageReport
+    fuse_stage -> PASSES (inplace_safety, chunked_vocab, prune_teacher, fold_teacher_bn, teacher_channels_last,
+                          teacher_dtype, teacher_mkldnn, fsdp_schedule, teacher_no_grad, cleanup) -> StageReport
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def build_stage(prep: Prepared, stage_index: int, teacher: nn.Module,
     rt = prep.spec.runtime
     ctx = PassContext(prep.spec.stages[stage_index], fused.taps, fold_teacher_bn=rt.fold_teacher_bn,
                       teacher_channels_last=rt.teacher_channels_last, teacher_dtype=rt.teacher_dtype,
-                      teacher_mkldnn=rt.teacher_mkldnn, fsdp=shard_plan(prep.spec, teacher, student))
+                      teacher_mkldnn=rt.teacher_mkldnn, fsdp=shard_plan(prep.spec, teacher, student),
+                      chunked_vocab=rt.chunked_vocab.chunk_tokens if rt.chunked_vocab is not None else None,
+                      networks={"teacher": teacher, "student": student})
     results = run_passes(fused.gm, ctx)
     return fused.gm, stage_report(prep, stage_index, fused, results)
 

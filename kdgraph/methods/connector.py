@@ -11,6 +11,8 @@ module per method for this; kdgraph has one adapter that covers them all:
     - a 3x3 connector: ``{kernel_size: 3}`` (padding 1 keeps H x W)
 * ``layer: linear``: ``Linear(in_features, out_features)`` on the input flattened from dim 1
     - CCKD's embedding (Peng et al., ICCV 2019; torchdistill's ``Linear4CCKD``): ``{layer: linear, out_features: 128}``
+    - ``flatten: false``: on the last dimension only, e.g. a language model's hidden states ``B x T x H`` ->
+      ``B x T x H'`` (a learned projection per token, as in a layer map; docs/causal_lm.md)
 
 The submodules are named ``conv``, ``bn``, ``relu`` and ``linear``, so the state dict of a torchdistill ``ConvReg``
 loads as it is. Widths follow from the taps (``infer_args``): ``in_channels`` / ``in_features`` from the input tap,
@@ -61,6 +63,8 @@ class ConnectorArgs(MethodArgs):
     bn: Optional[Flag] = Field(None, description="true / false: a BatchNorm after the conv (default: true for conv; "
                                                  "linear: not allowed)")
     relu: Flag = Field(False, description="true / false: a ReLU last")
+    flatten: Flag = Field(True, description="linear: flatten the input from dim 1 first (true, the default); false: "
+                                            "map the last dimension only (B x T x H -> B x T x out_features)")
 
 
 @register_adapter("connector")
@@ -72,7 +76,7 @@ class Connector(Adapter, nn.Sequential):
     def __init__(self, layer: str = "conv", in_channels: Optional[int] = None, out_channels: Optional[int] = None,
                  kernel_size: int = 1, stride: int = 1, padding: Optional[int] = None,
                  in_features: Optional[int] = None, out_features: Optional[int] = None,
-                 bias: Optional[bool] = None, bn: Optional[bool] = None, relu: bool = False):
+                 bias: Optional[bool] = None, bn: Optional[bool] = None, relu: bool = False, flatten: bool = True):
         modules: "OrderedDict[str, nn.Module]" = OrderedDict()
         if layer == "conv":
             if in_channels is None or out_channels is None:
@@ -94,9 +98,10 @@ class Connector(Adapter, nn.Sequential):
             modules["relu"] = nn.ReLU()
         nn.Sequential.__init__(self, modules)
         self.layer = layer
+        self.flatten = bool(flatten)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer == "linear":
+        if self.layer == "linear" and self.flatten:
             x = x.flatten(1)
         return nn.Sequential.forward(self, x)
 
@@ -110,13 +115,16 @@ class Connector(Adapter, nn.Sequential):
             if given:
                 raise ShapeError(f"connector: {', '.join(given)} belong to layer: conv; a linear connector takes "
                                  f"in_features / out_features")
-            require_arg(args, "in_features", flat_features(x))
+            flat = args.get("flatten", True) is not False
+            require_arg(args, "in_features", flat_features(x) if flat else int(x[-1]))
             if match_shape is not None:
-                require_arg(args, "out_features", flat_features(match_shape))
+                require_arg(args, "out_features", flat_features(match_shape) if flat else int(match_shape[-1]))
             if args.get("out_features") is None:
                 raise ShapeError("connector (linear): out_features is unknown; set args.out_features or give the "
                                  "adapter a 'match' tap")
             return args
+        if args.get("flatten") is False:
+            raise ShapeError("connector: flatten belongs to layer: linear (a conv connector maps N x C x H x W)")
         if len(x) != 4:
             raise ShapeError(f"connector (conv): the input must be N x C x H x W, got shape {_fmt(x)}; use "
                              f"layer: linear for a flat feature")

@@ -9,6 +9,13 @@ from .base import Int, _Strict
 from .fsdp_schema import FSDPSpec
 
 
+class ChunkedVocabSpec(_Strict):
+    """``runtime.chunked_vocab``: the chunked vocabulary loss pass (docs/causal_lm.md, "Chunked vocabulary loss")."""
+
+    chunk_tokens: Int = Field(256, ge=1, le=1 << 24, description="kept tokens per chunk: the largest logits "
+                                                                  "block alive at once is chunk_tokens x vocabulary")
+
+
 class RuntimeSpec(_Strict):
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
@@ -50,6 +57,11 @@ class RuntimeSpec(_Strict):
     fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="sharding units, mixed precision and teacher "
                                                                  "placement of runtime.distributed: fsdp")
 
+    chunked_vocab: Optional[ChunkedVocabSpec] = Field(
+        None, description="compiler pass: a token loss (token_kl, ...) that reads the output of a network's Linear "
+                          "head (lm_head) computes it from the head's input and weight in checkpointed chunks of "
+                          "kept tokens, never building the B x T x V logits (out.logits is then None); unset: off")
+
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
@@ -72,7 +84,8 @@ class RuntimeSpec(_Strict):
     def _fsdp_compatible(self) -> "RuntimeSpec":
         if self.distributed != "fsdp":
             return self
-        bad = [name for name, on in [("compile", self.compile), ("sync_bn", self.sync_bn)] if on]
+        bad = [name for name, on in [("compile", self.compile), ("sync_bn", self.sync_bn),
+                                     ("chunked_vocab", self.chunked_vocab is not None)] if on]
         if self.fsdp.teacher == "sharded":
             bad += [name for name, on in [("teacher_mkldnn", self.teacher_mkldnn),
                                           ("fold_teacher_bn", self.fold_teacher_bn)] if on]
@@ -82,5 +95,13 @@ class RuntimeSpec(_Strict):
                              f"(teacher_mkldnn and fold_teacher_bn derive copies of the teacher's weights when "
                              f"compiling, compile and sync_bn wrap the modules themselves). Switch "
                              f"{'it' if len(bad) == 1 else 'them'} off, use distributed: ddp, or (for the teacher "
-                             f"passes) fsdp.teacher: replicated")
+                             f"passes) fsdp.teacher: replicated; chunked_vocab reads the head's weight outside the "
+                             f"gathers")
+        return self
+
+    @model_validator(mode="after")
+    def _chunked_vocab_alone(self) -> "RuntimeSpec":
+        if self.chunked_vocab is not None and self.teacher_mkldnn:
+            raise ValueError("chunked_vocab reads the teacher's final hidden states, which teacher_mkldnn hides "
+                             "inside its one oneDNN call; switch one of them off (teacher_mkldnn is for CNNs)")
         return self

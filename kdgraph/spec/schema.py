@@ -14,6 +14,7 @@ from ..errors import SpecError, did_you_mean
 from .augment import check_augment
 from .base import Float, Int, _no_bool, _Strict  # noqa: F401 - re-exported
 from .data_section import DataSpec, DataWrapperSpec, HoldoutSpec  # noqa: F401 - re-exported
+from .for_each import expand_for_each
 from .location import fmt_loc
 from .on_policy_section import OnPolicySpec
 from .runtime_section import RuntimeSpec  # noqa: F401 - re-exported
@@ -273,6 +274,12 @@ class Spec(_Strict):
     reference: Optional[Reference] = None
 
     _lines: dict = PrivateAttr(default_factory=dict)  # field path (tuple) -> YAML line, when loaded from YAML
+
+    @model_validator(mode="before")
+    @classmethod
+    def _for_each(cls, data: Any) -> Any:
+        # adapters / losses written once with for_each (kdgraph.spec.for_each); validate_spec expanded them already
+        return expand_for_each(data)[0]
 
     @field_validator("name")
     @classmethod

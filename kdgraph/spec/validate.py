@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, did_you_mean
+from .for_each import expand_for_each
 from .location import fmt_loc
 from .schema import Spec
 from .yaml_loader import _non_finite, _yaml_lines
@@ -77,6 +78,7 @@ def validate_spec(data: Any, source: str = "<spec>", text: str | None = None,
                         f"stages, ...), got a {type(data).__name__}")
     if lines is None:
         lines = _yaml_lines(text) if text else {}
+    data, lines = expand_for_each(data, lines, source)  # for_each entries become ordinary ones, lines moved along
     bad = _non_finite(data)
     if bad is not None:
         line = lines.get(bad)

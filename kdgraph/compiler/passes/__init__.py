@@ -11,20 +11,21 @@ from typing import Iterable
 import torch.fx as fx
 
 from ..report import PassResult
-from . import (cleanup, fold_teacher_bn, fsdp_schedule, inplace_safety, prune_teacher, teacher_channels_last, teacher_dtype,
-               teacher_mkldnn, teacher_no_grad)
+from . import (chunked_vocab, cleanup, fold_teacher_bn, fsdp_schedule, inplace_safety, prune_teacher,
+               teacher_channels_last, teacher_dtype, teacher_mkldnn, teacher_no_grad)
 from .context import PassContext
 from .teacher_no_grad import teacher_grad_off, teacher_grad_restore
 
 __all__ = ["PASSES", "PassContext", "run_passes", "teacher_grad_off", "teacher_grad_restore"]
 
-#: in order: in-place safety must see every tap's users before pruning; BatchNorm folding works on the teacher
+#: in order: in-place safety must see every tap's users before pruning; chunked_vocab rewires token losses from
+#: Linear heads' logits to their inputs and drops the heads before pruning; BatchNorm folding works on the teacher
 #: nodes that survived pruning; the teacher's layout and precision passes see the folded calls; teacher_mkldnn
 #: (exclusive with those three: the spec refuses the mix) turns the surviving teacher into one call; fsdp_schedule
 #: brackets each sharding unit's final nodes with its gather/re-shard; no-grad brackets every teacher node (theirs
 #: too); cleanup (lint, unused submodules, recompile) is last
-PASSES = (inplace_safety, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype, teacher_mkldnn,
-          fsdp_schedule, teacher_no_grad, cleanup)
+PASSES = (inplace_safety, chunked_vocab, prune_teacher, fold_teacher_bn, teacher_channels_last, teacher_dtype,
+          teacher_mkldnn, fsdp_schedule, teacher_no_grad, cleanup)
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Iterable = PASSES) -> list[PassResult]:

@@ -1,0 +1,108 @@
+"""What the ``chunked_vocab`` pass's node runs: a token loss computed from final hidden states in chunks of tokens.
+
+A token loss (:class:`~kdgraph.methods.token_base.TokenLoss`) over dense logits builds ``B x T x V`` logits for
+each network (and, for the backward, their softmax): at vocabulary 49,152 and 512 tokens that is ~100 MB per
+tensor in fp32. :func:`chunked_token_loss` instead keeps the ``N`` scored rows of the head's *input*
+(``N x H``), and for each chunk of ``chunk_tokens`` rows computes::
+
+    z = x_chunk @ W[:V]^T (+ b[:V]);   z = z * logit_scale;   z = tanh(z / cap) * cap      (as the config says)
+    total += loss.per_token(z_student.float(), z_teacher.float()).sum()
+
+under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): the forward keeps only each chunk's inputs, the
+backward recomputes one chunk's logits at a time, so at most one ``chunk_tokens x V`` block (and its softmax) is
+alive in forward and in backward. A side whose inputs need no gradient (the frozen teacher) is computed under
+``no_grad``. The result is ``loss.normalise(total, kept, num_tokens)``: the same value as the loss's own
+``forward`` on dense logits, and the same gradients (a tied embedding gets both its embedding and its head share,
+since ``W`` is the shared parameter itself).
+
+A side is a :class:`Head` (hidden states, weight, bias, scale, softcap) or a :class:`Dense` (logits another node
+computes anyway, e.g. a cached teacher's), indexed chunk by chunk.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["Head", "Dense", "head_logits", "chunked_token_loss"]
+
+
+class Head(NamedTuple):
+    """A Linear output head: its input ``hidden`` (``B x T x H``), ``weight`` (``V x H``), ``bias`` and the
+    post-processing the model's config declares (``scale``: Cohere's ``logit_scale``; ``softcap``: Gemma2's
+    ``final_logit_softcapping``)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+
+
+class Dense(NamedTuple):
+    """Logits that exist anyway (``B x T x V``)."""
+
+    logits: torch.Tensor
+
+
+Side = Union[Head, Dense]
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: Optional[float],
+                softcap: Optional[float]) -> torch.Tensor:
+    """The head's logits for rows ``x``, scaled and soft-capped in the order the models apply them."""
+    z = F.linear(x.to(weight.dtype), weight, bias)
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def _rows(loss, side: Side, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The kept rows of a side (``N x H`` hidden or ``N x V`` logits) and what turns a chunk of them into logits."""
+    if isinstance(side, Dense):
+        return loss.align(side.logits)[mask], ()
+    x = side.hidden[:, :-1] if loss.shift else side.hidden
+    v = loss.vocab_size
+    weight = side.weight if v is None else side.weight[:v]
+    bias = side.bias if side.bias is None or v is None else side.bias[:v]
+    return x[mask], (weight, bias, side.scale, side.softcap)
+
+
+def _logits(rows: torch.Tensor, head: tuple) -> torch.Tensor:
+    if not head:
+        return rows.float()
+    grad = torch.is_grad_enabled() and (rows.requires_grad or any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in head[:2]))
+    with torch.set_grad_enabled(grad):
+        return head_logits(rows, *head).float()
+
+
+def chunked_token_loss(loss, labels: torch.Tensor, num_tokens: Optional[torch.Tensor], chunk_tokens: int,
+                       student: Side, teacher: Side) -> torch.Tensor:
+    """``loss`` (a TokenLoss) over ``student`` and ``teacher`` in chunks of ``chunk_tokens`` kept tokens."""
+    mask = loss.token_mask(labels)
+    s_rows, s_head = _rows(loss, student, mask)
+    t_rows, t_head = _rows(loss, teacher, mask)
+    n = s_rows.shape[0]
+
+    def chunk(s: torch.Tensor, t: torch.Tensor, *params) -> torch.Tensor:
+        sh = (params[0], params[1], *s_head[2:]) if s_head else ()
+        th = (params[2], params[3], *t_head[2:]) if t_head else ()
+        return loss.per_token(_logits(s, sh), _logits(t, th)).sum()
+
+    params = (s_head[0] if s_head else None, s_head[1] if s_head else None,
+              t_head[0] if t_head else None, t_head[1] if t_head else None)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(p, torch.Tensor) and p.requires_grad for p in (s_rows, t_rows, *params))
+    total = s_rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(n, 1), chunk_tokens):  # no kept token: one empty chunk, a zero with a grad_fn
+        s, t = s_rows[start:start + chunk_tokens], t_rows[start:start + chunk_tokens]
+        if needs_grad:
+            total = total + checkpoint(chunk, s, t, *params, use_reentrant=False)
+        else:
+            total = total + chunk(s, t, *params)
+    return loss.normalise(total, mask.sum(), num_tokens)
