@@ -1,7 +1,7 @@
 """Fixed-width bit packing of token ids: ``N x K`` ids below ``2**bits`` <-> ``N x ceil(K * bits / 8)`` bytes.
 
-A vocabulary of ``V`` tokens needs ``bits = ceil(log2 V)`` bits per id (17 for SmolLM2's 49,152 and Llama-3's
-128,256 fit 17; Qwen2.5's 151,936 needs 18), against 32 in an ``int32``. Each row is packed on its own
+A vocabulary of ``V`` tokens needs ``bits = ceil(log2 V)`` bits per id (SmolLM2's 49,152: 16; Llama-3's 128,256:
+17; Qwen2.5's 151,936: 18), against 32 in an ``int32``. Each row is packed on its own
 (little-endian bit order: bit ``j`` of id ``k`` is bit ``k * bits + j`` of the row), so rows can be read one by one
 from a memory map. Pure numpy, vectorised over the rows.
 """

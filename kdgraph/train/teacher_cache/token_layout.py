@@ -8,7 +8,8 @@ One shard per rank; rank ``r`` of ``W`` holds sequences ``r, r + W, ...`` and, f
     DIR/rankRRR-of-WWW.tail.npy      float32 N_r                        1 - sum_k p_t,k
     DIR/rankRRR-of-WWW.offsets.npy   int64   rows + 1                   sequence i's tokens: offsets[i]:offsets[i+1]
 
-So a kept token costs ``ceil(K * bits / 8) + 2 K + 4`` bytes (K = 128 at 17 bits: 272 + 256 + 4 = 532 bytes).
+So a kept token costs ``ceil(K * bits / 8) + 2 K + 4`` bytes (K = 128: 516 at 16 bits, vocabularies up to 65,536
+such as SmolLM2's 49,152; 532 at 17 bits; 548 at 18).
 """
 from __future__ import annotations
 
