@@ -233,3 +233,27 @@ def test_kill_9_during_cache_teacher_resumes_to_the_uninterrupted_cache(tmp_path
     for name in ("ids", "logp", "tail", "offsets"):
         a = (tmp_path / "killed" / f"rank000-of-001.{name}.npy").read_bytes()
         assert a == (tmp_path / "whole" / f"rank000-of-001.{name}.npy").read_bytes(), name
+
+
+def test_two_ranks_write_one_shard_each_and_read_as_one_cache(written):
+    tmp, spec, data, tok, teacher, _ = written
+    env = dict(os.environ, PYTHONPATH=str(Path(kdgraph.__file__).parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdgraph",
+           "cache-teacher", str(tmp / "spec_0_False.yaml"), "--topk", "32", "--sequences", str(tmp / "seqs.npz"),
+           "--tokenizer", str(tok), "--batch-size", "5", "--device", "cpu", "--no-progress", "--out",
+           str(tmp / "two")]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and sum(manifest["shard_tokens"]) == manifest["kept_tokens"]
+    for r in (0, 1):  # rank r holds sequences r, r + 2, ...: its kept tokens only
+        offsets = np.load(tmp / "two" / f"rank00{r}-of-002.offsets.npy")
+        assert offsets[-1] == manifest["shard_tokens"][r] and len(offsets) == N // 2 + 1
+    expected = describe_tokens(spec, teacher, data, str(tok))
+    one = open_token_cache(tmp / "cache", expected, "one")
+    two = open_token_cache(tmp / "two", expected, "two")
+    idx = list(range(N))
+    a, b = one.sparse(idx), two.sparse(idx)
+    assert torch.equal(a.ids, b.ids)  # another batch composition: the fp32 teacher agrees to ~1e-7, bf16 to 1 step
+    torch.testing.assert_close(a.logp.float(), b.logp.float(), rtol=BF16, atol=0)
+    torch.testing.assert_close(a.tail, b.tail, rtol=1e-5, atol=1e-7)
