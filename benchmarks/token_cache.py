@@ -2,8 +2,9 @@
 and the replayed training step against the live teacher.
 
     python benchmarks/token_cache.py [--vocab 49152] [--topk 128] [--seq 128] [--seqs 32] [--batch 4] [--rounds 10]
+                                     [--teacher-layers 4] [--teacher-hidden 256]
 
-Teacher: Llama 4 layers x d 256, student 2 layers x d 64, vocabulary ``--vocab`` (default SmolLM2's 49,152),
+Teacher: Llama 4 layers x d 256 (``--teacher-layers``, ``--teacher-hidden``), student 2 layers x d 64, vocabulary ``--vocab`` (default SmolLM2's 49,152),
 random weights (saved to a temporary file, as cache-teacher refuses a random teacher). Sequences: random ids, the
 first 8 labels of each -100 (a prompt). Steps: the compiled token_kl distiller's forward + backward + AdamW step,
 live (teacher:lm_head online) and replayed (teacher:lm_head from the cache, the teacher pruned; the time to read
@@ -44,7 +45,7 @@ def spec_file(tmp: Path, a: argparse.Namespace, cache: str | None) -> Path:
     spec = {"name": "token_cache_bench",
             "input": {"named": {"input_ids": {"shape": [a.seq], "dtype": "int64", "high": a.vocab},
                                 "attention_mask": {"shape": [a.seq], "dtype": "int64"}}},
-            "teacher": {"model": "hf:AutoModelForCausalLM", "kwargs": {"config": config(a.vocab, 256, 4)},
+            "teacher": {"model": "hf:AutoModelForCausalLM", "kwargs": {"config": config(a.vocab, a.teacher_hidden, a.teacher_layers)},
                         "weights": str(tmp / "teacher.pt")},
             "student": {"model": "hf:AutoModelForCausalLM", "kwargs": {"config": config(a.vocab, 64, 2)}},
             "stages": [{"name": "main", "epochs": 1, "batch_size": a.batch, "train": ["student"],
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--teacher-layers", type=int, default=4)
+    p.add_argument("--teacher-hidden", type=int, default=256)
     a = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as td:
@@ -111,7 +114,8 @@ def main() -> None:
                         times["read"].append(t_read)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(json.dumps({
-            "vocab": a.vocab, "topk": a.topk, "id_bits": w["id_bits"], "seq": a.seq, "sequences": a.seqs,
+            "teacher": f"{a.teacher_layers} x {a.teacher_hidden}", "student": "2 x 64", "vocab": a.vocab,
+            "topk": a.topk, "id_bits": w["id_bits"], "seq": a.seq, "sequences": a.seqs,
             "kept_tokens": w["kept_tokens"], "bytes_per_token_format": w["bytes_per_token"],
             "bytes_per_token_on_disk": round(on_disk / w["kept_tokens"], 1),
             "write_tokens_per_s": w["tokens_per_s"], "batch": a.batch, "rounds": a.rounds,

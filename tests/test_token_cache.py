@@ -257,3 +257,18 @@ def test_two_ranks_write_one_shard_each_and_read_as_one_cache(written):
     assert torch.equal(a.ids, b.ids)  # another batch composition: the fp32 teacher agrees to ~1e-7, bf16 to 1 step
     torch.testing.assert_close(a.logp.float(), b.logp.float(), rtol=BF16, atol=0)
     torch.testing.assert_close(a.tail, b.tail, rtol=1e-5, atol=1e-7)
+
+
+def test_the_training_loader_batches_carry_the_sparse_teacher(written):
+    from kdgraph.train.data import make_loader
+    from kdgraph.train.teacher_cache.token_reader import TokenReplayView
+
+    tmp, spec, data, tok, teacher, _ = written
+    reader = open_token_cache(tmp / "cache", describe_tokens(spec, teacher, data, str(tok)), "runtime.teacher_cache")
+    loader = make_loader(data, batch_size=4, train=True, workers=0, seed=0, view=TokenReplayView(data, reader))
+    loader.sampler.set_epoch(0)
+    batch = next(iter(loader))
+    keep = batch["labels"][:, 1:] != -100
+    assert len(batch["teacher_output"]) == int(keep.sum())  # the kept tokens of exactly these sequences
+    idx = [int(np.flatnonzero((data.tensors["input_ids"] == row).all(1).numpy())[0]) for row in batch["input_ids"]]
+    assert torch.equal(batch["teacher_output"].ids, reader.sparse(idx).ids)

@@ -71,7 +71,10 @@ class TokenReplayView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+    def __getitems__(self, keys: Sequence[Any]) -> dict[str, Any]:
+        """Sequences ``keys`` (indices, or the training loader's ``(index, epoch)`` keys: a token cache holds one
+        record per sequence, every epoch reads the same) with their sparse teacher under ``teacher_output``."""
+        indices = [int(k[0]) if isinstance(k, (tuple, list)) else int(k) for k in keys]
         batch = dict(read_batch(self.dataset, indices))
         batch.update(self.cache.outputs(indices))
         return batch
