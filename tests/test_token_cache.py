@@ -39,7 +39,7 @@ def _config(hidden, layers, inter):
             "num_attention_heads": 2, "intermediate_size": inter, "max_position_embeddings": 64, "use_cache": False}
 
 
-def make_spec(tmp: Path, cache: str | None = None, weights_seed: int = 0) -> Path:
+def make_spec(tmp: Path, cache: str | None = None, weights_seed: int = 0, write_weights: bool = True) -> Path:
     """A token_kl spec (tiny Llama 2 x 48 -> 2 x 32) whose teacher weights are a file, caching teacher:lm_head."""
     spec = {"name": "tok_cache",
             "input": {"named": {"input_ids": {"shape": [T], "dtype": "int64", "high": V},
@@ -56,7 +56,7 @@ def make_spec(tmp: Path, cache: str | None = None, weights_seed: int = 0) -> Pat
     path = tmp / f"spec_{weights_seed}_{cache is not None}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     s = kdgraph.load_spec(path)
-    if not Path(s.teacher.weights).exists():
+    if write_weights and not Path(s.teacher.weights).exists():
         torch.manual_seed(weights_seed)
         torch.save(build_model(s.teacher, "teacher").state_dict(), s.teacher.weights)
     return path
@@ -272,3 +272,14 @@ def test_the_training_loader_batches_carry_the_sparse_teacher(written):
     assert len(batch["teacher_output"]) == int(keep.sum())  # the kept tokens of exactly these sequences
     idx = [int(np.flatnonzero((data.tensors["input_ids"] == row).all(1).numpy())[0]) for row in batch["input_ids"]]
     assert torch.equal(batch["teacher_output"].ids, reader.sparse(idx).ids)
+
+
+def test_cache_teacher_asks_for_topk_not_views_on_a_token_spec(tmp_path):
+    from click.testing import CliRunner
+
+    from kdgraph.cli import main
+
+    spec = make_spec(tmp_path, write_weights=False)
+    res = CliRunner().invoke(main, ["cache-teacher", str(spec), "--views", "2", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "give --topk K (e.g. 128) and no --views" in res.output, res.output
+    assert not (tmp_path / "c").exists()
