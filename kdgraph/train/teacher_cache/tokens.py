@@ -132,6 +132,7 @@ def cache_tokens(spec: Spec, out: Path, topk: int, temperature: Optional[float] 
         if found is not None:
             check_manifest(found, manifest, f"--out {folder}", folder, run_fields=True, fields=TOKEN_CHECKED,
                            run=TOKEN_RUN)
+            manifest = found  # the same inputs: continue under the manifest on disk (its hash names the shards)
         else:
             write_json(folder / MANIFEST, manifest)
         computed, run_s = _write_shard(spec, folder, manifest, env, dataset, teacher, counts, batch_size, say)
