@@ -240,12 +240,14 @@ def test_two_ranks_write_one_shard_each_and_read_as_one_cache(written):
     env = dict(os.environ, PYTHONPATH=str(Path(kdgraph.__file__).parents[1]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdgraph",
            "cache-teacher", str(tmp / "spec_0_False.yaml"), "--topk", "32", "--sequences", str(tmp / "seqs.npz"),
-           "--tokenizer", str(tok), "--batch-size", "5", "--device", "cpu", "--no-progress", "--out",
+           "--tokenizer", str(tok), "--batch-size", "5", "--device", "cpu", "--no-progress", "--json", "--out",
            str(tmp / "two")]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = json.loads((tmp / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and sum(manifest["shard_tokens"]) == manifest["kept_tokens"]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0's summary counts both ranks' tokens
+    assert summary["computed_tokens"] == manifest["kept_tokens"] == summary["kept_tokens"]
     for r in (0, 1):  # rank r holds sequences r, r + 2, ...: its kept tokens only
         offsets = np.load(tmp / "two" / f"rank00{r}-of-002.offsets.npy")
         assert offsets[-1] == manifest["shard_tokens"][r] and len(offsets) == N // 2 + 1

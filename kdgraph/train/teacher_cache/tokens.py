@@ -137,7 +137,13 @@ def cache_tokens(spec: Spec, out: Path, topk: int, temperature: Optional[float] 
             write_json(folder / MANIFEST, manifest)
         computed, run_s = _write_shard(spec, folder, manifest, env, dataset, teacher, counts, batch_size, say)
         barrier(env)
-        tokens = computed * world
+        tokens = computed
+        if env.distributed:  # every rank's count (the shards differ in size)
+            import torch.distributed as dist
+
+            count = torch.tensor([computed], dtype=torch.long, device=env.device)
+            dist.all_reduce(count)
+            tokens = int(count.item())
         summary = {"out": str(folder), "sequences": len(dataset), "kept_tokens": manifest["kept_tokens"],
                    "topk": topk, "temperature": temp, "vocab_size": vocab, "id_bits": manifest["id_bits"],
                    "bytes_per_token": manifest["bytes_per_token"], "computed_tokens": tokens,
