@@ -178,6 +178,14 @@ def test_cache_round_trip_and_fused_graph_read_it_as_the_live_teacher(written):
     assert abs(out.loss.item() - live_loss.item()) <= 1.5 * bound.item() and bound < 0.05
     (g_cache,) = torch.autograd.grad(out.loss, d.student.lm_head.weight)
     assert g_cache.abs().sum() > 0
+    # split into micro-batches (rows 0:1 and 1:3), each with its rows' records: the token-weighted mean is the same
+    n = keep.sum(1)
+    parts = [d({k: v[a:b] for k, v in batch.items()} | {"teacher_output": got.rows(a, b)}).loss * n[a:b].sum()
+             for a, b in ((0, 1), (1, 3))]
+    torch.testing.assert_close(sum(parts) / n.sum(), out.loss, rtol=1e-5, atol=1e-8)
+    # the same sequences in another order keep as many tokens in all, but not row by row: refused
+    with pytest.raises(KDGraphError, match="batch row 0 keeps"):
+        d({k: v.flip(0) for k, v in batch.items()} | {"teacher_output": got})
 
 
 def test_stale_token_caches_are_refused(written):

@@ -132,7 +132,7 @@ class TokenLoss(DistillLoss):
         mask = self.token_mask(labels)
         s = self.align(student)[mask].float()
         if isinstance(teacher, SparseTeacher):  # the teacher's lm_head from a top-K cache: kept tokens only
-            teacher.check_for(self, int(mask.sum()), s.shape[-1])
+            teacher.check_for(self, mask, s.shape[-1])
             return self.normalise(self.per_token_sparse(s, teacher).sum(), mask.sum(), num_tokens)
         t = self.align(teacher)[mask].float()
         total = self.per_token(s, t).sum()

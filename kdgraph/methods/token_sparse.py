@@ -27,7 +27,7 @@ log-sum-exp over the tokens outside the support (not as ``1 - sum``), so small t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.nn import functional as F
@@ -49,12 +49,22 @@ class SparseTeacher:
     vocab_size: int          # the (sliced) vocabulary the probabilities are normalised over
     temperature: float       # the temperature the log-probabilities were taken at
     shift: bool = True       # whether the kept tokens were selected with the causal shift
+    lengths: Optional[torch.Tensor] = None  # int64 B: kept tokens per sequence (rows of the batch), when known
 
     def to(self, *args: Any, **kwargs: Any) -> "SparseTeacher":
         """On another device (dtypes kept)."""
         dev = kwargs.get("device", args[0] if args else None)
         return SparseTeacher(self.ids.to(dev), self.logp.to(dev), self.tail.to(dev), self.vocab_size,
-                             self.temperature, self.shift)
+                             self.temperature, self.shift, self.lengths)
+
+    def rows(self, start: int, stop: int) -> "SparseTeacher":
+        """The kept tokens of batch rows ``start:stop`` (a micro-batch of the same batch); needs ``lengths``."""
+        if self.lengths is None:
+            raise KDGraphError("a sparse teacher without per-sequence lengths cannot be split by batch rows")
+        ends = torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)])
+        a, b = int(ends[start]), int(ends[stop])
+        return SparseTeacher(self.ids[a:b], self.logp[a:b], self.tail[a:b], self.vocab_size, self.temperature,
+                             self.shift, self.lengths[start:stop])
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -63,12 +73,18 @@ class SparseTeacher:
     def k(self) -> int:
         return int(self.ids.shape[1])
 
-    def check_for(self, loss: Any, kept: int, vocab: int, where: str = "the cached teacher") -> None:
-        """Raise one paragraph if this distribution was not made for ``loss`` on these ``kept`` tokens."""
+    def check_for(self, loss: Any, mask: torch.Tensor, vocab: int, where: str = "the cached teacher") -> None:
+        """Raise one paragraph if this distribution was not made for ``loss`` on the tokens ``mask`` keeps."""
         problems = []
+        kept = int(mask.sum())
+        per_row = mask.sum(1).cpu()
         if len(self) != kept:
             problems.append(f"it holds {len(self)} tokens but the labels keep {kept} (another data set, "
                             f"max_length or packing)")
+        elif self.lengths is not None and not torch.equal(self.lengths.cpu().long(), per_row.long()):
+            row = int((self.lengths.cpu().long() != per_row.long()).nonzero()[0, 0])
+            problems.append(f"batch row {row} keeps {int(per_row[row])} tokens but its cached record holds "
+                            f"{int(self.lengths[row])} (the batch's sequences are not the ones it was read for)")
         if self.vocab_size != vocab:
             problems.append(f"its vocabulary has {self.vocab_size} entries but the student's sliced logits {vocab} "
                             f"(set args.vocab_size to the cache's vocabulary)")

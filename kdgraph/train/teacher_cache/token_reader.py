@@ -34,11 +34,12 @@ class TokenCacheReader:
 
     def sparse(self, indices: Sequence[int]) -> SparseTeacher:
         """The kept tokens of sequences ``indices``, concatenated in that order (the loss's mask order)."""
-        ids, logp, tail = [], [], []
+        ids, logp, tail, lengths = [], [], [], []
         for i in indices:
             arrays = self.shards[int(i) % self.world]
             row = int(i) // self.world
             a, b = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1])
+            lengths.append(b - a)
             ids.append(unpack_ids(arrays["ids"][a:b], self.topk, self.bits))
             logp.append(np.asarray(arrays["logp"][a:b]))
             tail.append(np.asarray(arrays["tail"][a:b]))
@@ -46,7 +47,8 @@ class TokenCacheReader:
         ids_t = torch.from_numpy(cat(ids, np.zeros((0, self.topk), np.int64)))
         logp_t = torch.from_numpy(cat(logp, np.zeros((0, self.topk), np.uint16)).view(np.int16)).view(torch.bfloat16)
         tail_t = torch.from_numpy(cat(tail, np.zeros(0, np.float32)).copy())
-        return SparseTeacher(ids_t, logp_t, tail_t, self.vocab_size, self.temperature, self.shift)
+        return SparseTeacher(ids_t, logp_t, tail_t, self.vocab_size, self.temperature, self.shift,
+                             torch.tensor(lengths, dtype=torch.long))
 
     def outputs(self, indices: Sequence[int], views: Any = None) -> dict[str, SparseTeacher]:
         return {TEACHER_OUTPUT_KEY: self.sparse(indices)}
