@@ -39,7 +39,7 @@ def _builtin_entries() -> dict[str, dict[str, str]]:
 
 
 def test_every_method_file_is_listed():
-    files = {p.stem for p in (ROOT / "kdgraph" / "methods").glob("*.py")} - {"__init__", "base", "args", "registry", "progress", "token_base"}
+    files = {p.stem for p in (ROOT / "kdgraph" / "methods").glob("*.py")} - {"__init__", "base", "args", "registry", "progress", "token_base", "token_sparse"}
     assert set(methods.builtin_methods()) == files
 
 
@@ -61,4 +61,4 @@ def test_methods_load_on_first_lookup_not_on_import():
     assert out.returncode == 0, out.stderr
     before, after = json.loads(out.stdout)
     assert before == ["kdgraph.methods.base", "kdgraph.methods.registry"]  # what kdgraph re-exports, no method
-    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args", "registry", "token_base"]}
+    assert set(after) == {f"kdgraph.methods.{n}" for n in [*methods.builtin_methods(), "base", "args", "registry", "token_base", "token_sparse"]}

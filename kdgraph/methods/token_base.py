@@ -29,9 +29,10 @@ from typing import ClassVar, Mapping, Optional
 import torch
 from pydantic import Field
 
-from ..errors import ShapeError
+from ..errors import KDGraphError, ShapeError
 from .args import Flag, MethodArgs, PosInt, Positive
 from .base import DistillLoss, Shape, _fmt
+from .token_sparse import SparseTeacher
 
 __all__ = ["TokenLoss", "TokenLossArgs", "IGNORE_INDEX"]
 
@@ -49,6 +50,19 @@ class TokenLossArgs(MethodArgs):
                                                            "unset: both networks' vocabularies must be equal")
     shift: Flag = Field(True, description="causal shift: logits[:, :-1] are scored against labels[:, 1:]; false "
                                           "when the data's labels are already aligned with the logits")
+
+
+def sparse_capable() -> list[str]:
+    """Registered token losses that implement :meth:`TokenLoss.per_token_sparse`."""
+    from .registry import LOSSES
+
+    names = []
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        if isinstance(cls, type) and issubclass(cls, TokenLoss) and \
+                cls.per_token_sparse is not TokenLoss.per_token_sparse:
+            names.append(name)
+    return sorted(names)
 
 
 class TokenLoss(DistillLoss):
@@ -109,6 +123,14 @@ class TokenLoss(DistillLoss):
         """The loss of each kept token: ``N x V`` student and teacher logits (fp32, unscaled) -> ``N`` values."""
         raise NotImplementedError
 
+    def per_token_sparse(self, student: torch.Tensor, teacher: SparseTeacher) -> torch.Tensor:
+        """The loss of each kept token against a sparse (top-K cached) teacher: ``N x V`` student logits (fp32,
+        unscaled) and a :class:`~kdgraph.methods.token_sparse.SparseTeacher` of ``N`` rows -> ``N`` values.
+        A loss that cannot be computed from a top-K support keeps this refusal."""
+        raise KDGraphError(f"loss {type(self).__name__} cannot read a top-K teacher cache (a sparse teacher "
+                           f"distribution); the token losses that can: {', '.join(sparse_capable())}. Read the "
+                           f"teacher's logits online (drop runtime.teacher_cache) or use one of those.")
+
     def normalise(self, total: torch.Tensor, kept: torch.Tensor,
                   num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``total / num_tokens`` when the step's count is given (a share of it: may be below 1), else
@@ -122,6 +144,9 @@ class TokenLoss(DistillLoss):
                 num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = self.token_mask(labels)
         s = self.align(student)[mask].float()
+        if isinstance(teacher, SparseTeacher):  # the teacher's lm_head from a top-K cache: kept tokens only
+            teacher.check_for(self, mask, s.shape[-1])
+            return self.normalise(self.per_token_sparse(s, teacher).sum(), mask.sum(), num_tokens)
         t = self.align(teacher)[mask].float()
         total = self.per_token(s, t).sum()
         return self.normalise(total, mask.sum(), num_tokens)

@@ -50,6 +50,12 @@ class RuntimeSpec(_Strict):
                     "absolute). Every stage without an input transform then reads teacher:@output from it (batch "
                     "input 'teacher_output', one stored augmentation draw per image and epoch) and the teacher "
                     "nodes only it needed are pruned; other teacher taps stay online")
+    teacher_cache_tap: str = Field(
+        "teacher:@output", min_length=1, max_length=512,
+        description="the teacher tap runtime.teacher_cache serves: 'teacher:@output' (an image classifier's "
+                    "logits, kdgraph cache-teacher --views R) or a causal LM's logits such as 'teacher:lm_head' "
+                    "(a per-token top-K cache, kdgraph cache-teacher --topk K; token losses then read a sparse "
+                    "teacher, docs/causal_lm.md)")
 
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="kdgraph train under torchrun: 'ddp' (every "
                                                 "process holds both networks) or 'fsdp' (FSDP2: parameters sharded "
@@ -61,6 +67,17 @@ class RuntimeSpec(_Strict):
         None, description="compiler pass: a token loss (token_kl, ...) that reads the output of a network's Linear "
                           "head (lm_head) computes it from the head's input and weight in checkpointed chunks of "
                           "kept tokens, never building the B x T x V logits (out.logits is then None); unset: off")
+
+    @field_validator("teacher_cache_tap")
+    @classmethod
+    def _teacher_tap(cls, v: str) -> str:
+        from .taps import parse_tap
+
+        tap = parse_tap(v)
+        if tap.source != "teacher" or tap.io != "output":
+            raise ValueError(f"{v!r} is not a teacher output tap; allowed: 'teacher:@output' or a teacher module's "
+                             f"output such as 'teacher:lm_head'")
+        return tap.text
 
     @field_validator("amp", mode="before")
     @classmethod

@@ -198,6 +198,12 @@ class Trainer:
         from .teacher_cache import ReplayView
 
         online = [t.tap for t in d.report.taps if t.tap.startswith("teacher:") and t.tap not in cached]
+        if hasattr(cache, "sparse"):  # a causal LM's per-token top-K cache: dict batches of sequences
+            from .teacher_cache.token_reader import TokenReplayView
+
+            self.say(f"  teacher cache: {', '.join(cached)} read from {cache.folder} (top-{cache.topk} per token); "
+                     f"online teacher: " + (", ".join(online) if online else "none (pruned)"))
+            return TokenReplayView(train_set, cache)
         self.say(f"  teacher cache: {', '.join(cached)} replayed from {cache.folder} ({cache.views} views per image"
                  + (f", top-{cache.topk}" if cache.topk else "") + "); online teacher: "
                  + (", ".join(online) if online else "none (pruned)"))

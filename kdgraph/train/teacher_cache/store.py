@@ -31,7 +31,7 @@ from ...compiler.cached import TEACHER_OUTPUT_KEY
 from ...errors import TeacherCacheError
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "VERIFY_SHA256_BYTES", "shard_stem", "array_layout", "write_json",
-           "read_manifest", "check_manifest", "ShardWriter", "CacheReader", "open_cache", "fill_topk"]
+           "read_manifest", "check_manifest", "checked_manifest", "load_shards", "ShardWriter", "CacheReader", "open_cache", "fill_topk"]
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "kdgraph-teacher-cache", 1
@@ -46,8 +46,18 @@ def rows_of(rank: int, world: int, n: int) -> int:
     return len(range(rank, n, world))
 
 
-def array_layout(manifest: dict[str, Any], rows: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
-    """name -> (dtype, shape) of one shard's arrays."""
+def total_rows(manifest: dict[str, Any]) -> int:
+    """Images (an image cache) or sequences (a token cache) the cache holds."""
+    data = manifest["data"]
+    return int(data["sequences"] if manifest.get("kind") == "tokens" else data["images"])
+
+
+def array_layout(manifest: dict[str, Any], rows: int, rank: int = 0) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """name -> (dtype, shape) of one shard's arrays (rank ``rank``'s, for a token cache)."""
+    if manifest.get("kind") == "tokens":
+        from .token_layout import token_layout
+
+        return token_layout(manifest, rows, rank)
     r, k, topk = manifest["views"], manifest["num_classes"], manifest["topk"]
     out: dict[str, tuple[Any, tuple[int, ...]]] = {}
     if topk:
@@ -116,9 +126,10 @@ def _short(v: Any) -> str:
 
 
 def check_manifest(found: dict[str, Any], expected: dict[str, Any], where: str, folder: Path,
-                   run_fields: bool = False) -> None:
-    """Raise if ``found`` (a cache's manifest) was made from something else than ``expected`` describes."""
-    for path, what in _CHECKED + (_RUN if run_fields else ()):
+                   run_fields: bool = False, fields: tuple = _CHECKED, run: tuple = _RUN) -> None:
+    """Raise if ``found`` (a cache's manifest) was made from something else than ``expected`` describes
+    (``fields``: (key path, what it is for people) pairs; ``run``: those checked too when writing)."""
+    for path, what in fields + (run if run_fields else ()):
         a, b = _get(found, path), _get(expected, path)
         if a != b:
             raise TeacherCacheError(
@@ -134,8 +145,8 @@ class ShardWriter:
     def __init__(self, folder: Path, manifest: dict[str, Any], rank: int, world: int):
         self.folder, self.manifest = folder, manifest
         self.stem = shard_stem(rank, world)
-        self.rows = rows_of(rank, world, manifest["data"]["images"])
-        self.layout = array_layout(manifest, self.rows)
+        self.rows = rows_of(rank, world, total_rows(manifest))
+        self.layout = array_layout(manifest, self.rows, rank)
         self.entry_path = folder / f"{self.stem}.json"
         self.progress_path = folder / f"{self.stem}.progress.json"
         self.arrays: dict[str, np.memmap] = {}
@@ -253,14 +264,26 @@ class CacheReader:
 
 def open_cache(folder: Path, expected: dict[str, Any], where: str) -> CacheReader:
     """The cache in ``folder``, checked against ``expected`` (this run's manifest fields), complete and intact."""
+    manifest = checked_manifest(folder, expected, where)
+    return CacheReader(folder, manifest, load_shards(folder, manifest, where))
+
+
+def checked_manifest(folder: Path, expected: dict[str, Any], where: str,
+                     fields: tuple = _CHECKED) -> dict[str, Any]:
+    """The manifest of the cache in ``folder``, refused unless it matches ``expected`` on ``fields``."""
     hint = "Make it with `kdgraph cache-teacher SPEC --views R --out DIR` (a killed run resumes where it stopped)."
     if not folder.is_dir():
         raise TeacherCacheError(f"{where}: the teacher cache folder {folder} does not exist. {hint}")
     manifest = read_manifest(folder)
     if manifest is None:
         raise TeacherCacheError(f"{where}: {folder} holds no teacher cache ({MANIFEST} is missing). {hint}")
-    check_manifest(manifest, expected, where, folder)
-    world, n = int(manifest["world_size"]), int(manifest["data"]["images"])
+    check_manifest(manifest, expected, where, folder, fields=fields)
+    return manifest
+
+
+def load_shards(folder: Path, manifest: dict[str, Any], where: str) -> list[dict[str, np.ndarray]]:
+    """Every shard's arrays, memory-mapped, once each is complete and matches its entry (sizes, sha256)."""
+    world, n = int(manifest["world_size"]), total_rows(manifest)
     shards, total = [], 0
     entries = []
     for rank in range(world):
@@ -277,7 +300,7 @@ def open_cache(folder: Path, expected: dict[str, Any], where: str) -> CacheReade
     verify = total <= VERIFY_SHA256_BYTES
     for rank, (stem, entry) in enumerate(entries):
         arrays = {}
-        for name, (dtype, shape) in array_layout(manifest, rows_of(rank, world, n)).items():
+        for name, (dtype, shape) in array_layout(manifest, rows_of(rank, world, n), rank).items():
             rec = entry["files"].get(name)
             path = folder / (rec["file"] if rec else f"{stem}.{name}.npy")
             size = path.stat().st_size if path.is_file() else None
@@ -302,4 +325,4 @@ def open_cache(folder: Path, expected: dict[str, Any], where: str) -> CacheReade
                                         f"cache-teacher SPEC --out DIR --overwrite).")
             arrays[name] = arr
         shards.append(arrays)
-    return CacheReader(folder, manifest, shards)
+    return shards
