@@ -18,8 +18,10 @@ from kdgraph.methods.token_kl import TokenKL
 
 TEACHER = {"model_type": "llama", "vocab_size": 136, "hidden_size": 32, "num_hidden_layers": 1,
            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64, "use_cache": False}
-# Gemma2: tied embeddings (its default) and a final logit soft-cap read from the config
+# Gemma2: tied embeddings (its default) and a final logit soft-cap read from the config; its special token ids set
+# to the Llama teacher's (one tokenizer: the vocabulary check refuses configs that disagree on bos/eos)
 STUDENT = {"model_type": "gemma2", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 1,
+           "bos_token_id": 1, "eos_token_id": 2,
            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 64,
            "max_position_embeddings": 64, "use_cache": False, "final_logit_softcapping": 5.0}
 SEQ = 16
