@@ -30,16 +30,18 @@ from ..errors import KDGraphError
 __all__ = ["shard", "sharded_roles", "require_processes", "DTYPES"]
 
 _NEEDS_GROUP = ("runtime.distributed: fsdp needs a process group: start the processes with torchrun "
-                "(torchrun --nproc_per_node=N -m kdgraph train SPEC) or call torch.distributed.init_process_group "
-                "before kdgraph.train.fsdp.shard; for one process, use runtime.distributed: ddp (the default)")
+                "(torchrun --nproc_per_node=N -m kdgraph train SPEC; N may be 1, e.g. to --resume a sharded run on "
+                "one process) or call torch.distributed.init_process_group before kdgraph.train.fsdp.shard; to "
+                "train one process without sharding, use runtime.distributed: ddp (the default)")
 
 
 def require_processes(spec: Any, world_size: int) -> None:
-    """``kdgraph train`` and fsdp: without torchrun there is nothing to shard over (one paragraph, exit 2); a
-    stage keeping an EMA of the student is refused too (the EMA copies the whole student on every process)."""
+    """``kdgraph train`` and fsdp: without torchrun there is no process group to shard over (one paragraph, exit
+    2; ``torchrun --nproc_per_node=1`` is a group of one and is fine); a stage keeping an EMA of the student is
+    refused too (the EMA copies the whole student on every process)."""
     if spec.runtime.distributed != "fsdp":
         return
-    if world_size < 2:
+    if world_size < 2 and not dist.is_initialized():
         raise KDGraphError(_NEEDS_GROUP)
     ema = [s.name for s in spec.stages if getattr(s, "ema", None) is not None]
     if ema:

@@ -1,0 +1,157 @@
+"""``runtime.distributed: fsdp`` with the rest of ``kdgraph train`` (real gloo processes under torchrun): AMP, the
+teacher cache, two stages, ``--resume`` on another number of processes, and ``kdgraph bench``.
+
+One spec serves the first test: a tiny CNN pair on 64 Fashion-MNIST images, ``runtime.amp: bf16`` (CPU autocast),
+stage ``s1`` reads the teacher's logits from a teacher cache (written once here, one process) and stage ``s2`` reads a
+teacher feature inside a sharded unit (``teacher:layer2``: the teacher runs online up to it, gathered unit by unit).
+Runs: ddp and fsdp with 2 processes train ``s1`` only (``--stage s1``); then each run is resumed, which trains ``s2``,
+with ONE process: the ddp run as a plain process, the fsdp run under ``torchrun --nproc_per_node=1`` (FSDP2 over a
+group of one) from the sharded checkpoint written by 2 processes (DCP re-shards it).
+
+Tolerance under bf16 autocast: ddp and fsdp compute the same per-rank forward; only the gradient reduction differs
+(all-reduce vs reduce-scatter, ~1e-7 relative), which can move a weight across a bf16 rounding boundary in a later
+step. Measured here: after s1 the students differ by at most ~1e-6 absolute; after s2 by at most ~1e-4 (the
+resume comparison adds stage s2 on top). Asserted: rtol 1e-3, atol 1e-4 after s1; rtol 1e-2, atol 1e-3 after s2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdgraph
+from kdgraph.train import train
+from kdgraph.train.teacher_cache import cache_teacher
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"device": "cpu", "progress": False, "plot": False, "tensorboard": False}
+
+
+def _torchrun(cwd: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "kdgraph", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _student_of(out: Path) -> dict[str, torch.Tensor]:
+    """The student's weights of a run folder: ``last.pt`` (ddp) or the gathered shards of ``last.sharded/``."""
+    if (out / "last.sharded").is_dir():
+        from kdgraph.train.sharded_checkpoint import read_student
+
+        return read_student(out / "last.sharded")[0]
+    return torch.load(out / "last.pt", weights_only=True)["student"]
+
+
+def _close(a: dict, b: dict, rtol: float, atol: float) -> float:
+    assert set(a) == set(b)
+    worst = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+            worst = max(worst, (a[k] - b[k]).abs().max().item())
+    return worst
+
+
+def test_fsdp_amp_teacher_cache_two_stages_and_resume_on_one_process(tmp_path):
+    torch.manual_seed(3)
+    torch.save(kdgraph.zoo.tiny_cnn(width=8).state_dict(), tmp_path / "teacher.pt")
+    spec = tiny_spec(name="fsdp_more", train_subset=64, val_subset=32, batch_size=16,
+                     runtime={"amp": "bf16", "teacher_cache": "cache"})
+    spec["teacher"]["weights"] = "./teacher.pt"
+    kd = {"name": "kd", "type": "kd", "weight": 0.5, "args": {"temperature": 4.0}}
+    spec["stages"] = [{**spec["stages"][0], "name": "s1"},
+                      {**spec["stages"][0], "name": "s2", "scheduler": None,
+                       "losses": [kd, {"name": "at", "type": "at", "weight": 50.0,
+                                       "inputs": {"student": "student:layer2", "teacher": "teacher:layer2"}}]}]
+    ddp_path = tmp_path / "ddp.yaml"
+    ddp_path.write_text(json.dumps(spec))  # JSON is YAML (and has no anchors)
+    spec["runtime"] = {**spec["runtime"], "distributed": "fsdp",
+                       "fsdp": {"student_units": ["layer*"], "teacher_units": ["layer1", "layer2", "layer3"]}}
+    fsdp_path = tmp_path / "fsdp.yaml"
+    fsdp_path.write_text(json.dumps(spec))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the cache folder and the teacher's weights are relative to it
+    try:
+        cache_teacher(kdgraph.load_spec(ddp_path), 2, tmp_path / "cache", device="cpu", batch_size=32,
+                      progress=False, say=lambda m: None)
+    finally:
+        os.chdir(cwd)
+
+    for name, path in (("ddp", ddp_path), ("fsdp", fsdp_path)):
+        proc = _torchrun(tmp_path, 2, "train", str(path), "--out", name, "--stage", "s1", "--device", "cpu",
+                         "--no-progress")
+        assert "teacher cache: teacher:@output replayed" in proc.stdout and "online teacher: none" in proc.stdout
+        assert "amp bf16" in proc.stdout and "x 2 processes (gloo)" in proc.stdout
+    assert (tmp_path / "fsdp" / "last.sharded" / "manifest.json").is_file()
+    after_s1 = _student_of(tmp_path / "ddp")
+    worst_s1 = _close(_student_of(tmp_path / "fsdp"), after_s1, rtol=1e-3, atol=1e-4)
+
+    # s2 on one process: ddp's last.pt in a plain process, fsdp's 2-process shards under torchrun with 1 process
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = train(str(ddp_path), out=tmp_path / "ddp", resume=True, **QUIET)
+    finally:
+        os.chdir(cwd)
+    assert res["world_size"] == 1 and [s["name"] for s in res["stages"]] == ["s1", "s2"]
+    proc = _torchrun(tmp_path, 1, "train", str(fsdp_path), "--out", "fsdp", "--resume", "--device", "cpu",
+                     "--no-progress")
+    assert "resuming from" in proc.stdout and "end of stage s1" in proc.stdout, proc.stdout[-2000:]
+    assert "stage s1: done in the checkpoint" in proc.stdout and "stage s2" in proc.stdout
+    assert "online teacher: teacher:layer2" in proc.stdout  # s2 runs the sharded teacher up to its tap
+    fsdp_res = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    assert fsdp_res["world_size"] == 1 and fsdp_res["stages"][1]["world_size"] == 1
+    manifest = json.loads((tmp_path / "fsdp" / "last.sharded" / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["extra"]["describe"].startswith("end of stage s2")
+    after_s2 = _student_of(tmp_path / "ddp")
+    assert any(not torch.equal(after_s2[k], after_s1[k]) for k in after_s1 if after_s1[k].is_floating_point())
+    worst_s2 = _close(_student_of(tmp_path / "fsdp"), after_s2, rtol=1e-2, atol=1e-3)
+    assert fsdp_res["stages"][1]["last"]["images"] == 32
+    print(f"ddp vs fsdp, bf16 autocast: max |diff| after s1 {worst_s1:.2e}, after s2 (resumed on 1) {worst_s2:.2e}")
+
+
+BENCH_SPEC = """
+name: {name}
+input: {{channels: 1, size: [12, 12], num_classes: 4}}
+teacher: {{model: "kdgraph.zoo:tiny_cnn", kwargs: {{in_channels: 1, num_classes: 4, width: 4}}}}
+student: {{model: "kdgraph.zoo:tiny_cnn", kwargs: {{in_channels: 1, num_classes: 4, width: 4}}}}
+stages:
+  - name: main
+    epochs: 1
+    batch_size: 8
+    optimizer: {{type: sgd, lr: 0.05}}
+    losses:
+{losses}
+data: {{dataset: synthetic, workers: 0, train_subset: 32, val_subset: 16}}
+runtime: {{distributed: fsdp, fsdp: {{teacher_units: ["layer*"], student_units: ["layer*"]}}}}
+"""
+
+
+def test_kdgraph_bench_under_torchrun_with_fsdp(tmp_path):
+    ce = "      - {name: ce, type: cross_entropy}"
+    (tmp_path / "base.yaml").write_text(BENCH_SPEC.format(name="fsdp_base", losses=ce))
+    (tmp_path / "kd.yaml").write_text(BENCH_SPEC.format(name="fsdp_kd", losses=ce + "\n      - {name: kd, type: kd}"))
+    (tmp_path / "suite.yaml").write_text("title: fsdp\nseeds: 1\nbaseline: base\nentries:\n"
+                                         "  - {label: base, spec: base.yaml}\n  - {label: KD, spec: kd.yaml}\n")
+    proc = _torchrun(tmp_path, 2, "bench", "suite.yaml", "--out", "out", "--device", "cpu", "--no-progress")
+    out = tmp_path / "out"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["base", "KD"], proc.stdout[-2000:]
+    for label in ("base", "KD"):
+        res = json.loads((out / label / "seed0" / "results.json").read_text())
+        assert res["world_size"] == 2 and res["student"]["top1"] is not None
+        assert (out / label / "seed0" / "last.sharded" / "manifest.json").is_file()
+        assert not (out / label / "seed0" / "last.pt").exists()
+        row = next(r for r in rows if r["label"] == label)
+        assert row["runs"][0]["top1"] == pytest.approx(res["student"]["top1"])
