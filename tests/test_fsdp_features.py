@@ -155,3 +155,18 @@ def test_kdgraph_bench_under_torchrun_with_fsdp(tmp_path):
         assert not (out / label / "seed0" / "last.pt").exists()
         row = next(r for r in rows if r["label"] == label)
         assert row["runs"][0]["top1"] == pytest.approx(res["student"]["top1"])
+
+
+def test_fsdp_param_dtype_with_batchnorm_on_cpu_is_refused_before_anything_runs():
+    from kdgraph.errors import KDGraphError
+    from kdgraph.train import fsdp
+
+    spec = tiny_spec(runtime={"distributed": "fsdp", "fsdp": {"student_units": ["layer*"], "param_dtype": "bf16"}})
+    with pytest.raises(KDGraphError, match=r"param_dtype: bf16 .* BatchNorm \(teacher\.layer1\.1\)"):
+        fsdp.shard(kdgraph.compile(spec))
+    spec["runtime"]["fsdp"]["teacher"] = "replicated"  # the teacher is not sharded: the student's norm is named
+    with pytest.raises(KDGraphError, match=r"BatchNorm \(student\.layer1\.1\)"):
+        fsdp.shard(kdgraph.compile(spec))
+    spec["student"]["kwargs"]["norm"] = "group"  # nothing sharded has BatchNorm: on to the next check
+    with pytest.raises(KDGraphError, match="needs a process group"):
+        fsdp.shard(kdgraph.compile(spec))

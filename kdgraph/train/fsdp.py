@@ -78,6 +78,7 @@ def shard(distiller: nn.Module, mesh: Optional[Any] = None) -> nn.Module:
         raise KDGraphError(f"spec {spec.name!r}: runtime.distributed is {spec.runtime.distributed!r}; sharding "
                            f"needs runtime.distributed: fsdp, which also schedules the gathers in the compiled "
                            f"graph (set it before kdgraph.compile)")
+    _check_precision(distiller, spec)
     if not dist.is_initialized():
         raise KDGraphError(_NEEDS_GROUP)
     if isinstance(distiller, FSDPModule):
@@ -98,6 +99,27 @@ def shard(distiller: nn.Module, mesh: Optional[Any] = None) -> nn.Module:
     set_prefetch(distiller)
     fully_shard.state(distiller)._lazy_init()  # the distiller is FSDP2's root even if a network is called first
     return distiller
+
+
+def _check_precision(distiller: nn.Module, spec: Any) -> None:
+    """``fsdp.param_dtype`` bf16/fp16 on the CPU with a sharded BatchNorm: FSDP2 casts the norm's weight but not its
+    fp32 running statistics, and PyTorch's CPU batch_norm refuses the mix (a RuntimeError deep in the first step);
+    one paragraph instead, before anything runs."""
+    fs = spec.runtime.fsdp
+    if fs.param_dtype in (None, "fp32"):
+        return
+    device = next(distiller.parameters()).device
+    if device.type != "cpu":
+        return
+    for role in sharded_roles(spec):
+        bn = next((n for n, m in getattr(distiller, role).named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        if bn is not None:
+            raise KDGraphError(f"runtime.fsdp.param_dtype: {fs.param_dtype} cannot run on the CPU with a sharded "
+                               f"network that has BatchNorm ({role}.{bn}): FSDP2 gathers its weight in "
+                               f"{fs.param_dtype} but its running statistics stay fp32, and PyTorch's CPU batch_norm "
+                               f"refuses the mix. Use runtime.amp: bf16 (autocast) with param_dtype unset, "
+                               f"fsdp.teacher: replicated for a BatchNorm teacher, or a GroupNorm/LayerNorm network")
 
 
 def set_prefetch(distiller: nn.Module) -> None:
