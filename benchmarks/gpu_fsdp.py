@@ -23,7 +23,8 @@ throughput = global batch (per-GPU batch x N) / median step. Peak memory per GPU
 over the timed steps (statistics reset after warm-up), every rank's. Also per rank: the bytes of the teacher's
 parameters and of the student's parameters + optimizer state it holds. One JSON line per (pair, mode) on stdout (and in
 $OUT/gpu_fsdp.jsonl when OUT is set), then a table. ``--dry-run``: CPU, gloo, 32x32 images / 16 tokens, batch 2,
-BERT scaled down (fsdp_memory.py's pair), 1 warm-up + 2 timed steps: checks that every row runs.
+BERT scaled down (fsdp_memory.py's pair), 1 warm-up + 2 timed steps, autocast off (bf16 autocast is emulated,
+slowly, on CPUs without bf16 instructions): checks that every row runs.
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def pair_spec(pair: str, dry: bool) -> dict:
         data["teacher"]["weights"] = None
         if dry:
             data["input"]["size"], data["input"]["num_classes"], data["stages"][0]["batch_size"] = [32, 32], 10, 2
+            for role in ("teacher", "student"):
+                data[role]["kwargs"] = {**(data[role].get("kwargs") or {}), "num_classes": 10}
         return data
     if dry:
         data = bert_spec(str(ROOT / "specs/glue/mrpc.yaml"))
@@ -103,7 +106,7 @@ def bench(pair: str, mode: str, args, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(rank)
     inputs, kwargs = batch(spec, stage, g)
     inputs = tuple({k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device) for x in inputs)
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=not args.dry_run)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -139,7 +142,7 @@ def bench(pair: str, mode: str, args, device: torch.device) -> dict:
             "teacher_param_mib_per_rank": [round(r["teacher_param_mib"], 1) for r in every],
             "student_param_opt_mib_per_rank": [round(r["student_param_opt_mib"], 1) for r in every],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "timed_steps": args.steps, "amp": "bf16"}
+            "timed_steps": args.steps, "amp": "off" if args.dry_run else "bf16"}
 
 
 def table(rows: list[dict]) -> str:

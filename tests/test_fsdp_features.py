@@ -170,3 +170,19 @@ def test_fsdp_param_dtype_with_batchnorm_on_cpu_is_refused_before_anything_runs(
     spec["student"]["kwargs"]["norm"] = "group"  # nothing sharded has BatchNorm: on to the next check
     with pytest.raises(KDGraphError, match="needs a process group"):
         fsdp.shard(kdgraph.compile(spec))
+
+
+def test_gpu_fsdp_benchmark_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_fsdp.py (the GPU check's FSDP vs DDP rows) runs on the CPU: one row of each pair and both the
+    DDP and the FSDP (bf16 parameters) paths, a group of one without torchrun."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OUT=str(tmp_path))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fsdp.py"), "--dry-run", "--modes", "ddp",
+                           "fsdp_mp"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu_fsdp.jsonl").read_text().splitlines()]
+    assert [(r["pair"], r["mode"]) for r in rows] == [("resnet", "ddp"), ("bert", "ddp"), ("bert", "fsdp_mp")]
+    assert rows[0]["images_per_s"] > 0 and rows[1]["sequences_per_s"] > 0 and rows[2]["sequences_per_s"] > 0
+    # one process holds every shard: the same bytes as DDP's copy
+    assert rows[2]["teacher_param_mib_per_rank"] == rows[1]["teacher_param_mib_per_rank"]
+    assert "bert    fsdp_mp" in proc.stdout
