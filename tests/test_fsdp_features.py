@@ -67,7 +67,7 @@ def _close(a: dict, b: dict, rtol: float, atol: float) -> float:
 def test_fsdp_amp_teacher_cache_two_stages_and_resume_on_one_process(tmp_path):
     torch.manual_seed(3)
     torch.save(kdgraph.zoo.tiny_cnn(width=8).state_dict(), tmp_path / "teacher.pt")
-    spec = tiny_spec(name="fsdp_more", train_subset=64, val_subset=32, batch_size=16,
+    spec = tiny_spec(name="amp_ddp", train_subset=64, val_subset=32, batch_size=16,
                      runtime={"amp": "bf16", "teacher_cache": "cache"})
     spec["teacher"]["weights"] = "./teacher.pt"
     kd = {"name": "kd", "type": "kd", "weight": 0.5, "args": {"temperature": 4.0}}
@@ -77,6 +77,7 @@ def test_fsdp_amp_teacher_cache_two_stages_and_resume_on_one_process(tmp_path):
                                        "inputs": {"student": "student:layer2", "teacher": "teacher:layer2"}}]}]
     ddp_path = tmp_path / "ddp.yaml"
     ddp_path.write_text(json.dumps(spec))  # JSON is YAML (and has no anchors)
+    spec["name"] = "amp_fsdp"
     spec["runtime"] = {**spec["runtime"], "distributed": "fsdp",
                        "fsdp": {"student_units": ["layer*"], "teacher_units": ["layer1", "layer2", "layer3"]}}
     fsdp_path = tmp_path / "fsdp.yaml"
@@ -89,35 +90,37 @@ def test_fsdp_amp_teacher_cache_two_stages_and_resume_on_one_process(tmp_path):
     finally:
         os.chdir(cwd)
 
-    for name, path in (("ddp", ddp_path), ("fsdp", fsdp_path)):
-        proc = _torchrun(tmp_path, 2, "train", str(path), "--out", name, "--stage", "s1", "--device", "cpu",
-                         "--no-progress")
-        assert "teacher cache: teacher:@output replayed" in proc.stdout and "online teacher: none" in proc.stdout
-        assert "amp bf16" in proc.stdout and "x 2 processes (gloo)" in proc.stdout
-    assert (tmp_path / "fsdp" / "last.sharded" / "manifest.json").is_file()
-    after_s1 = _student_of(tmp_path / "ddp")
-    worst_s1 = _close(_student_of(tmp_path / "fsdp"), after_s1, rtol=1e-5, atol=1e-6)
+    # both specs in one torchrun (several specs share one process group)
+    proc = _torchrun(tmp_path, 2, "train", str(ddp_path), str(fsdp_path), "--out", "runs", "--stage", "s1",
+                     "--device", "cpu", "--no-progress")
+    assert proc.stdout.count("teacher cache: teacher:@output replayed") == 2
+    assert proc.stdout.count("online teacher: none") == 2
+    assert proc.stdout.count("amp bf16") == 2 and proc.stdout.count("x 2 processes (gloo)") == 2
+    ddp_out, fsdp_out = tmp_path / "runs" / "amp_ddp", tmp_path / "runs" / "amp_fsdp"
+    assert (fsdp_out / "last.sharded" / "manifest.json").is_file() and (ddp_out / "last.pt").is_file()
+    after_s1 = _student_of(ddp_out)
+    worst_s1 = _close(_student_of(fsdp_out), after_s1, rtol=1e-5, atol=1e-6)
 
     # s2 on one process: ddp's last.pt in a plain process, fsdp's 2-process shards under torchrun with 1 process
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        res = train(str(ddp_path), out=tmp_path / "ddp", resume=True, **QUIET)
+        res = train(str(ddp_path), out=ddp_out, resume=True, **QUIET)
     finally:
         os.chdir(cwd)
     assert res["world_size"] == 1 and [s["name"] for s in res["stages"]] == ["s1", "s2"]
-    proc = _torchrun(tmp_path, 1, "train", str(fsdp_path), "--out", "fsdp", "--resume", "--device", "cpu",
+    proc = _torchrun(tmp_path, 1, "train", str(fsdp_path), "--out", str(fsdp_out), "--resume", "--device", "cpu",
                      "--no-progress")
     assert "resuming from" in proc.stdout and "end of stage s1" in proc.stdout, proc.stdout[-2000:]
     assert "stage s1: done in the checkpoint" in proc.stdout and "stage s2" in proc.stdout
     assert "online teacher: teacher:layer2" in proc.stdout  # s2 runs the sharded teacher up to its tap
-    fsdp_res = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    fsdp_res = json.loads((fsdp_out / "results.json").read_text())
     assert fsdp_res["world_size"] == 1 and fsdp_res["stages"][1]["world_size"] == 1
-    manifest = json.loads((tmp_path / "fsdp" / "last.sharded" / "manifest.json").read_text())
+    manifest = json.loads((fsdp_out / "last.sharded" / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["extra"]["describe"].startswith("end of stage s2")
-    after_s2 = _student_of(tmp_path / "ddp")
+    after_s2 = _student_of(ddp_out)
     assert any(not torch.equal(after_s2[k], after_s1[k]) for k in after_s1 if after_s1[k].is_floating_point())
-    worst_s2 = _close(_student_of(tmp_path / "fsdp"), after_s2, rtol=1e-5, atol=1e-6)
+    worst_s2 = _close(_student_of(fsdp_out), after_s2, rtol=1e-5, atol=1e-6)
     assert fsdp_res["stages"][1]["last"]["images"] == 32
     print(f"ddp vs fsdp, bf16 autocast: max |diff| after s1 {worst_s1:.2e}, after s2 (resumed on 1) {worst_s2:.2e}")
 
