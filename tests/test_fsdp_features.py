@@ -142,23 +142,46 @@ runtime: {{distributed: fsdp, fsdp: {{teacher_units: ["layer*"], student_units: 
 """
 
 
+FT_ADAPTERS = """adapters:
+  enc: {type: ft_encoder, inputs: {x: "teacher:layer3"}, args: {rate: 0.5, uses_bn: false}}
+  dec: {type: ft_decoder, inputs: {x: "adapter:enc"}, match: "teacher:layer3", args: {uses_bn: false}}
+  tr: {type: ft_translator, inputs: {x: "student:layer3"}, match: "adapter:enc", args: {uses_bn: false}}
+"""
+FT_STAGE = """  - name: paraphraser
+    epochs: 1
+    batch_size: 8
+    optimizer: {type: sgd, lr: 0.05}
+    train: [enc, dec]
+    losses:
+      - {name: rec, type: mse, inputs: {student: "adapter:dec", teacher: "teacher:layer3"}}
+"""
+
+
 def test_kdgraph_bench_under_torchrun_with_fsdp(tmp_path):
+    """A 1-seed suite under torchrun (2 processes): a CE baseline and FT, whose first stage trains only adapters
+    (the sharded student is not in its graph) and whose second stage trains the student and an adapter."""
     ce = "      - {name: ce, type: cross_entropy}"
     (tmp_path / "base.yaml").write_text(BENCH_SPEC.format(name="fsdp_base", losses=ce))
-    (tmp_path / "kd.yaml").write_text(BENCH_SPEC.format(name="fsdp_kd", losses=ce + "\n      - {name: kd, type: kd}"))
+    ft = BENCH_SPEC.format(name="fsdp_ft", losses=ce + "\n      - {name: ft, type: ft, weight: 10, inputs: "
+                                                       "{student: 'adapter:tr', teacher: 'adapter:enc'}}")
+    ft = ft.replace("stages:\n", "stages:\n" + FT_STAGE).replace("    losses:\n      - {name: ce",
+                                                                "    train: [student, tr]\n    losses:\n      - {name: ce")
+    (tmp_path / "ft.yaml").write_text(FT_ADAPTERS + ft)
     (tmp_path / "suite.yaml").write_text("title: fsdp\nseeds: 1\nbaseline: base\nentries:\n"
-                                         "  - {label: base, spec: base.yaml}\n  - {label: KD, spec: kd.yaml}\n")
+                                         "  - {label: base, spec: base.yaml}\n  - {label: FT, spec: ft.yaml}\n")
     proc = _torchrun(tmp_path, 2, "bench", "suite.yaml", "--out", "out", "--device", "cpu", "--no-progress")
     out = tmp_path / "out"
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["base", "KD"], proc.stdout[-2000:]
-    for label in ("base", "KD"):
+    assert [r["label"] for r in rows] == ["base", "FT"], proc.stdout[-2000:]
+    assert "stage paraphraser (1/2)" in proc.stdout and "trains student, tr" in proc.stdout
+    for label in ("base", "FT"):
         res = json.loads((out / label / "seed0" / "results.json").read_text())
         assert res["world_size"] == 2 and res["student"]["top1"] is not None
         assert (out / label / "seed0" / "last.sharded" / "manifest.json").is_file()
         assert not (out / label / "seed0" / "last.pt").exists()
         row = next(r for r in rows if r["label"] == label)
         assert row["runs"][0]["top1"] == pytest.approx(res["student"]["top1"])
+    assert [s["name"] for s in res["stages"]] == ["paraphraser", "main"]
 
 
 def test_fsdp_param_dtype_with_batchnorm_on_cpu_is_refused_before_anything_runs():
