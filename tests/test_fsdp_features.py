@@ -164,8 +164,8 @@ def test_kdgraph_bench_under_torchrun_with_fsdp(tmp_path):
     (tmp_path / "base.yaml").write_text(BENCH_SPEC.format(name="fsdp_base", losses=ce))
     ft = BENCH_SPEC.format(name="fsdp_ft", losses=ce + "\n      - {name: ft, type: ft, weight: 10, inputs: "
                                                        "{student: 'adapter:tr', teacher: 'adapter:enc'}}")
-    ft = ft.replace("stages:\n", "stages:\n" + FT_STAGE).replace("    losses:\n      - {name: ce",
-                                                                "    train: [student, tr]\n    losses:\n      - {name: ce")
+    ft = ft.replace("stages:\n", "stages:\n" + FT_STAGE)
+    ft = ft.replace("    losses:\n      - {name: ce", "    train: [student, tr]\n    losses:\n      - {name: ce")
     (tmp_path / "ft.yaml").write_text(FT_ADAPTERS + ft)
     (tmp_path / "suite.yaml").write_text("title: fsdp\nseeds: 1\nbaseline: base\nentries:\n"
                                          "  - {label: base, spec: base.yaml}\n  - {label: FT, spec: ft.yaml}\n")
