@@ -10,7 +10,8 @@ Two pairs, each under three modes (in this order):
     bert    specs/glue/mrpc.yaml: BERT-Large -> BERT-Base (the spec's weights when the folders exist, else random),
             batch 16 per GPU (the spec's), 128 tokens; units bert.encoder.layer.* in both
 
-    ddp       DistributedDataParallel over the trainable part, every GPU holds both networks
+    ddp       DistributedDataParallel over the trainable part, every GPU holds both networks (on one GPU: no
+              wrapper, as kdgraph train in a world of one)
     fsdp      FSDP2 units as above (teacher sharded), parameters and gradients fp32
     fsdp_mp   the same with runtime.fsdp param_dtype bf16, reduce_dtype fp32 (gathers in bf16); BERT only: with
               BatchNorm (the ResNets) bf16 parameters meet fp32 running statistics, which PyTorch's CPU batch_norm
@@ -100,7 +101,7 @@ def bench(pair: str, mode: str, args, device: torch.device) -> dict:
     d = kdgraph.compile(spec)
     d.load_weights()
     d.to(device).train()
-    env = DistEnv(rank, world, rank, device, dist.get_backend())
+    env = DistEnv(rank, world, int(os.environ.get("LOCAL_RANK", "0")), device, dist.get_backend())
     model = fsdp.shard(d) if mode != "ddp" else wrap(d, env)
     opt = build_optimizer(stage, list(d.trainable_parameters()), lr_used(stage, world), d)
     g = torch.Generator().manual_seed(rank)
