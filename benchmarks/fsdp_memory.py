@@ -2,6 +2,11 @@
 
     torchrun --standalone --nproc_per_node=2 benchmarks/fsdp_memory.py [--spec specs/fashion_mnist/kd.yaml]
         [--steps 10] [--units type:BasicBlock]
+    torchrun --standalone --nproc_per_node=2 benchmarks/fsdp_memory.py --bert [--steps 10]
+
+``--bert``: the GLUE MRPC spec's BERT-Large -> BERT-Base pair scaled down to run on 2 CPU cores (teacher hidden 256,
+4 layers, 4 heads, FFN 1024; student hidden 128, 2 layers, 2 heads, FFN 512; BERT's 30522-token vocabulary,
+sequences of 64 tokens, batch 8 per process, random weights), units ``bert.encoder.layer.*`` in both, AdamW.
 
 For each mode (ddp, then fsdp with teacher and student units ``--units``) it compiles the spec (random weights:
 memory and time do not depend on them), runs ``--steps`` AdamW/SGD steps (the stage's optimizer type, lr 1e-3) on
@@ -31,7 +36,38 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def run(spec_path: str, mode: str, steps: int, units: list[str]) -> dict:
+BERT_TEACHER = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024}
+BERT_STUDENT = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512}
+BERT_SEQ, BERT_BATCH = 64, 8
+
+
+def bert_spec(spec_path: str) -> dict:
+    """The MRPC spec with the scaled-down pair, random weights, 64-token inputs and batch 8 (as a dict)."""
+    data = kdgraph.load_spec(spec_path).model_dump(mode="json")
+    for role, cfg in (("teacher", BERT_TEACHER), ("student", BERT_STUDENT)):
+        data[role]["kwargs"]["config"].update(cfg)
+        data[role]["weights"] = None
+    for field in data["input"]["named"].values():
+        field["shape"] = [BERT_SEQ]
+    data["stages"][0]["batch_size"] = BERT_BATCH
+    return data
+
+
+def batch(spec, stage, g: torch.Generator) -> tuple[tuple, dict]:
+    """Random inputs of the spec's shape: images and labels, or a tokenized batch (dict) for named inputs."""
+    if spec.input.named:
+        n, seq = stage.batch_size, spec.input.named["input_ids"].shape[0]
+        vocab = spec.input.named["input_ids"].high
+        return ({"input_ids": torch.randint(0, vocab, (n, seq), generator=g),
+                 "attention_mask": torch.ones(n, seq, dtype=torch.int64),
+                 "token_type_ids": (torch.arange(seq) >= seq // 2).long().expand(n, seq).contiguous(),
+                 "labels": torch.randint(0, spec.input.num_classes, (n,), generator=g)},), {}
+    c, (h, w) = spec.input.channels, spec.input.size
+    return (torch.randn(stage.batch_size, c, h, w, generator=g),
+            torch.randint(0, spec.input.num_classes, (stage.batch_size,), generator=g)), {}
+
+
+def run(spec_path: str | dict, mode: str, steps: int, units: list[str]) -> dict:
     spec = kdgraph.load_spec(spec_path).model_copy(deep=True)
     spec.runtime.channels_last = False
     if mode == "fsdp":
@@ -46,14 +82,12 @@ def run(spec_path: str, mode: str, steps: int, units: list[str]) -> dict:
     stage = spec.stages[0]
     opt_cls = torch.optim.AdamW if stage.optimizer.type == "adamw" else torch.optim.SGD
     opt = opt_cls(d.trainable_parameters(), lr=1e-3)
-    c, (h, w) = spec.input.channels, spec.input.size
     g = torch.Generator().manual_seed(rank)
     times = []
     for _ in range(steps):
-        x = torch.randn(stage.batch_size, c, h, w, generator=g)
-        y = torch.randint(0, spec.input.num_classes, (stage.batch_size,), generator=g)
+        args, kwargs = batch(spec, stage, g)
         t0 = time.perf_counter()
-        out = model(x, y)
+        out = model(*args, **kwargs)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -68,13 +102,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="specs/fashion_mnist/kd.yaml")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--units", nargs="+", default=["type:BasicBlock"])
+    ap.add_argument("--units", nargs="+", default=None, help="default: type:BasicBlock (--bert: "
+                                                              "bert.encoder.layer.*)")
+    ap.add_argument("--bert", action="store_true", help="the scaled-down BERT pair of the MRPC spec (see above)")
     args = ap.parse_args()
+    spec: str | dict = args.spec
+    if args.bert:
+        spec = bert_spec(args.spec if args.spec.endswith("mrpc.yaml") else "specs/glue/mrpc.yaml")
+    units = args.units or (["bert.encoder.layer.*"] if args.bert else ["type:BasicBlock"])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}
     for mode in ("ddp", "fsdp"):
-        r = run(args.spec, mode, args.steps, args.units)
+        r = run(spec, mode, args.steps, units)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, r)
         results[mode] = gathered

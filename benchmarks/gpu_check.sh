@@ -16,6 +16,11 @@
 #      2 specs x 2 variants x 12 steps, ~30 s. Run only if the script is still under STEP_PASSES_BY_S (default
 #      480 s) when it gets there. Every step's timeout is cut to what is left of END_BY_S (585 s), so the whole
 #      command stays under the device's 10-minute limit.
+#   4. benchmarks/gpu_fsdp.py under torchrun on every GPU of the machine (issue 24): FSDP2 vs DDP for
+#      R34 -> R18 KD (batch 256, 224x224) and BERT-Large -> BERT-Base MRPC (batch 16, 128 tokens; random weights
+#      when weights/glue/ is absent), bf16 autocast: images or sequences/s and peak memory per GPU (~2-3 min).
+#      Runs if the script is under FSDP_BY_S (default 400 s) when it gets there; ONLY_FSDP=1 runs it alone
+#      (steps 1-3 skipped: the way to get these rows in a lease of their own).
 # Time plan for the 15-minute lease (machine start included): start ~2-4 min; here: setup ~15 s, 1. ~3.5 min
 # (5 compilations of ~31-40 s, 2 eager rows; at most TRAIN_BUDGET_S + 140 s), 2. ~1 min, 3. ~0.5 min: about
 # 5-6 min of command (at most 585 s), 8-10 min of lease. There is no room for a second full run:
@@ -35,6 +40,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 
+FSDP_BY_S=${FSDP_BY_S:-400}
+if [ "${ONLY_FSDP:-0}" != 1 ]; then
 # 1. KD / FT throughput and peak memory: eager, compiled, compiled + cache, compiled + passes
 timeout $((TRAIN_BUDGET_S + 140)) python3 benchmarks/gpu_train.py --budget-s "$TRAIN_BUDGET_S" --steps 20 --warmup 3 \
   2>&1 | tee "$OUT/gpu_train.txt"
@@ -53,4 +60,15 @@ if [ "$SECONDS" -lt "$STEP_PASSES_BY_S" ]; then
   echo "step_time passes exit ${PIPESTATUS[0]} at ${SECONDS} s" | tee -a "$OUT/gpu.txt"
 else
   echo "step_time passes skipped: ${SECONDS} s spent, over STEP_PASSES_BY_S=${STEP_PASSES_BY_S}" | tee -a "$OUT/gpu.txt"
+fi
+fi
+
+# 4. FSDP2 vs DDP per GPU (issue 24)
+if [ "${ONLY_FSDP:-0}" = 1 ] || [ "$SECONDS" -lt "$FSDP_BY_S" ]; then
+  NGPU=$(nvidia-smi -L | wc -l)
+  timeout "$(left 300)" python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU" benchmarks/gpu_fsdp.py \
+    --steps 10 --warmup 3 2>&1 | tee "$OUT/gpu_fsdp.txt"
+  echo "gpu_fsdp exit ${PIPESTATUS[0]} at ${SECONDS} s" | tee -a "$OUT/gpu.txt"
+else
+  echo "gpu_fsdp skipped: ${SECONDS} s spent, over FSDP_BY_S=${FSDP_BY_S} (ONLY_FSDP=1 runs it alone)" | tee -a "$OUT/gpu.txt"
 fi

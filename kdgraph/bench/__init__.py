@@ -58,9 +58,18 @@ def bench(suite: Union[str, Path, dict, Suite], *, data: Optional[str] = None, o
     main = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs; rank 0 writes
     say = say or (lambda text: None)
     t0 = time.perf_counter()
-    results = execute(runs, data=data, device=device, progress=progress, fresh=fresh, title=loaded.suite.title,
-                      say=say if main else (lambda text: None), is_main=main,
-                      jobs=1 if os.environ.get("WORLD_SIZE", "1") != "1" else jobs)
+    # under torchrun the processes join one group for the whole suite: gloo cannot re-join a group that each run
+    # would otherwise create and destroy (the second run's connect is refused)
+    from ..train.distributed import setup, teardown
+
+    env = setup(device, group=True) if "WORLD_SIZE" in os.environ else None
+    try:
+        results = execute(runs, data=data, device=device, progress=progress, fresh=fresh, title=loaded.suite.title,
+                          say=say if main else (lambda text: None), is_main=main,
+                          jobs=1 if os.environ.get("WORLD_SIZE", "1") != "1" else jobs)
+    finally:
+        if env is not None:
+            teardown(env)
     cmd = command or " ".join(shlex.quote(a) for a in ["kdgraph", *sys.argv[1:]])
     res = summarize(loaded, results, cmd, time.perf_counter() - t0, seed_list)
     if main:

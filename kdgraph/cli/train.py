@@ -6,6 +6,7 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node=N [--nnodes ...] -m kdgraph 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ck
     rate used is lr x world_size / reference_world_size. With several SPECs, they run one after
     the other and a table compares their results (e.g. a no-distillation baseline and KD).
     """
+    from ..train.distributed import setup, teardown
     from ..train.loop import TrainOptions, train
     from ..train.overrides import load_with_overrides
 
@@ -64,13 +66,19 @@ def train_cmd(specs, data_root, out, sets, resume, overwrite, stages, device, ck
     for spec in loaded if teacher_cache else ():
         spec.runtime.teacher_cache = str(Path(teacher_cache).resolve())
     results = []
-    for spec in loaded:
-        run_out = Path(out) / spec.name if (out and len(loaded) > 1) else (Path(out) if out else None)
-        opts = TrainOptions(out=run_out, data=data_root, resume=resume, overwrite=overwrite, only_stages=stages,
-                            device=device, ckpt_every=ckpt_every, ckpt_minutes=ckpt_minutes, log_every=log_every,
-                            progress=progress, started=_T0 if not results else time.perf_counter(),
-                            skip_bad_images=skip_bad_images)
-        results.append(train(spec, opts))
+    # several specs under torchrun: one process group for all of them (gloo cannot re-join a destroyed group)
+    env = setup(device, group=True) if len(loaded) > 1 and "WORLD_SIZE" in os.environ else None
+    try:
+        for spec in loaded:
+            run_out = Path(out) / spec.name if (out and len(loaded) > 1) else (Path(out) if out else None)
+            opts = TrainOptions(out=run_out, data=data_root, resume=resume, overwrite=overwrite, only_stages=stages,
+                                device=device, ckpt_every=ckpt_every, ckpt_minutes=ckpt_minutes, log_every=log_every,
+                                progress=progress, started=_T0 if not results else time.perf_counter(),
+                                skip_bad_images=skip_bad_images)
+            results.append(train(spec, opts))
+    finally:
+        if env is not None:
+            teardown(env)
     if not _is_main():
         return
     if len(results) > 1:

@@ -44,8 +44,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def setup(device: Optional[str] = None) -> DistEnv:
-    """Read torchrun's environment, pick the device, join the process group when ``WORLD_SIZE > 1``."""
+def setup(device: Optional[str] = None, group: bool = False) -> DistEnv:
+    """Read torchrun's environment, pick the device, join the process group when ``WORLD_SIZE > 1`` (or, with
+    ``group``, under torchrun with one process: ``runtime.distributed: fsdp`` shards over a group of one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,7 +60,7 @@ def setup(device: Optional[str] = None) -> DistEnv:
         torch.cuda.set_device(torch.device(device))
     dev = torch.device(device)
     backend = None
-    if world > 1:
+    if world > 1 or (group and "WORLD_SIZE" in os.environ):
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not dist.is_initialized():
             kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=30)}
@@ -71,7 +72,7 @@ def setup(device: Optional[str] = None) -> DistEnv:
 
 
 def teardown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    if env.backend is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 

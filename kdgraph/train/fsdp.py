@@ -30,16 +30,18 @@ from ..errors import KDGraphError
 __all__ = ["shard", "sharded_roles", "require_processes", "DTYPES"]
 
 _NEEDS_GROUP = ("runtime.distributed: fsdp needs a process group: start the processes with torchrun "
-                "(torchrun --nproc_per_node=N -m kdgraph train SPEC) or call torch.distributed.init_process_group "
-                "before kdgraph.train.fsdp.shard; for one process, use runtime.distributed: ddp (the default)")
+                "(torchrun --nproc_per_node=N -m kdgraph train SPEC; N may be 1, e.g. to --resume a sharded run on "
+                "one process) or call torch.distributed.init_process_group before kdgraph.train.fsdp.shard; to "
+                "train one process without sharding, use runtime.distributed: ddp (the default)")
 
 
 def require_processes(spec: Any, world_size: int) -> None:
-    """``kdgraph train`` and fsdp: without torchrun there is nothing to shard over (one paragraph, exit 2); a
-    stage keeping an EMA of the student is refused too (the EMA copies the whole student on every process)."""
+    """``kdgraph train`` and fsdp: without torchrun there is no process group to shard over (one paragraph, exit
+    2; ``torchrun --nproc_per_node=1`` is a group of one and is fine); a stage keeping an EMA of the student is
+    refused too (the EMA copies the whole student on every process)."""
     if spec.runtime.distributed != "fsdp":
         return
-    if world_size < 2:
+    if world_size < 2 and not dist.is_initialized():
         raise KDGraphError(_NEEDS_GROUP)
     ema = [s.name for s in spec.stages if getattr(s, "ema", None) is not None]
     if ema:
@@ -76,6 +78,7 @@ def shard(distiller: nn.Module, mesh: Optional[Any] = None) -> nn.Module:
         raise KDGraphError(f"spec {spec.name!r}: runtime.distributed is {spec.runtime.distributed!r}; sharding "
                            f"needs runtime.distributed: fsdp, which also schedules the gathers in the compiled "
                            f"graph (set it before kdgraph.compile)")
+    _check_precision(distiller, spec)
     if not dist.is_initialized():
         raise KDGraphError(_NEEDS_GROUP)
     if isinstance(distiller, FSDPModule):
@@ -96,6 +99,27 @@ def shard(distiller: nn.Module, mesh: Optional[Any] = None) -> nn.Module:
     set_prefetch(distiller)
     fully_shard.state(distiller)._lazy_init()  # the distiller is FSDP2's root even if a network is called first
     return distiller
+
+
+def _check_precision(distiller: nn.Module, spec: Any) -> None:
+    """``fsdp.param_dtype`` bf16/fp16 on the CPU with a sharded BatchNorm: FSDP2 casts the norm's weight but not its
+    fp32 running statistics, and PyTorch's CPU batch_norm refuses the mix (a RuntimeError deep in the first step);
+    one paragraph instead, before anything runs."""
+    fs = spec.runtime.fsdp
+    if fs.param_dtype in (None, "fp32"):
+        return
+    device = next(distiller.parameters()).device
+    if device.type != "cpu":
+        return
+    for role in sharded_roles(spec):
+        bn = next((n for n, m in getattr(distiller, role).named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+        if bn is not None:
+            raise KDGraphError(f"runtime.fsdp.param_dtype: {fs.param_dtype} cannot run on the CPU with a sharded "
+                               f"network that has BatchNorm ({role}.{bn}): FSDP2 gathers its weight in "
+                               f"{fs.param_dtype} but its running statistics stay fp32, and PyTorch's CPU batch_norm "
+                               f"refuses the mix. Use runtime.amp: bf16 (autocast) with param_dtype unset, "
+                               f"fsdp.teacher: replicated for a BatchNorm teacher, or a GroupNorm/LayerNorm network")
 
 
 def set_prefetch(distiller: nn.Module) -> None:

@@ -322,7 +322,7 @@ def train(spec: Any, options: Optional[TrainOptions] = None, **kwargs: Any) -> d
     import torch.distributed as dist
 
     owned = not dist.is_initialized()
-    env = setup(opts.device)
+    env = setup(opts.device, group=s.runtime.distributed == "fsdp")  # fsdp: a group even of one
     try:
         require_processes(s, env.world_size)
         with consent(opts.allow_imports, opts.trust_code):

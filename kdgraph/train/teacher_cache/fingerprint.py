@@ -43,6 +43,8 @@ def teacher_weights_sha256(teacher: nn.Module) -> str:
     for name, t in sorted(teacher.state_dict().items()):
         if not isinstance(t, torch.Tensor):
             continue
+        if hasattr(t, "full_tensor"):  # a sharded (FSDP2) teacher: its whole tensor (every process calls this)
+            t = t.full_tensor()
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
