@@ -34,8 +34,24 @@ def _die_with_parent() -> None:
 
 
 def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, threads: int = 0,
-         say: Optional[Callable[[str], None]] = None, child: bool = False, index: int = 0) -> list[dict[str, Any]]:
-    """Claim and train trials until the study has ``n_trials`` live ones; returns this worker's summaries."""
+         say: Optional[Callable[[str], None]] = None, child: bool = False, index: int = 0,
+         team: Any = None) -> list[dict[str, Any]]:
+    """Claim and train trials until the study has ``n_trials`` live ones; returns this worker's summaries.
+    ``team``: under torchrun, rank 0's view of the ranks that train each trial with it (:mod:`.ranks`): they
+    hear of every trial, and of the end (or of an error here, so that no rank waits for ever)."""
+    if team is None or team.world_size == 1:
+        return _loop(storage_url, study_name, n_trials, ctx, threads, say, child, index, None)
+    try:
+        done = _loop(storage_url, study_name, n_trials, ctx, threads, say, child, index, team)
+    except BaseException as e:  # between trials (the storage, a draw): the other ranks wait for a broadcast
+        team.broadcast(("abort", f"{type(e).__name__}: {e}"))
+        raise
+    team.broadcast(None)  # the study has its trials
+    return done
+
+
+def _loop(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, threads: int,
+          say: Optional[Callable[[str], None]], child: bool, index: int, team: Any) -> list[dict[str, Any]]:
     import optuna
     import torch
 
@@ -58,7 +74,7 @@ def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, th
         trial = claim(study, n_trials)
         if trial is None:
             return done
-        done.append(run_trial(study, trial, ctx, say, claim_s=time.perf_counter() - t0))
+        done.append(run_trial(study, trial, ctx, say, claim_s=time.perf_counter() - t0, team=team))
 
 
 def _child(args: tuple) -> list[dict[str, Any]]:
@@ -69,10 +85,11 @@ def _child(args: tuple) -> list[dict[str, Any]]:
 
 
 def run_workers(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, workers: int,
-                say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Train the study's remaining trials here (``workers == 1``) or in ``workers`` processes."""
+                say: Callable[[str], None], team: Any = None) -> list[dict[str, Any]]:
+    """Train the study's remaining trials here (``workers == 1``; under torchrun with ``team``, rank 0 leading
+    the ranks that train each trial together) or in ``workers`` processes."""
     if workers <= 1:
-        return work(storage_url, study_name, n_trials, ctx, 0, say)
+        return work(storage_url, study_name, n_trials, ctx, 0, say, team=team)
     import multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // workers)
