@@ -111,7 +111,11 @@ def _merge(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     failed = [o for o in outcomes if o["state"] == "FAIL"]
     if failed:
         lead["state"], lead["value"] = "FAIL", None
-        lead["error"] = "; ".join(f"rank {o['rank']}: {o['error']}" for o in failed)
+        ranks: dict[str, list[str]] = {}  # one error met by several ranks is told once
+        for o in failed:
+            ranks.setdefault(str(o["error"]), []).append(str(o["rank"]))
+        lead["error"] = "; ".join(f"rank {', '.join(r)}: {e}" if len(r) < len(outcomes) else e
+                                  for e, r in ranks.items())
     elif len({o["state"] for o in outcomes}) > 1:  # cannot happen: pruning is rank 0's decision, broadcast
         lead["state"], lead["value"] = "FAIL", None
         lead["error"] = f"the ranks ended differently: {[o['state'] for o in outcomes]}"
@@ -156,6 +160,8 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tune.json").write_text(json.dumps(summary, indent=2))
     shown = f"{value:.2f}" if value is not None else (f"{reports[-1]:.2f} at epoch {len(reports)}" if reports else "-")
-    say(f"trial {trial.number}: {state.name.lower()} {shown}  ({', '.join(sets)}; {total:.1f} s)"
-        + (f"  error: {error}" if error else ""))
+    from rich.markup import escape  # say() prints rich markup: an error's "[ce = nan]" is text
+
+    say(escape(f"trial {trial.number}: {state.name.lower()} {shown}  ({', '.join(sets)}; {total:.1f} s)"
+               + (f"  error: {error}" if error else "")))
     return summary
