@@ -27,10 +27,10 @@ from ..overrides import apply_overrides
 from ..spec import load_spec
 from .report import TuneResult, summarize, write_all
 from .space import Space, check_space, load_space
-from .ranks import follow, refuse_workers, share_setup, team
+from .ranks import refuse_workers, share_setup, team
 from .study import TuneError, open_study
 from .trial import TrialContext
-from .workers import run_workers
+from .workers import follow, run_workers
 
 __all__ = ["tune", "TuneResult", "TuneError", "Space", "load_space", "fixed_overrides"]
 

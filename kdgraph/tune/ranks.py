@@ -6,7 +6,7 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
 * **Rank 0 leads** (:meth:`Team.lead`): it opens the storage and study, claims each trial, draws its overrides,
   reports every per-epoch score, decides pruning, tells the study how the trial ended and writes the output
   folder. The other ranks never open the storage.
-* **The others follow** (:func:`follow`): rank 0 broadcasts (a ``torch.distributed`` object broadcast over the
+* **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (a ``torch.distributed`` object broadcast over the
   run's group) the tune's setup (or its error, raised on every rank alike), then each trial's number and
   overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on rank 0;
   ``None`` when the study has its trials.
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from ..errors import KDGraphError, SpecError
 
-__all__ = ["Team", "team", "under_torchrun", "follow", "SOLO"]
+__all__ = ["Team", "team", "under_torchrun", "refuse_workers", "share_setup", "SOLO"]
 
 
 def under_torchrun() -> bool:
@@ -124,20 +124,3 @@ def share_setup(t: Team, make: Any) -> tuple[Any, Any]:
         raise err
     cls = msg[1] if isinstance(msg[1], type) and issubclass(msg[1], KDGraphError) else KDGraphError
     raise cls(f"{msg[2]} (on rank 0)")
-
-
-def follow(t: Team, ctx: Any) -> int:
-    """A non-zero rank's part of the tune: train every trial rank 0 broadcasts, until it says the study has its
-    trials (``None``) or stops (``("abort", message)``). Returns the number of trials trained."""
-    from .trial import train_trial
-
-    n = 0
-    while True:
-        msg = t.broadcast(None)
-        if msg is None:
-            return n
-        if msg[0] == "abort":
-            raise KDGraphError(f"the tune stopped on rank 0: {msg[1]}")
-        _, number, sets = msg
-        t.gather(train_trial(ctx, number, sets, t))
-        n += 1

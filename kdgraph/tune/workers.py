@@ -1,4 +1,5 @@
-"""Running trials: one loop per worker process (:func:`work`), and ``--workers K`` processes on one machine.
+"""Running trials: one loop per worker process (:func:`work`), ``--workers K`` processes on one machine, and
+under torchrun the other ranks' part (:func:`follow`: train every trial rank 0 broadcasts, see :mod:`.ranks`).
 
 Every worker opens the storage itself, fails the trials of dead processes, then claims and trains trials until
 the study holds its N (:func:`kdgraph.tune.study.claim`). With ``K > 1`` the workers are spawned processes with
@@ -16,11 +17,12 @@ import zlib
 from typing import Any, Callable, Optional
 
 from ..bench.tuned import is_rdb_url, open_storage
+from ..errors import KDGraphError
 from .space import Space
 from .study import claim, fail_dead_trials, pruner_for, sampler_for
-from .trial import TrialContext, run_trial
+from .trial import TrialContext, run_trial, train_trial
 
-__all__ = ["work", "run_workers"]
+__all__ = ["work", "run_workers", "follow"]
 
 
 def _die_with_parent() -> None:
@@ -75,6 +77,21 @@ def _loop(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, t
         if trial is None:
             return done
         done.append(run_trial(study, trial, ctx, say, claim_s=time.perf_counter() - t0, team=team))
+
+
+def follow(t: Any, ctx: Any) -> int:
+    """A non-zero rank's part of the tune: train every trial rank 0 broadcasts, until it says the study has its
+    trials (``None``) or stops (``("abort", message)``). Returns the number of trials trained."""
+    n = 0
+    while True:
+        msg = t.broadcast(None)
+        if msg is None:
+            return n
+        if msg[0] == "abort":
+            raise KDGraphError(f"the tune stopped on rank 0: {msg[1]}")
+        _, number, sets = msg
+        t.gather(train_trial(ctx, number, sets, t))
+        n += 1
 
 
 def _child(args: tuple) -> list[dict[str, Any]]:
