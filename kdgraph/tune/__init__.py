@@ -11,6 +11,7 @@ split, seed 0), ``runtime.eval_every=1`` (a score every epoch, for pruning) and 
 The study lives in Optuna's storage (:mod:`.study`): by default a journal file ``OUT/study.journal``; with
 ``storage="postgresql://..."`` one study shared by processes on many hosts. ``--resume`` continues (or joins) a
 study after verifying it was made for this spec and space. The folder's files: :mod:`.report`.
+Under ``torchrun`` every trial is trained by all the processes (DDP), rank 0 alone talking to Optuna (:mod:`.ranks`).
 This is runtime above :mod:`kdgraph.bench`: it trains through :func:`kdgraph.train.loop.train` as
 ``kdgraph train`` does.
 """
@@ -51,7 +52,8 @@ def tune(spec: Union[str, Path], space: Union[str, Path, dict], *, trials: int, 
     then write its table, best overrides, suite and pictures into ``out``; returns them.
 
     ``sets``: ``--set`` overrides every trial gets (e.g. fewer epochs per trial than the spec trains); they are
-    part of the study's fixed overrides, not of the best ``set`` list."""
+    part of the study's fixed overrides, not of the best ``set`` list. Under torchrun every rank calls this and
+    gets the same result; ``workers`` must then be 1."""
     if trials < 1:
         raise SpecError(f"--trials must be >= 1, got {trials}")
     if workers < 1:
