@@ -6,10 +6,10 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
 * **Rank 0 leads** (:meth:`Team.lead`): it opens the storage and study, claims each trial, draws its overrides,
   reports every per-epoch score, decides pruning, tells the study how the trial ended and writes the output
   folder. The other ranks never open the storage.
-* **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (a ``torch.distributed`` object broadcast over the
-  run's group) the tune's setup (or its error, raised on every rank alike), then each trial's number and
-  overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on rank 0;
-  ``None`` when the study has its trials.
+* **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (``torch.distributed`` object
+  broadcasts over the run's group) the tune's setup (or its error, raised on every rank alike), then each trial's
+  number and overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on
+  rank 0; ``None`` when the study has its trials.
 * **A failure on any rank** marks the trial failed once: after every trial each rank's outcome is gathered on
   rank 0, which tells the study one FAIL naming the rank and its error.
 
