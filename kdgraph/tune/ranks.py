@@ -10,13 +10,17 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
   broadcasts over the run's group) the tune's setup (or its error, raised on every rank alike), then each trial's
   number and overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on
   rank 0; ``None`` when the study has its trials.
-* **A failure on any rank** marks the trial failed once: after every trial each rank's outcome is gathered on
-  rank 0, which tells the study one FAIL naming the rank and its error.
+* **A failure on any rank** marks the trial failed once: after every trial each rank puts its outcome in
+  torchrun's key-value store and reads the others' (:meth:`Team.settle`); rank 0 tells the study one FAIL
+  naming the rank(s) and the error (an error every rank met is told once).
+* **A failure on one rank alone inside a training collective** (out of memory on one GPU mid-step) leaves the
+  other ranks waiting in that collective. The failed rank waits :data:`SETTLE_S` for their outcomes, then raises
+  :class:`TeamBroken` and exits, and torchrun stops the job. On rank 0 the trial is told FAIL first; when another
+  rank failed, rank 0 usually hears of it (its collective breaks when that rank exits) and tells FAIL with that
+  rank's error, else the trial stays RUNNING with rank 0's process gone and ``--resume`` marks it failed, once
+  (:func:`kdgraph.tune.study.fail_dead_trials`).
 
-A failure on one rank alone *inside* a training collective (say, out of memory on one GPU mid-step) cannot be
-gathered: the other ranks wait in that collective, and torchrun stops the job as it does for ``kdgraph train``.
-The trial then stays RUNNING with rank 0's process gone, and ``--resume`` marks it failed, once
-(:func:`kdgraph.tune.study.fail_dead_trials`).
+The broadcasts go over a gloo group of their own (CPU objects, whatever the training backend), made once.
 """
 from __future__ import annotations
 
@@ -26,7 +30,13 @@ from typing import Any, Optional
 
 from ..errors import KDGraphError, SpecError
 
-__all__ = ["Team", "team", "under_torchrun", "refuse_workers", "share_setup", "SOLO"]
+__all__ = ["Team", "TeamBroken", "team", "under_torchrun", "refuse_workers", "share_setup", "SOLO", "SETTLE_S"]
+
+SETTLE_S = 120.0  # how long a rank whose trial failed waits for the others before it stops the job
+
+
+class TeamBroken(KDGraphError):
+    """The ranks no longer train the same trial (one failed alone while the others wait in a collective)."""
 
 
 def under_torchrun() -> bool:
@@ -40,6 +50,9 @@ class Team:
 
     rank: int = 0
     world_size: int = 1
+    group: Any = None  # the gloo group of the tune's messages
+    store: Any = None  # torchrun's key-value store (each trial's outcome, see settle)
+    settled: int = 0  # trials settled so far (the same count on every rank)
 
     @property
     def leads(self) -> bool:
@@ -52,18 +65,33 @@ class Team:
         import torch.distributed as dist
 
         box = [obj if self.leads else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order (on every rank)."""
+    def settle(self, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's outcome of the trial just trained (JSON), through torchrun's key-value store rather than
+        a collective, so that a rank that failed alone can stop waiting: a rank whose trial failed waits
+        :data:`SETTLE_S` at most for the others, then raises :class:`TeamBroken` (see the module docstring)."""
         if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
+            return [outcome]
+        import datetime
+        import json
 
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        self.settled += 1
+        keys = [f"settle/{self.settled}/{r}" for r in range(self.world_size)]
+        self.store.set(keys[self.rank], json.dumps(outcome))
+        try:
+            if outcome.get("state") == "FAIL":
+                self.store.wait(keys, datetime.timedelta(seconds=SETTLE_S))
+            else:
+                self.store.wait(keys)  # the store's timeout (30 min, as the process group's)
+        except Exception as e:  # noqa: BLE001 - the store's timeout (DistStoreError) or a store that is gone
+            raise TeamBroken(
+                f"rank {self.rank}: the trial failed here ({outcome.get('error')}) and the other ranks did not "
+                f"end it within {SETTLE_S:.0f} s (they wait in a training collective: a failure on this rank "
+                f"alone). The tune stops; the trial is failed (at once on rank 0, else by --resume), never "
+                f"counted.") from e
+        return [json.loads(self.store.get(k)) for k in keys]
 
 
 SOLO = Team()
@@ -81,8 +109,15 @@ class team:
             return SOLO
         from ..train.distributed import setup
 
+        import datetime
+
+        import torch.distributed as dist
+
         self.env = setup(self.device, group=True)
-        return Team(self.env.rank, self.env.world_size)
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(minutes=30))  # the one torchrun's processes meet in
+        return Team(self.env.rank, self.env.world_size, group, dist.PrefixStore("kdgraph_tune/", store))
 
     def __exit__(self, *exc: Any) -> None:
         if self.env is not None:

@@ -130,7 +130,7 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread
 
-    from .ranks import SOLO
+    from .ranks import SOLO, TeamBroken
 
     team = team or SOLO
     t0 = time.perf_counter() - claim_s
@@ -145,7 +145,12 @@ def run_trial(study: Any, trial: Any, ctx: TrialContext, say: Any, claim_s: floa
     reports: list[float] = []
     with get_heartbeat_thread(trial._trial_id, study._storage):
         team.broadcast(("trial", trial.number, sets))
-        outcome = _merge(team.gather(train_trial(ctx, trial.number, sets, team, trial, reports)))
+        try:
+            outcome = _merge(team.settle(train_trial(ctx, trial.number, sets, team, trial, reports)))
+        except TeamBroken as e:  # the other ranks are stuck: fail the trial once, then stop the job
+            trial.set_user_attr("error", str(e)[:2000])
+            study.tell(trial, None, state=optuna.trial.TrialState.FAIL)
+            raise
         state = getattr(optuna.trial.TrialState, outcome["state"])
         value, error, train_s = outcome["value"], outcome["error"], outcome["train_s"]
         if error is not None:

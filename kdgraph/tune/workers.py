@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 from ..bench.tuned import is_rdb_url, open_storage
 from ..errors import KDGraphError
 from .space import Space
+from .ranks import TeamBroken
 from .study import claim, fail_dead_trials, pruner_for, sampler_for
 from .trial import TrialContext, run_trial, train_trial
 
@@ -45,6 +46,8 @@ def work(storage_url: str, study_name: str, n_trials: int, ctx: TrialContext, th
         return _loop(storage_url, study_name, n_trials, ctx, threads, say, child, index, None)
     try:
         done = _loop(storage_url, study_name, n_trials, ctx, threads, say, child, index, team)
+    except TeamBroken:  # the other ranks wait in a training collective: torchrun stops them
+        raise
     except BaseException as e:  # between trials (the storage, a draw): the other ranks wait for a broadcast
         team.broadcast(("abort", f"{type(e).__name__}: {e}"))
         raise
@@ -90,7 +93,7 @@ def follow(t: Any, ctx: Any) -> int:
         if msg[0] == "abort":
             raise KDGraphError(f"the tune stopped on rank 0: {msg[1]}")
         _, number, sets = msg
-        t.gather(train_trial(ctx, number, sets, t))
+        t.settle(train_trial(ctx, number, sets, t))  # TeamBroken: this rank failed alone; torchrun ends the job
         n += 1
 
 
