@@ -3,7 +3,7 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
 
 * **One process group** for the whole command (:func:`team`): joined once before the first trial and left after
   the last, as ``kdgraph bench`` does (gloo cannot join a group again that each trial would create and destroy).
-* **Rank 0 leads** (:meth:`Team.lead`): it opens the storage and study, claims each trial, draws its overrides,
+* **Rank 0 leads** (:func:`kdgraph.tune.tune`, ``Team.leads``): it opens the storage and study, claims each trial, draws its overrides,
   reports every per-epoch score, decides pruning, tells the study how the trial ended and writes the output
   folder. The other ranks never open the storage.
 * **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (``torch.distributed`` object
@@ -107,17 +107,20 @@ class team:
     def __enter__(self) -> Team:
         if not under_torchrun():
             return SOLO
-        from ..train.distributed import setup
-
         import datetime
+        import uuid
 
         import torch.distributed as dist
 
+        from ..train.distributed import setup
+
         self.env = setup(self.device, group=True)
-        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+        minutes = datetime.timedelta(minutes=30)  # as the process group's
+        t = Team(self.env.rank, self.env.world_size, dist.new_group(backend="gloo", timeout=minutes))
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(minutes=30))  # the one torchrun's processes meet in
-        return Team(self.env.rank, self.env.world_size, group, dist.PrefixStore("kdgraph_tune/", store))
+                              timeout=minutes)  # the one torchrun's processes meet in
+        t.store = dist.PrefixStore(f"kdgraph_tune/{t.broadcast(uuid.uuid4().hex)}/", store)  # this tune's keys
+        return t
 
     def __exit__(self, *exc: Any) -> None:
         if self.env is not None:
