@@ -104,7 +104,7 @@ def train_trial(ctx: TrialContext, number: int, sets: list[str], team: Any, tria
 
 
 def _merge(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every rank's outcome as one: failed when any rank failed (the first failure, naming its rank)."""
+    """Every rank's outcome as one: failed when any rank failed (each error once, naming its ranks unless all met it)."""
     if len(outcomes) == 1:
         return outcomes[0]
     lead = dict(outcomes[0])
