@@ -3,9 +3,9 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
 
 * **One process group** for the whole command (:func:`team`): joined once before the first trial and left after
   the last, as ``kdgraph bench`` does (gloo cannot join a group again that each trial would create and destroy).
-* **Rank 0 leads** (:func:`kdgraph.tune.tune`, ``Team.leads``): it opens the storage and study, claims each trial, draws its overrides,
-  reports every per-epoch score, decides pruning, tells the study how the trial ended and writes the output
-  folder. The other ranks never open the storage.
+* **Rank 0 leads** (:func:`kdgraph.tune.tune`, ``Team.leads``): it opens the storage and study, claims each
+  trial, draws its overrides, reports every per-epoch score, decides pruning, tells the study how the trial ended
+  and writes the output folder. The other ranks never open the storage.
 * **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (``torch.distributed`` object
   broadcasts over the run's group) the tune's setup (or its error, raised on every rank alike), then each trial's
   number and overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on

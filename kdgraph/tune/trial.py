@@ -104,7 +104,8 @@ def train_trial(ctx: TrialContext, number: int, sets: list[str], team: Any, tria
 
 
 def _merge(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every rank's outcome as one: failed when any rank failed (each error once, naming its ranks unless all met it)."""
+    """Every rank's outcome as one: failed when any rank failed (each error once, naming its ranks unless every
+    rank met it)."""
     if len(outcomes) == 1:
         return outcomes[0]
     lead = dict(outcomes[0])
