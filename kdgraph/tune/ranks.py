@@ -7,9 +7,9 @@ processes (kdgraph's normal DDP path), with rank 0 alone talking to Optuna.
   trial, draws its overrides, reports every per-epoch score, decides pruning, tells the study how the trial ended
   and writes the output folder. The other ranks never open the storage.
 * **The others follow** (:func:`kdgraph.tune.workers.follow`): rank 0 broadcasts (``torch.distributed`` object
-  broadcasts over the run's group) the tune's setup (or its error, raised on every rank alike), then each trial's
-  number and overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or failed on
-  rank 0; ``None`` when the study has its trials.
+  broadcasts over the tune's gloo group) the tune's setup (or its error, raised on every rank alike), then each
+  trial's number and overrides, then after every per-epoch evaluation whether the trial goes on, is pruned or
+  failed on rank 0; ``None`` when the study has its trials.
 * **A failure on any rank** marks the trial failed once: after every trial each rank puts its outcome in
   torchrun's key-value store and reads the others' (:meth:`Team.settle`); rank 0 tells the study one FAIL
   naming the rank(s) and the error (an error every rank met is told once).
