@@ -3,6 +3,7 @@ images (:func:`kdgraph.tune.tune`), print the trials and the best ``--set`` list
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 import click
@@ -24,7 +25,8 @@ __all__ = ["tune_cmd"]
                    "OUT/study.journal")
 @click.option("--study", default=None, metavar="NAME", help="the study's name (default: the spec's name)")
 @click.option("--workers", default=1, type=click.IntRange(1, 64), show_default=True,
-              help="trials trained at once on this machine, each process with cores/workers threads")
+              help="trials trained at once on this machine, each process with cores/workers threads (not under "
+                   "torchrun, where every trial is trained by all its processes)")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="trial folders, the table, best.json and pictures (default runs/tune_<study>)")
 @click.option("--resume", is_flag=True, help="continue (or, on another host, join) the study that exists")
@@ -38,6 +40,7 @@ __all__ = ["tune_cmd"]
 def tune_cmd(spec, space, trials, storage, study, workers, out, resume, sets, data_root, device, as_json) -> None:
     """Search SPEC's hyper-parameters with Optuna: every trial trains SPEC with drawn overrides and is scored on
     training images held out for validation (pruned early when its epochs score below the others').
+    Under ``torchrun --nproc_per_node=N -m kdgraph tune ...`` every trial is trained by the N processes (DDP).
 
     Writes OUT/trials.{tsv,md}, best.json, best_set.txt, tuned_suite.yaml (reference vs tuned, for kdgraph
     bench) and the pictures history.png, importance.png, slice.png, contour.png, intermediate.png.
@@ -48,6 +51,8 @@ def tune_cmd(spec, space, trials, storage, study, workers, out, resume, sets, da
     res = tune(spec, space, trials=trials, out=out, storage=storage, study=study, workers=workers, resume=resume,
                data=data_root, device=device, allow_imports=allowed_prefixes(), sets=tuple(sets),
                say=lambda text: con.print(text, soft_wrap=True))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone speaks
+        return
     if as_json:
         click.echo(json.dumps(dict(res), indent=2, default=str))
         return
