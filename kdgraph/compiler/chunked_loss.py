@@ -16,7 +16,10 @@ alive in forward and in backward. A side whose inputs need no gradient (the froz
 since ``W`` is the shared parameter itself).
 
 A side is a :class:`Head` (hidden states, weight, bias, scale, softcap) or a :class:`Dense` (logits another node
-computes anyway, e.g. a cached teacher's), indexed chunk by chunk.
+computes anyway), indexed chunk by chunk. A teacher read from a top-K cache (``runtime.teacher_cache``: a
+:class:`~kdgraph.methods.token_sparse.SparseTeacher` batch input, already one row per kept token) is checked
+against the loss (``check_for``) and sliced chunk by chunk alike, each chunk scored by the loss's
+``per_token_sparse``: the same value and gradients as the dense path's ``forward`` on the sparse teacher.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ..methods.token_sparse import SparseTeacher
 
 __all__ = ["Head", "Dense", "head_logits", "chunked_token_loss"]
 
@@ -86,11 +91,21 @@ def chunked_token_loss(loss, labels: torch.Tensor, num_tokens: Optional[torch.Te
     """``loss`` (a TokenLoss) over ``student`` and ``teacher`` in chunks of ``chunk_tokens`` kept tokens."""
     mask = loss.token_mask(labels)
     s_rows, s_head = _rows(loss, student, mask)
-    t_rows, t_head = _rows(loss, teacher, mask)
+    sparse = teacher.logits if isinstance(teacher, Dense) and isinstance(teacher.logits, SparseTeacher) else None
+    if sparse is not None:  # a top-K cached teacher (runtime.teacher_cache): its kept tokens' rows, chunked alike
+        sparse.check_for(loss, mask, int(s_head[0].shape[0]) if s_head else int(s_rows.shape[-1]))
+        t_rows, t_head = torch.arange(len(sparse), device=s_rows.device), ()
+    else:
+        t_rows, t_head = _rows(loss, teacher, mask)
     n = s_rows.shape[0]
 
     def chunk(s: torch.Tensor, t: torch.Tensor, *params) -> torch.Tensor:
         sh = (params[0], params[1], *s_head[2:]) if s_head else ()
+        if sparse is not None:  # t: the chunk's row numbers in the sparse teacher
+            a, b = (int(t[0]), int(t[-1]) + 1) if t.numel() else (0, 0)
+            part = SparseTeacher(sparse.ids[a:b], sparse.logp[a:b], sparse.tail[a:b], sparse.vocab_size,
+                                 sparse.temperature, sparse.shift)
+            return loss.per_token_sparse(_logits(s, sh), part).sum()
         th = (params[2], params[3], *t_head[2:]) if t_head else ()
         return loss.per_token(_logits(s, sh), _logits(t, th)).sum()
 

@@ -58,7 +58,7 @@ class Trainer:
         self.folder = RunFolder(Path(opts.out) if opts.out else Path("runs") / spec.name, env, sharded=self.sharded)
         self.out = self.folder.out
         self.monitor = Monitor(self.out, enabled=env.is_main, progress=opts.progress, tensorboard=opts.tensorboard)
-        if spec.data.dataset == "text":  # rows of max_length tokens: train records also carry tokens_per_s
+        if spec.data.dataset == "text":  # rows of max_length tokens: train records also carry positions_per_s
             self.monitor.tokens_per_row = spec.data.max_length
 
     def say(self, text: str) -> None:
