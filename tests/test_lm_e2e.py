@@ -112,3 +112,36 @@ def test_chunked_ce_and_kl_on_packed_text_accumulate_and_dense_agree(lm):
     # the dense path (no chunked_vocab): the same weights
     _cli("train", write("dense", chunked_vocab=None), "--out", root / "dense", "--device", "cpu", "--no-progress", "--log-every", "1")
     _close(_student(root / "dense"), _student(root / "one"))
+
+
+def test_cache_teacher_on_text_then_train_from_the_cache_chunked(lm, tok_dir):  # noqa: F811
+    from kdgraph.methods.token_sparse import sparse_forward_kl, sparse_from_logits
+    from kdgraph.spec import load_spec
+    from kdgraph.train.data.text import text_datasets
+
+    root, write, teacher = lm
+    k = 16
+    spec = write("cached", teacher_cache=str(root / "cache"), teacher_cache_tap="teacher:lm_head")
+    # --tokenizer names the data's own tokenizer folder: the same fingerprint as the text data set's own identity
+    _cli("cache-teacher", spec, "--topk", k, "--out", root / "cache", "--tokenizer", tok_dir, "--batch-size", 3)
+    manifest = json.loads((root / "cache" / "manifest.json").read_text())
+    assert manifest["data"]["packing"]["packing"] is True and manifest["tokenizer"]["files"] >= 1
+    # one step over the 8 rows at an lr too small to move a weight: last.pt holds the weights the step saw
+    _cli("train", spec, "--out", root / "from_cache", "--device", "cpu", "--no-progress", "--log-every", "1",
+         "--set", "stages.main.batch_size=8", "--set", "stages.main.optimizer.lr=1e-30")
+    (step,) = [r for r in _records(root / "from_cache") if r["event"] == "train"]
+    rows, _, _, _ = text_datasets(load_spec(spec))
+    batch = rows.get_batch(range(len(rows)))
+    student = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**STUDENT)).eval()
+    student.load_state_dict(_student(root / "from_cache"))
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    with torch.no_grad():
+        s_logits, t_logits = student(**inputs).logits, teacher(**inputs).logits
+    keep = batch["labels"][:, 1:] != -100
+    s, targets = s_logits[:, :-1][keep], batch["labels"][:, 1:][keep]
+    top = sparse_from_logits(t_logits[:, :-1][keep], k, 1.0)  # the live teacher's top-K support
+    top.logp = top.logp.to(torch.bfloat16)  # as the cache stores it
+    kd = sparse_forward_kl(s, top, 1.0).mean()
+    want = 0.5 * F.cross_entropy(s, targets) + 0.5 * kd
+    assert step["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert step["terms"]["kd"] == pytest.approx(0.5 * kd.item(), rel=1e-5) and kd > 0  # terms are weighted
