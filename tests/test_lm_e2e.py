@@ -145,3 +145,34 @@ def test_cache_teacher_on_text_then_train_from_the_cache_chunked(lm, tok_dir):  
     want = 0.5 * F.cross_entropy(s, targets) + 0.5 * kd
     assert step["loss"] == pytest.approx(want.item(), rel=1e-5)
     assert step["terms"]["kd"] == pytest.approx(0.5 * kd.item(), rel=1e-5) and kd > 0  # terms are weighted
+
+
+def test_on_policy_on_text_counts_the_generated_tokens(lm, monkeypatch, tmp_path):
+    from kdgraph.distiller.module import Distiller
+    from kdgraph.train import train
+    from kdgraph.train.on_policy import OnPolicy
+
+    root, write, _ = lm
+    spec = json.loads(write("on_policy", packing=False).read_text())
+    spec["stages"][0].update(batch_size=2, accumulate=2,
+                             on_policy={"fraction": 1.0, "max_new_tokens": 4, "prompt_tokens": 3, "temperature": 0})
+    generated, counted = [], []
+    count, call = Distiller.count_tokens, OnPolicy.__call__
+
+    def spy_call(self, *args, **kw):
+        out = call(self, *args, **kw)
+        generated.append(out[1].clone())
+        return out
+
+    def spy_count(self, labels):
+        counted.append(labels.clone())
+        return count(self, labels)
+    monkeypatch.setattr(OnPolicy, "__call__", spy_call)
+    monkeypatch.setattr(Distiller, "count_tokens", spy_count)
+    train(spec, out=tmp_path / "run", device="cpu", progress=False)
+    events = [r for r in _records(tmp_path / "run") if r["event"] == "on_policy"]
+    assert len(events) == len(generated) == 4 and all(0 < r["generated_tokens"] <= 8 for r in events)
+    assert sum(r["generated_tokens"] for r in events) == events[-1]["stage_generated_tokens"]
+    # the step's token count (num_tokens) read the generated labels, each window's two micro-batches
+    assert len(counted) == 4 and all(torch.equal(c, g) for c, g in zip(counted, generated))
+    assert all(int((g != -100).sum()) == r["generated_tokens"] for g, r in zip(generated, events))
