@@ -4,7 +4,7 @@ or ``kdgraph.train.train``:
 
 1. token_ce + token_kl under ``runtime.chunked_vocab`` (both losses chunked, no dense logits): the run writes
    perplexity / bits per token / KL; gradient accumulation 2 x 2 rows gives the weights of 1 x 4 rows (global
-   token count ``num_tokens``), and the chunked run the weights of the dense one;
+   token count ``num_tokens``);
 2. ``cache-teacher --topk`` on that text, then training from the cache (chunked student, sparse teacher): the first
    step's loss is the live teacher's loss restricted to its top-K support, values rounded to bf16 as stored;
 3. ``on_policy`` through ``kdgraph.train.train``: completions generated, logged, and the step's token count taken
@@ -90,7 +90,7 @@ def _close(a: dict, b: dict, rtol: float = 1e-5) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-7, msg=k)
 
 
-def test_chunked_ce_and_kl_on_packed_text_accumulate_and_dense_agree(lm):
+def test_chunked_ce_and_kl_on_packed_text_metrics_and_accumulation(lm):
     root, write, _ = lm
     spec = write("chunked")
     out = _cli("train", spec, "--out", root / "one", "--device", "cpu", "--no-progress", "--log-every", "1")
@@ -109,9 +109,7 @@ def test_chunked_ce_and_kl_on_packed_text_accumulate_and_dense_agree(lm):
     _cli("train", spec, "--out", root / "accum", "--device", "cpu", "--no-progress", "--log-every", "1",
          "--set", "stages.main.batch_size=2", "--set", "stages.main.accumulate=2")
     _close(_student(root / "accum"), _student(root / "one"))
-    # the dense path (no chunked_vocab): the same weights
-    _cli("train", write("dense", chunked_vocab=None), "--out", root / "dense", "--device", "cpu", "--no-progress", "--log-every", "1")
-    _close(_student(root / "dense"), _student(root / "one"))
+    # (chunked CE and sparse-teacher KL against their dense forward: tests/test_chunked_vocab.py)
 
 
 def test_cache_teacher_on_text_then_train_from_the_cache_chunked(lm, tok_dir):  # noqa: F811
@@ -176,3 +174,22 @@ def test_on_policy_on_text_counts_the_generated_tokens(lm, monkeypatch, tmp_path
     # the step's token count (num_tokens) read the generated labels, each window's two micro-batches
     assert len(counted) == 4 and all(torch.equal(c, g) for c, g in zip(counted, generated))
     assert all(int((g != -100).sum()) == r["generated_tokens"] for g, r in zip(generated, events))
+
+
+def test_export_hf_of_the_trained_student_gives_its_logits(lm):
+    root, write, _ = lm
+    run = root / "one"  # trained by the first test; trained here when run alone
+    if not (run / "last.pt").exists():
+        _cli("train", write("chunked"), "--out", run, "--device", "cpu", "--no-progress")
+    _cli("export", run / "last.pt", "--hf", "--out", root / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(root / "hf"), local_files_only=True).eval()
+    student = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**STUDENT)).eval()
+    student.load_state_dict(_student(run))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied, as trained
+    tok = transformers.AutoTokenizer.from_pretrained(str(root / "hf"), local_files_only=True)  # the data's tokenizer
+    ids = tok([" ".join(WORDS.split()[:10]), "emma said she could not"], padding="max_length", max_length=T,
+              return_tensors="pt")
+    with torch.no_grad():
+        got = loaded(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+        want = student(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
