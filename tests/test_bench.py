@@ -198,3 +198,22 @@ def test_the_chart_title_wraps_or_shrinks_to_fit_the_figure():
         assert ("\n" in text.get_text()) == wrapped and "".join(text.get_text().split()) == "".join(title.split())
         assert (text.get_fontsize() < 10) == (title == "x" * 200)
         plt.close(fig)
+
+
+def test_a_perplexity_suite_compares_lower_as_better(tmp_path: Path) -> None:
+    from kdgraph.bench.report import markdown, summarize, write_tsv
+    from kdgraph.bench.runner import RunResult
+
+    suite = _write_suite(tmp_path, ENTRIES, extra="metric: perplexity\n")
+    loaded = load_suite(suite)
+    runs = [RunResult("base", s, "", "done", top1=10.0, perplexity=p) for s, p in ((0, 40.0), (1, 42.0))] + \
+           [RunResult("KD", s, "", "done", top1=9.0, perplexity=p) for s, p in ((0, 30.0), (1, 31.0))]
+    res = summarize(loaded, runs, "kdgraph bench suite.yaml", 1.0, [0, 1])
+    kd = res.row("KD")
+    assert (kd.mean, kd.delta, kd.verdict) == (30.5, -10.5, "beats")  # lower perplexity beats; top-1 is not read
+    assert "Perplexity mean" in markdown(res) and "lower is better" in markdown(res)
+    write_tsv(res, tmp_path / "r.tsv")
+    assert (tmp_path / "r.tsv").read_text().startswith("method\tlabel\tteacher\tstudent\tperplexity_mean")
+    worse = summarize(loaded, runs[:2] + [RunResult("KD", s, "", "done", perplexity=50.0 + s) for s in (0, 1)],
+                      "", 1.0, [0, 1])
+    assert worse.row("KD").verdict == "below"
