@@ -3,7 +3,7 @@
 # 2-layer d-128 Llama with a tied 49,152-word embedding on Jane Austen (Debian r-cran-janeaustenr), against the same
 # student trained with next-token CE only, 3 seeds each; the table compares validation perplexity on held-out
 # chapters. Everything is local: nothing is downloaded. Sized for a 2-core CPU (docs/causal_lm.md, "The Austen demo"):
-#   1. the teacher's per-token top-64 distribution over the 320 training rows (81,920 tokens), once; resumable:
+#   1. the teacher's per-token top-64 distribution over the 256 training rows (65,536 tokens), once; resumable:
 #      run the script again after an interruption and it continues after the last complete block;
 #   2. kdgraph bench: 2 rows x 3 seeds; a finished run is reused when the script runs again.
 # Usage: scripts/lm_demo.sh [OUT]            (default runs/austen_demo; the cache folder is the spec's

@@ -103,6 +103,8 @@ def test_chunked_ce_and_kl_on_packed_text_metrics_and_accumulation(lm):
     assert ev["bits_per_token"] == pytest.approx(torch.tensor(ev["perplexity"]).log2().item(), rel=1e-6)
     assert ev["tokens_per_s"] > 0 and ev["positions_per_s"] >= ev["tokens_per_s"]
     assert "perplexity" in out
+    student = json.loads((root / "one" / "results.json").read_text())["student"]  # what kdgraph bench reads
+    assert student["perplexity"] == ev["perplexity"] and student["kl_to_teacher"] == ev["kl_to_teacher"]
     one = [r for r in recs if r["event"] == "train"]
     assert len(one) == 2 and all(r["positions_per_s"] > 0 for r in one)  # 8 packed rows, 2 steps of 4
     # 2 micro-batches of 2 rows per optimizer step: the same weights (the step's token count normalises)
