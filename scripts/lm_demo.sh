@@ -11,7 +11,7 @@
 # Environment: KDGRAPH_DEMO_SMOKE=1 runs a short smoke test instead (16 rows cached, 20 steps per student, 1 seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-runs/austen_demo}
+OUT=$(realpath -m "${1:-runs/austen_demo}")
 KD=specs/lm/austen_demo_kd.yaml
 CE=specs/lm/austen_demo_ce.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -35,7 +35,7 @@ if [[ "${KDGRAPH_DEMO_SMOKE:-0}" == 1 ]]; then
   SMOKE=(--set data.train_subset=16 --set data.val_subset=4)
   STEPS=(--set stages.main.batch_size=4 --set stages.main.epochs=5)
   time kdgraph cache-teacher "$KD" --topk 64 --batch-size 4 "${SMOKE[@]}" --out "$OUT/smoke_cache" --no-progress
-  time kdgraph train "$KD" "${SMOKE[@]}" "${STEPS[@]}" --set runtime.teacher_cache="$PWD/$OUT/smoke_cache" \
+  time kdgraph train "$KD" "${SMOKE[@]}" "${STEPS[@]}" --set runtime.teacher_cache="$OUT/smoke_cache" \
     --out "$OUT/smoke_kd" --overwrite --no-progress
   time kdgraph train "$CE" "${SMOKE[@]}" "${STEPS[@]}" --out "$OUT/smoke_ce" --overwrite --no-progress
   exit 0
