@@ -4,8 +4,8 @@ For every loss node whose module is a :class:`~kdgraph.methods.token_base.TokenL
 overridden: the pass reuses ``token_mask`` / ``per_token`` / ``normalise``) and whose ``student`` or ``teacher``
 input is the output of a network's ``nn.Linear`` head (for a loss against the labels, such as ``token_ce``, whose
 ``per_token`` scores logits against ``targets(labels)``: its ``student`` input) -- the head's own output
-(``student:lm_head``), or the model's output when the only ops between are the logit scale / soft-cap its config declares (``logit_scale``,
-Cohere; ``final_logit_softcapping``, Gemma2) -- the loss node becomes one call of
+(``student:lm_head``), or the model's output when the only ops between are the logit scale / soft-cap its
+config declares (``logit_scale``, Cohere; ``final_logit_softcapping``, Gemma2) -- the loss node becomes one call of
 :func:`~kdgraph.compiler.chunked_loss.chunked_token_loss` that reads the head's *input* (the final hidden states)
 and weight (the shared parameter itself when embeddings are tied), chunk by chunk under activation checkpointing.
 The head's nodes are then unused and removed, so the ``B x T x V`` logits are never built; the graph output's

@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from ...errors import DataError
 from .text_sources import Document, read_source
 
-__all__ = ["IGNORE_INDEX", "tokenizer_file", "files_identity", "load_text_tokenizer", "split_documents", "encode_documents", "pack_pieces",
-           "TextRows", "text_datasets", "text_batch_keys"]
+__all__ = ["IGNORE_INDEX", "tokenizer_file", "files_identity", "load_text_tokenizer", "split_documents",
+           "encode_documents", "pack_pieces", "TextRows", "text_datasets", "text_batch_keys"]
 
 IGNORE_INDEX = -100
 _SINGLES = "(single-document books)"
