@@ -217,3 +217,20 @@ def test_a_perplexity_suite_compares_lower_as_better(tmp_path: Path) -> None:
     worse = summarize(loaded, runs[:2] + [RunResult("KD", s, "", "done", perplexity=50.0 + s) for s in (0, 1)],
                       "", 1.0, [0, 1])
     assert worse.row("KD").verdict == "below"
+
+
+def test_dry_run_cost_of_a_causal_lm_reads_the_named_inputs() -> None:
+    import transformers
+
+    from kdgraph.bench.cost import forward_flops
+    from kdgraph.spec.schema import NamedInput
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    named = {"input_ids": NamedInput(shape=[8], dtype="int64", high=64),
+             "position_ids": NamedInput(shape=[8], dtype="int64")}
+    flops = forward_flops(lm, 3, (1, 1), named)
+    head = 2 * 8 * 16 * 64  # the lm_head alone: 8 tokens x hidden 16 x vocabulary 64, a multiply-add as 2
+    assert head < flops < 10 * head and forward_flops(lm, 3, (1, 1), {**named, "input_ids": NamedInput(
+        shape=[16], dtype="int64")} | {"position_ids": NamedInput(shape=[16], dtype="int64")}) > flops
