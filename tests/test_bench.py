@@ -198,3 +198,39 @@ def test_the_chart_title_wraps_or_shrinks_to_fit_the_figure():
         assert ("\n" in text.get_text()) == wrapped and "".join(text.get_text().split()) == "".join(title.split())
         assert (text.get_fontsize() < 10) == (title == "x" * 200)
         plt.close(fig)
+
+
+def test_a_perplexity_suite_compares_lower_as_better(tmp_path: Path) -> None:
+    from kdgraph.bench.report import markdown, summarize, write_tsv
+    from kdgraph.bench.runner import RunResult
+
+    suite = _write_suite(tmp_path, ENTRIES, extra="metric: perplexity\n")
+    loaded = load_suite(suite)
+    runs = [RunResult("base", s, "", "done", top1=10.0, perplexity=p) for s, p in ((0, 40.0), (1, 42.0))] + \
+           [RunResult("KD", s, "", "done", top1=9.0, perplexity=p) for s, p in ((0, 30.0), (1, 31.0))]
+    res = summarize(loaded, runs, "kdgraph bench suite.yaml", 1.0, [0, 1])
+    kd = res.row("KD")
+    assert (kd.mean, kd.delta, kd.verdict) == (30.5, -10.5, "beats")  # lower perplexity beats; top-1 is not read
+    assert "Perplexity mean" in markdown(res) and "lower is better" in markdown(res)
+    write_tsv(res, tmp_path / "r.tsv")
+    assert (tmp_path / "r.tsv").read_text().startswith("method\tlabel\tteacher\tstudent\tperplexity_mean")
+    worse = summarize(loaded, runs[:2] + [RunResult("KD", s, "", "done", perplexity=50.0 + s) for s in (0, 1)],
+                      "", 1.0, [0, 1])
+    assert worse.row("KD").verdict == "below"
+
+
+def test_dry_run_cost_of_a_causal_lm_reads_the_named_inputs() -> None:
+    import transformers
+
+    from kdgraph.bench.cost import forward_flops
+    from kdgraph.spec.schema import NamedInput
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    named = {"input_ids": NamedInput(shape=[8], dtype="int64", high=64),
+             "position_ids": NamedInput(shape=[8], dtype="int64")}
+    flops = forward_flops(lm, 3, (1, 1), named)
+    head = 2 * 8 * 16 * 64  # the lm_head alone: 8 tokens x hidden 16 x vocabulary 64, a multiply-add as 2
+    assert head < flops < 10 * head and forward_flops(lm, 3, (1, 1), {**named, "input_ids": NamedInput(
+        shape=[16], dtype="int64")} | {"position_ids": NamedInput(shape=[16], dtype="int64")}) > flops

@@ -233,3 +233,30 @@ def test_a_users_head_with_bias_is_chunked():
     params = list(d.student.parameters())
     for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_token_ce_and_a_sparse_teacher_chunked_equal_their_dense_forward(chunk):
+    """token_ce (the labels as the other side) and token_kl over a top-K cached teacher (issue 25 integration)."""
+    from kdgraph.errors import KDGraphError
+    from kdgraph.methods.token_ce import TokenCE
+    from kdgraph.methods.token_sparse import sparse_from_logits
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 8, generator=g, requires_grad=True)
+    w = torch.randn(20, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 20, (2, 7), generator=g)
+    labels[0, :2] = labels[1, 5:] = -100
+    keep = labels[:, 1:] != -100
+    teacher = sparse_from_logits(torch.randn(2, 7, 20, generator=g)[:, :-1][keep], 5, 2.0)
+    for loss, other, dense_other in ((TokenCE(), None, None), (TokenKL(temperature=2.0), Dense(teacher), teacher)):
+        num = torch.tensor(6.5)
+        got = chunked_token_loss(loss, labels, num, chunk, Head(x, w), other)
+        logits = x @ w.T
+        want = loss(logits, labels, num) if dense_other is None else loss(logits, dense_other, labels, num)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    labels[1, 6] = 3  # one more kept token than the cached teacher holds
+    with pytest.raises(KDGraphError, match=f"holds {len(teacher)} tokens but the labels keep {len(teacher) + 1}"):
+        chunked_token_loss(TokenKL(temperature=2.0), labels, None, chunk, Head(x, w), Dense(teacher))

@@ -80,13 +80,13 @@ runtime: {{eval_teacher: true}}
     assert ev["bits_per_token"] == pytest.approx(math.log2(ev["perplexity"]))
     assert teacher["tokens"] == ev["tokens"] and "kl_to_teacher" not in teacher
     steps = [r for r in recs if r["event"] == "train"]
-    assert steps and all(r["tokens_per_s"] == pytest.approx(16 * r["images_per_s"], rel=1e-3) for r in steps)
+    assert steps and all(r["positions_per_s"] == pytest.approx(16 * r["images_per_s"], rel=1e-3) for r in steps)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert {"eval/main/perplexity", "eval/main/kl_to_teacher", "eval/main/tokens_per_s",
-            "train/main/tokens_per_s"} <= set(acc.Tags()["scalars"])
+            "train/main/positions_per_s", "eval/main/positions_per_s"} <= set(acc.Tags()["scalars"])
 
 
 def test_packed_batch_through_the_compiled_graph_equals_unpacked_eager(tmp_path, tok_dir):  # noqa: F811

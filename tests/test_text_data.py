@@ -234,7 +234,7 @@ def test_austen_demo_specs_data_sections(name):
 def test_package_file_tokenizer_paths_stay_inside_the_package():
     with pytest.raises(DataError, match="no installed package 'not_a_package_kdg'"):
         load_text_tokenizer("pkg:not_a_package_kdg/x.gguf")
-    with pytest.raises(DataError, match="leaves the package's folder"):
+    with pytest.raises(DataError, match="leaves the package('s)? folder"):
         load_text_tokenizer("pkg:bible/../../../etc/passwd.gguf")
 
 

@@ -18,15 +18,18 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 FASHION_MNIST_TRAIN_IMAGES = 60_000
 
 
-def forward_flops(model: nn.Module, channels: int, size: tuple[int, int]) -> int:
-    """FLOPs of one forward of one image (torch's FlopCounterMode, counting a multiply-add as 2)."""
+def forward_flops(model: nn.Module, channels: int, size: tuple[int, int], named: Optional[dict] = None) -> int:
+    """FLOPs of one forward of one image, or of one example of the spec's ``input.named`` inputs (a causal LM's
+    row of tokens: zeros of each input's shape and dtype), by torch's FlopCounterMode (a multiply-add counts 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
     model.eval()
-    x = torch.zeros(1, channels, *size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+        if named:
+            model(**{k: torch.zeros(1, *v.shape, dtype=getattr(torch, v.dtype)) for k, v in named.items()})
+        else:
+            model(torch.zeros(1, channels, *size))
     model.train(was)
     return int(counter.get_total_flops())
 
@@ -36,6 +39,8 @@ def train_images(spec: Spec, counted: Optional[int] = None) -> int:
     known = {"imagenet": IMAGENET_TRAIN_IMAGES, "fashion_mnist": FASHION_MNIST_TRAIN_IMAGES,
              "synthetic": 512}.get(spec.data.dataset, 0)
     n = counted if counted is not None else known
+    if not n:  # a size not known without reading the data (text rows): the subset, if one is set
+        return int(spec.data.train_subset or 0)
     return min(n, spec.data.train_subset) if spec.data.train_subset else n
 
 

@@ -57,6 +57,7 @@ class BenchResults:
     machine: str
     total_wall_s: float
     seeds: list[int]
+    metric: str = "top1"  # the suite's metric: top1 (%), or perplexity (lower is better)
 
     @property
     def failed(self) -> list[Row]:
@@ -115,26 +116,28 @@ def summarize(loaded: LoadedSuite, results: list[RunResult], command: str, total
     by_label: dict[str, list[RunResult]] = {}
     for r in results:
         by_label.setdefault(r.label, []).append(r)
-    base_runs = [r.top1 for r in by_label.get(suite.baseline, []) if r.status == "done" and r.top1 is not None]
+    metric = suite.metric  # top1, or perplexity (lower is better)
+    base_runs = [getattr(r, metric) for r in by_label.get(suite.baseline, [])
+                 if r.status == "done" and getattr(r, metric) is not None]
     base_mean, base_std = _mean(base_runs), _std(base_runs)
     rows = []
     for entry in suite.entries:
         runs = by_label.get(entry.label)
         if not runs:
             continue
-        rows.append(_row(loaded, entry, runs, base_mean, base_std, entry.label == suite.baseline))
+        rows.append(_row(loaded, entry, runs, base_mean, base_std, entry.label == suite.baseline, metric))
     return BenchResults(suite.title, suite.baseline, rows, command, machine_description(), round(total_wall_s, 1),
-                        seeds)
+                        seeds, metric)
 
 
 def _row(loaded: LoadedSuite, entry: SuiteEntry, runs: list[RunResult], base_mean: Optional[float],
-         base_std: Optional[float], is_baseline: bool) -> Row:
+         base_std: Optional[float], is_baseline: bool, metric: str = "top1") -> Row:
     try:
         spec = loaded.load_entry(entry)
     except SpecError:
         spec = None
-    ok = [r for r in runs if r.status == "done" and r.top1 is not None]
-    tops = [r.top1 for r in ok]
+    ok = [r for r in runs if r.status == "done" and getattr(r, metric) is not None]
+    tops = [getattr(r, metric) for r in ok]
     mean, std = _mean(tops), _std(tops)
     delta = None if (mean is None or base_mean is None or is_baseline) else mean - base_mean
     if not ok:
@@ -145,7 +148,8 @@ def _row(loaded: LoadedSuite, entry: SuiteEntry, runs: list[RunResult], base_mea
         verdict = "no baseline"
     else:
         spread = max(std or 0.0, base_std or 0.0)
-        verdict = "beats" if delta > spread else ("below" if delta < -spread else "within spread")
+        better = -delta if metric == "perplexity" else delta  # perplexity: lower is better
+        verdict = "beats" if better > spread else ("below" if better < -spread else "within spread")
     walls = [r.wall_s for r in ok if r.wall_s is not None]
     ips = [r.images_per_s for r in ok if r.images_per_s is not None]
     teachers = [r.teacher_top1 for r in ok if r.teacher_top1 is not None]
@@ -178,19 +182,23 @@ def _cells(r: Row) -> list[str]:
 
 
 def write_tsv(res: BenchResults, path: Path) -> None:
-    lines = ["\t".join(COLUMNS)] + ["\t".join(c.replace("\t", " ") for c in _cells(r)) for r in res.rows]
+    cols = [c.replace("top1_", "perplexity_") for c in COLUMNS] if res.metric == "perplexity" else COLUMNS
+    lines = ["\t".join(cols)] + ["\t".join(c.replace("\t", " ") for c in _cells(r)) for r in res.rows]
     _atomic_text(path, "\n".join(lines) + "\n")
 
 
 def markdown(res: BenchResults) -> str:
-    head = ["Method", "Label", "Teacher", "Student", "Top-1 mean", "Std", "Seeds", "Δ vs baseline", "Verdict",
+    what = "Perplexity" if res.metric == "perplexity" else "Top-1"
+    head = ["Method", "Label", "Teacher", "Student", f"{what} mean", "Std", "Seeds", "Δ vs baseline", "Verdict",
             "torchdistill", "Paper", "Wall s / run", "Images/s"]
     out = [f"# {res.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res.rows:
         out.append("| " + " | ".join(c.replace("|", "\\|") or "" for c in _cells(r)) + " |")
     teachers = sorted({f"{r.teacher_top1:.2f}" for r in res.rows if r.teacher_top1 is not None})
-    out += ["", f"Top-1 in %, mean and sample std over seeds {res.seeds}. 'beats' = Δ larger than the larger of the "
-                f"row's and the baseline's std.",
+    out += ["", (f"Validation perplexity (lower is better), mean and sample std over seeds {res.seeds}. 'beats' = Δ "
+                 f"below minus the larger of the row's and the baseline's std." if res.metric == "perplexity" else
+                 f"Top-1 in %, mean and sample std over seeds {res.seeds}. 'beats' = Δ larger than the larger of the "
+                 f"row's and the baseline's std."),
             f"Teacher top-1: {', '.join(teachers) or 'n/a'} %.",
             "", f"Command: `{res.command}`", "", f"Machine: {res.machine}", "",
             f"Total wall time of this invocation: {res.total_wall_s:.0f} s (runs reused from earlier invocations "
@@ -227,7 +235,7 @@ def write_chart(res: BenchResults, png: Path, svg: Path) -> bool:
     pad = max(0.5, (hi - lo) * 0.3)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xticks(x, [r.label for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("student top-1 (%)")
+    ax.set_ylabel("student validation perplexity" if res.metric == "perplexity" else "student top-1 (%)")
     _fit_title(fig, res.title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

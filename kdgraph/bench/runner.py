@@ -35,6 +35,7 @@ class RunResult:
     top1: Optional[float] = None
     top5: Optional[float] = None
     teacher_top1: Optional[float] = None
+    perplexity: Optional[float] = None  # a causal LM's validation perplexity (data.dataset text)
     wall_s: Optional[float] = None  # training time of this run, the teacher's one-time pretraining excluded
     pretrain_s: float = 0.0
     images_per_s: Optional[float] = None
@@ -164,6 +165,7 @@ def result_from(run: PlannedRun, res: dict[str, Any], reused: bool) -> RunResult
     wall = res.get("wall_s")
     return RunResult(run.entry.label, run.seed, str(run.out), "done", top1=student.get("top1"),
                      top5=student.get("top5"), teacher_top1=teacher.get("top1"),
+                     perplexity=student.get("perplexity"),
                      wall_s=round(float(wall) - pre, 1) if wall is not None else None, pretrain_s=pre,
                      images_per_s=median_images_per_s(run.out), reused=reused)
 

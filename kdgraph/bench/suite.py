@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,6 +80,9 @@ class Suite(_Strict):
     baseline: str = Field(description="label of the entry every other row is compared with")
     data: Optional[str] = Field(None, description="default data folder (as --data; the command's --data wins)")
     entries: list[SuiteEntry] = Field(min_length=1, description="the rows, in table order")
+    metric: Literal["top1", "perplexity"] = Field(
+        "top1", description="the student's result the table compares: top1 (%, higher is better) or perplexity "
+                            "(a causal LM's validation perplexity, data.dataset text; lower is better)")
 
     @field_validator("seeds", mode="before")
     @classmethod

@@ -69,8 +69,9 @@ def dry_run_report(suite_path: str, data, out, seeds, only) -> None:
         teacher, student = build_model(spec.teacher, "teacher"), build_model(spec.student, "student")
         d = kd_compile(spec, teacher=teacher, student=student)
         size = tuple(spec.input.size)
-        est = estimate(spec, d, train_images(spec), forward_flops(teacher, spec.input.channels, size),
-                       forward_flops(student, spec.input.channels, size))
+        named = dict(spec.input.named) or None  # named inputs (a causal LM's tokens): one example of each
+        est = estimate(spec, d, train_images(spec), forward_flops(teacher, spec.input.channels, size, named),
+                       forward_flops(student, spec.input.channels, size, named))
         n = sum(1 for r in runs if r.entry.label == run.entry.label)
         total += est["pflop"] * n
         t.add_row(run.entry.label, run.entry.spec,

@@ -16,7 +16,10 @@ alive in forward and in backward. A side whose inputs need no gradient (the froz
 since ``W`` is the shared parameter itself).
 
 A side is a :class:`Head` (hidden states, weight, bias, scale, softcap) or a :class:`Dense` (logits another node
-computes anyway, e.g. a cached teacher's), indexed chunk by chunk.
+computes anyway), indexed chunk by chunk. A teacher read from a top-K cache (``runtime.teacher_cache``: a
+:class:`~kdgraph.methods.token_sparse.SparseTeacher` batch input, already one row per kept token) is checked
+against the loss (``check_for``) and sliced chunk by chunk alike, each chunk scored by the loss's
+``per_token_sparse``: the same value and gradients as the dense path's ``forward`` on the sparse teacher.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ import torch
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Head", "Dense", "head_logits", "chunked_token_loss"]
+from ..methods.token_sparse import SparseTeacher
+
+__all__ = ["Head", "Dense", "Targets", "head_logits", "chunked_token_loss"]
 
 
 class Head(NamedTuple):
@@ -61,8 +66,19 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return z
 
 
+_IDS = ("ids",)  # what _rows gives for Targets: rows that are ids, no head
+
+
+class Targets(NamedTuple):
+    """The kept tokens' target ids (``N``), for a loss against the labels (``token_ce``)."""
+
+    ids: torch.Tensor
+
+
 def _rows(loss, side: Side, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The kept rows of a side (``N x H`` hidden or ``N x V`` logits) and what turns a chunk of them into logits."""
+    if isinstance(side, Targets):
+        return side.ids, _IDS
     if isinstance(side, Dense):
         return loss.align(side.logits)[mask], ()
     x = side.hidden[:, :-1] if loss.shift else side.hidden
@@ -73,6 +89,8 @@ def _rows(loss, side: Side, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 
 def _logits(rows: torch.Tensor, head: tuple) -> torch.Tensor:
+    if head is _IDS:  # target ids (Targets): as they are
+        return rows
     if not head:
         return rows.float()
     grad = torch.is_grad_enabled() and (rows.requires_grad or any(
@@ -82,20 +100,34 @@ def _logits(rows: torch.Tensor, head: tuple) -> torch.Tensor:
 
 
 def chunked_token_loss(loss, labels: torch.Tensor, num_tokens: Optional[torch.Tensor], chunk_tokens: int,
-                       student: Side, teacher: Side) -> torch.Tensor:
-    """``loss`` (a TokenLoss) over ``student`` and ``teacher`` in chunks of ``chunk_tokens`` kept tokens."""
+                       student: Side, teacher: Optional[Side]) -> torch.Tensor:
+    """``loss`` (a TokenLoss) over ``student`` and ``teacher`` in chunks of ``chunk_tokens`` kept tokens; with no
+    teacher (``token_ce``) the loss's ``per_token`` scores the student's logits against ``targets(labels)``."""
     mask = loss.token_mask(labels)
     s_rows, s_head = _rows(loss, student, mask)
-    t_rows, t_head = _rows(loss, teacher, mask)
+    if teacher is None:  # the labels' kept targets, chunked alike (integer ids: no head, no float)
+        teacher = Targets(loss.targets(labels)[mask])
+    sparse = teacher.logits if isinstance(teacher, Dense) and isinstance(teacher.logits, SparseTeacher) else None
+    if sparse is not None:  # a top-K cached teacher (runtime.teacher_cache): its kept tokens' rows, chunked alike
+        sparse.check_for(loss, mask, int(s_head[0].shape[0]) if s_head else int(s_rows.shape[-1]))
+        t_rows, t_head = torch.arange(len(sparse), device=s_rows.device), ()
+    else:
+        t_rows, t_head = _rows(loss, teacher, mask)
     n = s_rows.shape[0]
 
     def chunk(s: torch.Tensor, t: torch.Tensor, *params) -> torch.Tensor:
         sh = (params[0], params[1], *s_head[2:]) if s_head else ()
-        th = (params[2], params[3], *t_head[2:]) if t_head else ()
+        if sparse is not None:  # t: the chunk's row numbers in the sparse teacher
+            a, b = (int(t[0]), int(t[-1]) + 1) if t.numel() else (0, 0)
+            part = SparseTeacher(sparse.ids[a:b], sparse.logp[a:b], sparse.tail[a:b], sparse.vocab_size,
+                                 sparse.temperature, sparse.shift)
+            return loss.per_token_sparse(_logits(s, sh), part).sum()
+        th = _IDS if t_head is _IDS else (params[2], params[3], *t_head[2:]) if t_head else ()
         return loss.per_token(_logits(s, sh), _logits(t, th)).sum()
 
+    t_params = () if t_head is _IDS else t_head
     params = (s_head[0] if s_head else None, s_head[1] if s_head else None,
-              t_head[0] if t_head else None, t_head[1] if t_head else None)
+              t_params[0] if t_params else None, t_params[1] if t_params else None)
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(p, torch.Tensor) and p.requires_grad for p in (s_rows, t_rows, *params))
     total = s_rows.new_zeros((), dtype=torch.float32)

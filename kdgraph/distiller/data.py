@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..compiler import bind_inputs
-from ..compiler.cached import cached_taps
+from ..compiler.cached import TEACHER_OUTPUT_KEY, cached_taps
 from ..errors import DataError, SpecError
 from ..methods.base import Batch  # what a data wrapper's dataset builds (CRD's), re-exported here
 from ..methods.registry import ADAPTERS, DATA_WRAPPERS, LOSSES
@@ -37,14 +37,16 @@ from ..spec import Spec, load_spec, parse_tap
 
 def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor, dict[str, Any]]:
     """``(images, targets, extras)`` from a collated batch: a :class:`Batch`, a pair, or a dict. A dict of named
-    inputs with ``labels`` (or ``targets``) and no ``images`` gives ``(inputs, labels, {})``, the inputs a dict
-    that ``distiller(inputs, labels)`` and ``model(**inputs)`` take."""
+    inputs with ``labels`` (or ``targets``) and no ``images`` gives ``(inputs, labels, extras)``, the inputs a dict
+    that ``distiller(inputs, labels)`` and ``model(**inputs)`` take, extras a cached sparse teacher if any."""
     if isinstance(batch, Batch):
         return batch.images, batch.targets, dict(batch.extras)
     if isinstance(batch, Mapping) and "images" not in batch and ("labels" in batch or "targets" in batch):
         # a batch of named inputs (a tokenizer's input_ids, attention_mask, ...: spec input.named) and its labels
+        # a top-K token cache's sparse teacher (TokenReplayView) rides along as a per-batch extra, not an input
         label = "labels" if "labels" in batch else "targets"
-        return {k: v for k, v in batch.items() if k != label}, batch[label], {}
+        extras = {k: batch[k] for k in (TEACHER_OUTPUT_KEY,) if k in batch}
+        return {k: v for k, v in batch.items() if k != label and k not in extras}, batch[label], extras
     if isinstance(batch, Mapping):
         if "images" not in batch or "targets" not in batch:
             raise DataError(f"a batch dict needs 'images' and 'targets' keys, got {sorted(batch)}; a data wrapper "

@@ -8,8 +8,9 @@ smaller one when an embedding is padded). Summed over every process's tokens, th
 * ``perplexity = exp(CE / N)``, ``bits_per_token = CE / (N ln 2)`` (N scored tokens),
 * ``kl_to_teacher``: nats per token (absent without a reference),
 * ``top1`` / ``top5``: next-token accuracy in % (the loop's "best" and the plot read ``top1``),
-* ``tokens_per_s``: positions forwarded per second (rows x width, padding included; the teacher's forward
-  counted in the time when there is one), ``tokens``: N, ``images``: rows.
+* ``tokens_per_s``: scored tokens (N) per second; ``positions_per_s``: positions forwarded per second (rows x
+  width, padding included); the teacher's forward is counted in the time when there is one; ``tokens``: N,
+  ``images``: rows.
 
 The loop over the validation batches is :func:`kdgraph.train.evaluation.evaluate_lm` (``evaluate_model`` with
 ``task="lm"``, which ``kdgraph train`` uses for ``data.dataset: text``).
@@ -55,7 +56,8 @@ def lm_summary(sums: list[float], seconds: float, with_kl: bool) -> dict[str, An
     ce, kl, c1, c5, n, rows, positions = sums
     n = max(int(n), 1)
     out = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "perplexity": math.exp(min(ce / n, 700.0)),
-           "bits_per_token": ce / n / math.log(2), "tokens": int(n), "tokens_per_s": round(positions / seconds, 1),
+           "bits_per_token": ce / n / math.log(2), "tokens": int(n), "tokens_per_s": round(n / seconds, 1),
+           "positions_per_s": round(positions / seconds, 1),
            "images": int(rows), "seconds": round(seconds, 2), "task": "lm"}
     if with_kl:
         out["kl_to_teacher"] = kl / n

@@ -58,7 +58,7 @@ class Trainer:
         self.folder = RunFolder(Path(opts.out) if opts.out else Path("runs") / spec.name, env, sharded=self.sharded)
         self.out = self.folder.out
         self.monitor = Monitor(self.out, enabled=env.is_main, progress=opts.progress, tensorboard=opts.tensorboard)
-        if spec.data.dataset == "text":  # rows of max_length tokens: train records also carry tokens_per_s
+        if spec.data.dataset == "text":  # rows of max_length tokens: train records also carry positions_per_s
             self.monitor.tokens_per_row = spec.data.max_length
 
     def say(self, text: str) -> None:
@@ -264,7 +264,8 @@ class Trainer:
             "spec": spec.name, "out": str(self.out), "world_size": env.world_size, "device": str(env.device),
             "amp": spec.runtime.amp, "channels_last": spec.runtime.channels_last, "compile": spec.runtime.compile,
             "teacher": teacher_eval, "teacher_weights": spec.teacher.weights, "stages": stages,
-            "student": {"top1": final["top1"], "top5": final["top5"], "best_top1": best} if final else None,
+            "student": {"top1": final["top1"], "top5": final["top5"], "best_top1": best,  # + an LM's metrics
+                        **{k: final[k] for k in _LM_KEYS if k in final}} if final else None,
             "wall_s": round(wall, 1), "pretrain_s": round(pretrain_s, 1),
             "time_to_first_step_s": round(progress.first_step_s, 2) if progress.first_step_s is not None else None,
             "reference": spec.reference.model_dump() if spec.reference else None, "skipped_images": skipped,
@@ -307,6 +308,9 @@ def _restore(run: StageRun, ck: Checkpoint, env: DistEnv) -> tuple[tuple[int, in
         run.ema.load_state_dict(ck.ema)
     run.best_top1, run.last_eval = ck.best_top1, ck.last_eval
     return ck.resume_point(), ck.rng_of(env.rank, env.world_size)
+
+
+_LM_KEYS = ("perplexity", "bits_per_token", "kl_to_teacher", "tokens")  # data.dataset text: kdgraph bench's metric
 
 
 def train(spec: Any, options: Optional[TrainOptions] = None, **kwargs: Any) -> dict[str, Any]:

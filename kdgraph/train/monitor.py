@@ -46,7 +46,7 @@ class Monitor:
         self._progress: Any = None
         self._task: Any = None
         self._plain_next = 0
-        self.tokens_per_row: Optional[int] = None  # text data: train records' tokens_per_s = images_per_s x this
+        self.tokens_per_row: Optional[int] = None  # text data: train records' positions_per_s = images_per_s x this
 
     # ------------------------------------------------------------------ console
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -59,7 +59,7 @@ class Monitor:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         if event == "train" and self.tokens_per_row and isinstance(fields.get("images_per_s"), (int, float)):
-            rec["tokens_per_s"] = round(fields["images_per_s"] * self.tokens_per_row, 1)
+            rec["positions_per_s"] = round(fields["images_per_s"] * self.tokens_per_row, 1)  # padding included
         if self._jsonl is None and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
@@ -105,7 +105,7 @@ class Monitor:
             self._tb = SummaryWriter(str(self.out / "tb"))
         stage = rec.get("stage", "")
         for key in ("loss", "lr", "images_per_s", "top1", "top5", "perplexity", "bits_per_token", "kl_to_teacher",
-                    "tokens_per_s"):
+                    "tokens_per_s", "positions_per_s"):
             if isinstance(rec.get(key), (int, float)):
                 self._tb.add_scalar(f"{prefix}/{stage}/{key}", rec[key], step)
         for k, v in (rec.get("terms") or {}).items():

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from ..distiller.data import Batch, unpack_batch
 from ..errors import TrainingError
 
-__all__ = ["OnPolicy", "on_policy_for_stage"]
+__all__ = ["OnPolicy", "on_policy_for_stage", "generated_batches"]
 
 IGNORE_INDEX = -100
 _KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -62,6 +63,19 @@ def on_policy_for_stage(stage: Any, task: nn.Module, rank: int, seed: int, index
         raise TrainingError(f"{where}: the spec's input.named has no input_ids; on-policy distillation completes "
                             f"token sequences (input.named: {{input_ids, attention_mask}})")
     return OnPolicy(settings, model, seed=seed, stage=index, rank=rank)
+
+
+def generated_batches(loader: Iterable[Any], on_policy: "OnPolicy", to_device: Callable[[Any], Any], epoch: int,
+                      step: int, monitor: Any = None) -> Iterator[Batch]:
+    """The loader's batches (from step ``step`` on) with the picked ones' completions generated, on the device.
+
+    The trainer reads these before ``kdgraph.train.token_count.step_token_counts``, so the step's token count
+    (``batch:num_tokens``, global token normalisation) is that of the generated labels, not of the data's."""
+    for batch in loader:
+        inputs, labels, extras = unpack_batch(batch)
+        inputs, labels = on_policy(to_device(inputs), to_device(labels), epoch, step, monitor)
+        yield Batch(inputs, labels, extras)
+        step += 1
 
 
 class OnPolicy:

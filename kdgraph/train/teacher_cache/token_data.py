@@ -21,6 +21,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ...errors import TeacherCacheError
 from ...methods.token_base import IGNORE_INDEX
+from ..data.text import files_identity
 
 __all__ = ["TokenArrays", "read_batch", "sequences_identity", "tokenizer_identity", "kept_counts"]
 
@@ -110,9 +111,4 @@ def tokenizer_identity(path: Optional[str | Path], dataset: Any = None) -> Optio
     p = Path(path).expanduser()
     if not p.exists():
         raise TeacherCacheError(f"--tokenizer: {p} does not exist; give the tokenizer's file or folder")
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\n".encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return {"files": len(files), "sha256": h.hexdigest()}
+    return files_identity(p)
