@@ -24,7 +24,6 @@ Needs ``pip install 'kdgraph[lm]'`` (gguf, accelerate, transformers).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import warnings
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .weightio import file_sha256
 
 __all__ = ["PKG_PREFIX", "is_gguf", "resolve_local", "file_sha256", "check_file_sha256", "gguf_config",
            "gguf_state_dict", "read_gguf_weights"]
@@ -77,15 +77,6 @@ def resolve_local(ref: str, what: str) -> Path:
         shipped = sorted(f.name for f in root.iterdir() if f.is_file() and not f.name.endswith((".py", ".pyc")))
         raise ModelError(f"{what}: {ref!r}: {p} does not exist; the package folder holds {shipped or 'no data files'}")
     return p
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of the whole file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_file_sha256(path: Path, expected: Optional[str], what: str) -> str:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["HASH_KEY", "SIDECAR", "CHECKPOINT_MARK", "content_hash", "write_atomic", "atomic_save",
+__all__ = ["HASH_KEY", "SIDECAR", "CHECKPOINT_MARK", "file_sha256", "content_hash", "write_atomic", "atomic_save",
            "save_safetensors", "verify", "load_file", "brief"]
 
 CHECKPOINT_MARK = "kdgraph_checkpoint"  # the key that makes a saved dict a kdgraph checkpoint (its format number)
@@ -46,6 +46,15 @@ def _leaves(obj: Any, path: tuple[str, ...], out: list[tuple[tuple[str, ...], An
             _leaves(v, path + (f"[{i}]",), out)
     else:
         out.append((path, obj))
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """sha256 (hex) of the whole file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def content_hash(obj: Any) -> str:

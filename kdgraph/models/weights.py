@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import CheckpointError, ModelError, did_you_mean
 from ..spec import ModelRef, Spec
 from ..spec.recipe import KEYLESS_DEFAULTS
-from .weightio import CHECKPOINT_MARK, load_file
+from .weightio import CHECKPOINT_MARK, file_sha256, load_file
 
 __all__ = ["CACHE_PREFIX", "cache_dir", "pretrain_key", "weights_path", "resolve", "state_dict_of",
            "unwrap_module", "is_checkpoint", "load_weights", "shipped", "shipped_dir", "SHIPPED_ENV"]
@@ -193,7 +193,7 @@ def shipped(path: Path, role: str = "teacher") -> Optional[Path]:
     except OSError:
         pass
     expected = sums.get(candidate.name)
-    actual = hashlib.sha256(candidate.read_bytes()).hexdigest()
+    actual = file_sha256(candidate)
     if expected != actual:
         raise ModelError(f"{role}.weights: the shipped file {str(candidate)!r} does not match its sha256 in "
                          f"{folder / _SUMS} (expected {expected or 'an entry'}, found {actual}); it was not used. "

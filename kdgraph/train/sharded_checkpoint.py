@@ -12,7 +12,6 @@ fully qualified names (``student.layer1.0.conv1.weight``), the optimizer's state
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.weightio import file_sha256
 
 __all__ = ["save", "load", "verify", "read_student", "is_sharded_checkpoint", "MANIFEST"]
 
@@ -37,13 +37,6 @@ def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state(model: nn.Module, optimizer: Optional[Any]) -> dict[str, Any]:
@@ -76,7 +69,7 @@ def save(folder: str | Path, model: nn.Module, optimizer: Optional[Any] = None,
     if _rank() == 0:
         if write_files is not None:
             write_files(tmp)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": "kdgraph-sharded-checkpoint", "version": 1,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "optimizer": optimizer is not None, "files": files, "extra": extra or {}}
@@ -106,7 +99,7 @@ def verify(folder: str | Path) -> dict[str, Any]:
         if not f.is_file():
             raise CheckpointError(f"sharded checkpoint {folder}: shard file {name} is missing (written by "
                                   f"{manifest['world_size']} process(es); every file of {MANIFEST} is needed)")
-        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+        if f.stat().st_size != want["bytes"] or file_sha256(f) != want["sha256"]:
             raise CheckpointError(f"sharded checkpoint {folder}: shard file {name} differs from what was written "
                                   f"({f.stat().st_size} bytes, {want['bytes']} recorded; or another sha256): "
                                   f"truncated or changed")

@@ -18,7 +18,6 @@ spec, teacher or data set; nothing is recomputed or mixed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from ...compiler.cached import TEACHER_OUTPUT_KEY
 from ...errors import TeacherCacheError
+from ...models.weightio import file_sha256
 
 __all__ = ["MANIFEST", "FORMAT", "VERSION", "VERIFY_SHA256_BYTES", "shard_stem", "array_layout", "write_json",
            "read_manifest", "check_manifest", "checked_manifest", "load_shards", "ShardWriter", "CacheReader", "open_cache", "fill_topk"]
@@ -89,13 +89,6 @@ def _read_json(path: Path, what: str) -> Optional[dict[str, Any]]:
                                 f"or is damaged. Make the cache again (kdgraph cache-teacher SPEC --out DIR "
                                 f"--overwrite).") from None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
@@ -202,7 +195,7 @@ class ShardWriter:
         for name in self.layout:
             final = self.folder / f"{self.stem}.{name}.npy"
             os.replace(self._partial(name), final)
-            files[name] = {"file": final.name, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+            files[name] = {"file": final.name, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
         write_json(self.entry_path, {"rows": self.rows, "files": files, "manifest_sha256":
                                      self.manifest["manifest_sha256"]})
         self.progress_path.unlink(missing_ok=True)
@@ -309,7 +302,7 @@ def load_shards(folder: Path, manifest: dict[str, Any], where: str) -> list[dict
                 bad = "is missing"
             elif size != int(rec["bytes"]):
                 bad = f"has {size:,} bytes, its entry says {int(rec['bytes']):,} (truncated or overwritten)"
-            elif verify and _sha256(path) != rec["sha256"]:
+            elif verify and file_sha256(path) != rec["sha256"]:
                 bad = "does not have the content its entry records (sha256 differs)"
             if bad is None:
                 try:
