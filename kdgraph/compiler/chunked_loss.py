@@ -20,6 +20,10 @@ computes anyway), indexed chunk by chunk. A teacher read from a top-K cache (``r
 :class:`~kdgraph.methods.token_sparse.SparseTeacher` batch input, already one row per kept token) is checked
 against the loss (``check_for``) and sliced chunk by chunk alike, each chunk scored by the loss's
 ``per_token_sparse``: the same value and gradients as the dense path's ``forward`` on the sparse teacher.
+
+Several losses over one student head (the usual ``token_ce`` + ``token_kl``) are computed together by
+:func:`chunked_token_losses`: each chunk's student logits once in forward and once in backward's recomputation,
+scored by every loss, instead of once per loss.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..methods.token_sparse import SparseTeacher
 
-__all__ = ["Head", "Dense", "Targets", "head_logits", "chunked_token_loss"]
+__all__ = ["Head", "Dense", "head_logits", "chunked_token_loss", "chunked_token_losses"]
 
 
 class Head(NamedTuple):
@@ -66,19 +70,11 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return z
 
 
-_IDS = ("ids",)  # what _rows gives for Targets: rows that are ids, no head
-
-
-class Targets(NamedTuple):
-    """The kept tokens' target ids (``N``), for a loss against the labels (``token_ce``)."""
-
-    ids: torch.Tensor
+_IDS = ("ids",)  # the head of the labels' target ids (a loss against the labels): rows that are ids
 
 
 def _rows(loss, side: Side, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """The kept rows of a side (``N x H`` hidden or ``N x V`` logits) and what turns a chunk of them into logits."""
-    if isinstance(side, Targets):
-        return side.ids, _IDS
     if isinstance(side, Dense):
         return loss.align(side.logits)[mask], ()
     x = side.hidden[:, :-1] if loss.shift else side.hidden
@@ -89,7 +85,7 @@ def _rows(loss, side: Side, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 
 def _logits(rows: torch.Tensor, head: tuple) -> torch.Tensor:
-    if head is _IDS:  # target ids (Targets): as they are
+    if head is _IDS:  # target ids: as they are
         return rows
     if not head:
         return rows.float()
@@ -103,38 +99,66 @@ def chunked_token_loss(loss, labels: torch.Tensor, num_tokens: Optional[torch.Te
                        student: Side, teacher: Optional[Side]) -> torch.Tensor:
     """``loss`` (a TokenLoss) over ``student`` and ``teacher`` in chunks of ``chunk_tokens`` kept tokens; with no
     teacher (``token_ce``) the loss's ``per_token`` scores the student's logits against ``targets(labels)``."""
-    mask = loss.token_mask(labels)
-    s_rows, s_head = _rows(loss, student, mask)
+    return chunked_token_losses((loss,), labels, (num_tokens,), chunk_tokens, student, (teacher,))[0]
+
+
+def _other_side(loss, teacher: Optional[Side], labels: torch.Tensor, mask: torch.Tensor, s_rows: torch.Tensor,
+                s_head: tuple) -> tuple[torch.Tensor, tuple, Optional[SparseTeacher]]:
+    """A loss's other side as ``(rows, head, sparse)``: the labels' kept targets (no teacher), a top-K cached
+    teacher's row numbers (checked against the loss and the mask), or a teacher's kept rows and head."""
     if teacher is None:  # the labels' kept targets, chunked alike (integer ids: no head, no float)
-        teacher = Targets(loss.targets(labels)[mask])
-    sparse = teacher.logits if isinstance(teacher, Dense) and isinstance(teacher.logits, SparseTeacher) else None
-    if sparse is not None:  # a top-K cached teacher (runtime.teacher_cache): its kept tokens' rows, chunked alike
+        return loss.targets(labels)[mask], _IDS, None
+    if isinstance(teacher, Dense) and isinstance(teacher.logits, SparseTeacher):  # runtime.teacher_cache
+        sparse = teacher.logits
         sparse.check_for(loss, mask, int(s_head[0].shape[0]) if s_head else int(s_rows.shape[-1]))
-        t_rows, t_head = torch.arange(len(sparse), device=s_rows.device), ()
-    else:
-        t_rows, t_head = _rows(loss, teacher, mask)
-    n = s_rows.shape[0]
+        return torch.arange(len(sparse), device=s_rows.device), (), sparse
+    rows, head = _rows(loss, teacher, mask)
+    return rows, head, None
 
-    def chunk(s: torch.Tensor, t: torch.Tensor, *params) -> torch.Tensor:
-        sh = (params[0], params[1], *s_head[2:]) if s_head else ()
-        if sparse is not None:  # t: the chunk's row numbers in the sparse teacher
-            a, b = (int(t[0]), int(t[-1]) + 1) if t.numel() else (0, 0)
-            part = SparseTeacher(sparse.ids[a:b], sparse.logp[a:b], sparse.tail[a:b], sparse.vocab_size,
-                                 sparse.temperature, sparse.shift)
-            return loss.per_token_sparse(_logits(s, sh), part).sum()
-        th = _IDS if t_head is _IDS else (params[2], params[3], *t_head[2:]) if t_head else ()
-        return loss.per_token(_logits(s, sh), _logits(t, th)).sum()
 
-    t_params = () if t_head is _IDS else t_head
-    params = (s_head[0] if s_head else None, s_head[1] if s_head else None,
-              t_params[0] if t_params else None, t_params[1] if t_params else None)
+def chunked_token_losses(losses, labels: torch.Tensor, num_tokens, chunk_tokens: int, student: Side,
+                         teachers) -> tuple[torch.Tensor, ...]:
+    """Several token losses over one ``student`` side, chunk by chunk: each chunk's student logits are computed
+    once (and recomputed once in backward) and scored by every loss against its own side of ``teachers`` (``None``:
+    the labels). The losses must agree on ``shift`` and ``vocab_size`` (one mask, one head slice); each result is
+    normalised by its own ``num_tokens`` (one per loss) and equals :func:`chunked_token_loss` of that loss alone."""
+    lead = losses[0]
+    if any(loss.shift != lead.shift or loss.vocab_size != lead.vocab_size for loss in losses[1:]):
+        raise ValueError("chunked_token_losses: the losses must agree on shift and vocab_size")
+    mask = lead.token_mask(labels)
+    s_rows, s_head = _rows(lead, student, mask)
+    others = [_other_side(loss, t, labels, mask, s_rows, s_head) for loss, t in zip(losses, teachers)]
+    n, k = s_rows.shape[0], len(losses)
+    # the chunk function's tensor arguments: student head (weight, bias), then each teacher head's (weight, bias)
+    params = [s_head[0] if s_head else None, s_head[1] if s_head else None]
+    for _, head, _ in others:
+        params += [head[0], head[1]] if head and head is not _IDS else [None, None]
+
+    def chunk(s: torch.Tensor, *rest) -> torch.Tensor:
+        ts, ps = rest[:k], rest[k:]
+        z = _logits(s, (ps[0], ps[1], *s_head[2:]) if s_head else ())
+        sums = []
+        for i, (loss, (_, head, sparse)) in enumerate(zip(losses, others)):
+            t = ts[i]
+            if sparse is not None:  # t: the chunk's row numbers in the sparse teacher
+                a, b = (int(t[0]), int(t[-1]) + 1) if t.numel() else (0, 0)
+                part = SparseTeacher(sparse.ids[a:b], sparse.logp[a:b], sparse.tail[a:b], sparse.vocab_size,
+                                     sparse.temperature, sparse.shift)
+                sums.append(loss.per_token_sparse(z, part).sum())
+                continue
+            th = _IDS if head is _IDS else (ps[2 + 2 * i], ps[3 + 2 * i], *head[2:]) if head else ()
+            sums.append(loss.per_token(z, _logits(t, th)).sum())
+        return torch.stack(sums)
+
     needs_grad = torch.is_grad_enabled() and any(
-        isinstance(p, torch.Tensor) and p.requires_grad for p in (s_rows, t_rows, *params))
-    total = s_rows.new_zeros((), dtype=torch.float32)
+        isinstance(p, torch.Tensor) and p.requires_grad for p in (s_rows, *(o[0] for o in others), *params))
+    total = s_rows.new_zeros((k,), dtype=torch.float32)
     for start in range(0, max(n, 1), chunk_tokens):  # no kept token: one empty chunk, a zero with a grad_fn
-        s, t = s_rows[start:start + chunk_tokens], t_rows[start:start + chunk_tokens]
+        s = s_rows[start:start + chunk_tokens]
+        ts = [o[0][start:start + chunk_tokens] for o in others]
         if needs_grad:
-            total = total + checkpoint(chunk, s, t, *params, use_reentrant=False)
+            total = total + checkpoint(chunk, s, *ts, *params, use_reentrant=False)
         else:
-            total = total + chunk(s, t, *params)
-    return loss.normalise(total, mask.sum(), num_tokens)
+            total = total + chunk(s, *ts, *params)
+    kept = mask.sum()
+    return tuple(loss.normalise(total[i], kept, num) for i, (loss, num) in enumerate(zip(losses, num_tokens)))

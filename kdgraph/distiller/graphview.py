@@ -196,6 +196,8 @@ def to_networkx(distiller, stage: int | str | None = None) -> nx.DiGraph:
                 owner = name
                 mod = _module(gm, str(node.target))
                 trainable = mod is not None and any(p.requires_grad for p in mod.parameters())
+            elif (module_path or "").startswith("losses."):  # a pass's function standing in for a loss term, its
+                owner, trainable = name, False             # item of a call several terms share, or its module
             else:  # "<w> * <loss>" weighting its loss, or the running sum "total"
                 src = node.args[0] if node.args else None
                 owner = "total" if name == "total" else owner_of.get(src, name) if isinstance(src, fx.Node) else name

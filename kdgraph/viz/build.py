@@ -52,6 +52,15 @@ def _group_key(depth: int) -> Callable[[str, dict[str, Any]], Optional[str]]:
     return key
 
 
+def _called(G, members: list[str]) -> str:
+    """The function a box's members call (``chunked_token_losses``: a call several loss terms share)."""
+    for m in members:
+        if G.nodes[m]["op"] == "call_function":
+            target = str(G.nodes[m]["target"])
+            return target.split(" ")[1] if target.startswith("<function ") else target
+    return "loss"
+
+
 def _describe_module(root: Optional[nn.Module], path: str) -> Optional[str]:
     if root is None or not path:
         return type(root).__name__ if root is not None and not path else None
@@ -151,7 +160,7 @@ class _Describer:
     def _loss(self, members, first, trainable, details):
         owner = first["owner"]
         ls = self.losses.get(owner)
-        lines = [ls.type if ls else str(first["module_type"])]
+        lines = [ls.type if ls else first["module_type"] or _called(self.G, members)]
         if ls is not None:
             lines.append(f"weight {ls.weight:g}")
             if ls.args:

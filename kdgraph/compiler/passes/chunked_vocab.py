@@ -9,13 +9,17 @@ config declares (``logit_scale``, Cohere; ``final_logit_softcapping``, Gemma2) -
 :func:`~kdgraph.compiler.chunked_loss.chunked_token_loss` that reads the head's *input* (the final hidden states)
 and weight (the shared parameter itself when embeddings are tied), chunk by chunk under activation checkpointing.
 The head's nodes are then unused and removed, so the ``B x T x V`` logits are never built; the graph output's
-``logits`` entry (the student's logits) becomes ``None`` when it read them.
+``logits`` entry (the student's logits) becomes ``None`` when it read them. Losses reading the same student head
+(``token_ce`` + ``token_kl``: one shift, one vocabulary slice) become one call of
+:func:`~kdgraph.compiler.chunked_loss.chunked_token_losses`, which computes each chunk's student logits once for all
+of them; each loss node then reads its item of that call.
 
 A side stays dense when its logits are needed anyway (another loss or an adapter reads them, or a network op),
 and the report says which and why; the pass knows no method by name.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -24,7 +28,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from ...methods.token_base import TokenLoss
-from ..chunked_loss import Dense, Head, chunked_token_loss
+from ..chunked_loss import Dense, Head, chunked_token_loss, chunked_token_losses
 from ..nodeinfo import NodeInfo, Role, info_of, role_of, set_info
 from ..report import PassResult
 from .context import PassContext
@@ -136,6 +140,56 @@ def _side(head: Optional[_Head], node: fx.Node):
     return Dense(node) if head is None else Head(head.hidden, head.weight, head.bias, head.scale, head.cap)
 
 
+def _groups(gm: fx.GraphModule, plans: list[fx.Node], heads: dict) -> list[list[fx.Node]]:
+    """The chunked loss nodes in groups computed together: losses reading the same student head (one ``shift``
+    and ``vocab_size``, the same labels) share each chunk's student logits, if every member's inputs exist before
+    the group's first node (so the fused call can stand there); any other loss is a group of one."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict[tuple, list[fx.Node]] = {}
+    for n in plans:
+        s, mod = n.kwargs["student"], gm.get_submodule(n.target)
+        key = (s, n.kwargs["labels"], mod.shift, mod.vocab_size) if heads[s][0] is not None else (n,)
+        groups.setdefault(key, []).append(n)
+    out = []
+    for group in groups.values():
+        first = min(order[n] for n in group)
+        inputs = [a for n in group for a in n.all_input_nodes]
+        if len(group) > 1 and any(order[a] > first for a in inputs):
+            out += [[n] for n in group]
+        else:
+            out.append(group)
+    return out
+
+
+def _replace(gm: fx.GraphModule, group: list[fx.Node], heads: dict, chunk_tokens: int) -> None:
+    """Replace a group's loss nodes by one chunked call (each member then reads its item of the call's results)."""
+    graph, first = gm.graph, group[0]
+    s = first.kwargs["student"]
+    with graph.inserting_before(first):
+        label = " + ".join(info_of(n).name for n in group)   # the call's name (one loss: that loss's)
+        mods = tuple(set_info(graph.get_attr(n.target), NodeInfo(Role.LOSS, label, n.target)) for n in group)
+        teachers = tuple(None if n.kwargs.get("teacher") is None else
+                         _side(heads[n.kwargs["teacher"]][0], n.kwargs["teacher"]) for n in group)
+        if len(group) == 1:
+            new = graph.call_function(chunked_token_loss, (mods[0], first.kwargs["labels"],
+                                                           first.kwargs.get("num_tokens"), chunk_tokens,
+                                                           _side(heads[s][0], s), teachers[0]))
+            set_info(new, info_of(first).replace(derived_from=first.name))
+            items = [new]
+        else:
+            new = graph.call_function(chunked_token_losses, (mods, first.kwargs["labels"],
+                                                             tuple(n.kwargs.get("num_tokens") for n in group),
+                                                             chunk_tokens, _side(heads[s][0], s), teachers))
+            set_info(new, info_of(first).replace(name=label, module_path=None, derived_from=first.name))
+            items = []
+            for i, n in enumerate(group):
+                items.append(graph.call_function(operator.getitem, (new, i)))
+                set_info(items[-1], info_of(n).replace(derived_from=n.name))
+    for n, item in zip(group, items):
+        n.replace_all_uses_with(item)
+        graph.erase_node(n)
+
+
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if ctx.chunked_vocab is None:
         return PassResult(NAME, False, "off (runtime.chunked_vocab: {chunk_tokens: N} turns it on)", {})
@@ -151,7 +205,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 head, why = _find_head(gm, ctx, top) if isinstance(top, fx.Node) else (None, "not a node")
                 others = [_label(u) for u in top.users if u.op != "output" and u not in losses] if head else []
                 heads[top] = (None, f"also read by {', '.join(others)}") if others else (head, why)
-    chunked, dense = [], []
+    chunked, dense, plans = [], [], []
     for n in losses:
         s, t = n.kwargs["student"], n.kwargs.get("teacher")
         name = info_of(n).name
@@ -160,15 +214,13 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 dense.append(f"{name}.{key} dense: {heads[top][1]}")
         if heads[s][0] is None and (t is None or heads[t][0] is None):
             continue
-        with graph.inserting_before(n):
-            mod = set_info(graph.get_attr(n.target), NodeInfo(Role.LOSS, f"{name}/module", n.target))
-            new = graph.call_function(chunked_token_loss, (mod, n.kwargs["labels"], n.kwargs.get("num_tokens"),
-                                                           ctx.chunked_vocab, _side(heads[s][0], s),
-                                                           None if t is None else _side(heads[t][0], t)))
-        set_info(new, info_of(n).replace(derived_from=n.name))
-        n.replace_all_uses_with(new)
-        graph.erase_node(n)
+        plans.append(n)
         chunked.append(name)
+    fused = []
+    for group in _groups(gm, plans, heads):
+        _replace(gm, group, heads, ctx.chunked_vocab)
+        if len(group) > 1:
+            fused.append([info_of(n).name for n in group])
     removed, logits_dropped = [], False
     for top, (head, _) in heads.items():
         if head is None or any(u.op != "output" for u in top.users):
@@ -183,9 +235,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not chunked:
         why = f" ({'; '.join(dense)})" if dense else ""
         return PassResult(NAME, False, "no token loss reads a Linear head" + why,
-                          {"chunked": [], "dense": dense, "removed": [], "chunk_tokens": ctx.chunked_vocab})
-    summary = (f"{', '.join(chunked)} in chunks of {ctx.chunked_vocab} tokens from the final hidden states; removed "
-               f"{', '.join(removed) or 'no node'}" + ("; out.logits is None" if logits_dropped else "")
+                          {"chunked": [], "fused": [], "dense": dense, "removed": [],
+                           "chunk_tokens": ctx.chunked_vocab})
+    summary = (f"{', '.join(chunked)} in chunks of {ctx.chunked_vocab} tokens from the final hidden states; "
+               + "".join(f"{' + '.join(g)} share one student head pass per chunk; " for g in fused)
+               + f"removed {', '.join(removed) or 'no node'}" + ("; out.logits is None" if logits_dropped else "")
                + (f"; kept {'; '.join(dense)}" if dense else ""))
-    return PassResult(NAME, True, summary, {"chunked": chunked, "dense": dense, "removed": removed,
+    return PassResult(NAME, True, summary, {"chunked": chunked, "fused": fused, "dense": dense, "removed": removed,
                                             "chunk_tokens": ctx.chunked_vocab, "logits_dropped": logits_dropped})
