@@ -295,6 +295,17 @@ def test_shipped_spaces_fit_their_specs() -> None:
         check_space(space, load_spec(spec), origin)
 
 
+def test_a_transforms_arguments_are_checked_against_its_args(tmp_path: Path) -> None:
+    spec = load_spec(Path(__file__).resolve().parents[1] / "specs" / "fashion_mnist" / "mlkd.yaml")  # mlkd_views
+    for param, message in (("cutuot: {type: float, low: 0, high: 0.5}", "takes no argument 'cutuot'"),
+                           ("min_scale: {type: float, low: 0.5, high: 1.5}", "less than or equal to 1")):
+        (tmp_path / "bad.yaml").write_text(f"params:\n  stages.main.transform.args.{param}\n")
+        space, origin = load_space(tmp_path / "bad.yaml")
+        with pytest.raises(SpecError, match="stage 'main''s transform") as e:
+            check_space(space, spec, origin)
+        assert message in str(e.value)
+
+
 def test_space_pruner_and_sampler_settings_reach_optuna() -> None:
     from kdgraph.tune.study import pruner_for, sampler_for
 

@@ -166,8 +166,9 @@ def override_for(path: str, value: Any) -> str:
 
 
 def _owner_args(spec_data: dict, keys: list[str]) -> Optional[tuple[Any, dict, str]]:
-    """For ``stages.S.losses.L.args.K`` / ``adapters.A.args.K``: (the registered class, its args, what it is)."""
-    from ..methods.registry import ADAPTERS, LOSSES
+    """For ``stages.S.losses.L.args.K`` / ``adapters.A.args.K`` / ``stages.S.transform.args.K``: (the registered
+    class, its args, what it is)."""
+    from ..methods.registry import ADAPTERS, LOSSES, TRANSFORMS
 
     def item(items: Any, key: str) -> Optional[dict]:
         if not isinstance(items, list):
@@ -181,6 +182,11 @@ def _owner_args(spec_data: dict, keys: list[str]) -> Optional[tuple[Any, dict, s
         loss = item((stage or {}).get("losses"), keys[3])
         if loss is not None:
             return LOSSES.get(loss["type"]), dict(loss.get("args") or {}), f"loss {loss.get('name')!r}"
+    if len(keys) == 5 and keys[0] == "stages" and keys[2] == "transform" and keys[3] == "args":
+        stage = item(spec_data.get("stages"), keys[1])
+        tf = (stage or {}).get("transform")
+        if isinstance(tf, dict) and tf.get("type"):
+            return TRANSFORMS.get(tf["type"]), dict(tf.get("args") or {}), f"stage {keys[1]!r}'s transform"
     if len(keys) == 4 and keys[0] == "adapters" and keys[2] == "args":
         ad = item(spec_data.get("adapters"), keys[1])
         if ad is not None:
@@ -212,7 +218,7 @@ def _check_exists(spec_data: dict, path: str, where: str) -> None:
         if isinstance(node, dict):
             if key not in node:
                 if keys[depth - 1:depth] == ["args"] and depth == len(keys) - 1:
-                    return  # a loss/adapter argument the spec leaves at its default: checked against its Args
+                    return  # a loss/adapter/transform argument left at its default: checked against its Args
                 raise SpecError(f"{where}: {so_far}: the spec has no {key!r} here.{did_you_mean(key, node)} "
                                 f"Keys here: {', '.join(sorted(node)) or 'none'}.")
             if node[key] is None and depth < len(keys) - 1:
