@@ -246,3 +246,18 @@ def test_unreadable_jpeg_is_a_clear_error_or_skipped_and_counted(tmp_path):
     assert res["skipped_images"] == 1  # 21 training files, batches of 3: each read once in the one epoch
     events = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert [ev["total"] for ev in events if ev["event"] == "skipped_images"] == [1]
+
+
+def test_a_transforms_own_error_is_not_called_an_unreadable_image(tmp_path):
+    from kdgraph.train.data.image_folder import CheckedImageFolder
+
+    foolbox_image_folder(tmp_path / "inet")
+
+    def broken(_img):
+        raise ValueError("a transform's own bug")
+
+    ds = CheckedImageFolder(str(tmp_path / "inet" / "train"), transform=broken, skip_bad=True)
+    with pytest.raises(ValueError, match="a transform's own bug"):   # raised as it is, never skipped as a bad file
+        ds[0]
+    image, target = CheckedImageFolder(str(tmp_path / "inet" / "train"), transform=lambda im: im.size)[0]
+    assert target == 0 and len(image) == 2 and min(image) > 0       # the transform's result, the label

@@ -109,9 +109,9 @@ class CheckedImageFolder(ImageFolder):
         n = len(self.samples)
         for attempt in range(n):
             i = (index + attempt) % n
-            path = self.samples[i][0]
-            try:
-                return super().__getitem__(i)
+            path, target = self.samples[i]
+            try:  # only the file's reading and decoding: a transform's own error is not an unreadable image
+                sample = self.loader(path)
             except errors as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -124,6 +124,12 @@ class CheckedImageFolder(ImageFolder):
                     with self.skipped.get_lock():
                         self.skipped.value += 1
                 print(f"kdgraph: skipping unreadable image {path} ({reason})", file=sys.stderr, flush=True)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
         raise UnreadableImageError(f"{self.root}: no image in this folder is readable")
 
 
