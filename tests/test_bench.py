@@ -214,6 +214,8 @@ def test_a_perplexity_suite_compares_lower_as_better(tmp_path: Path) -> None:
     assert "Perplexity mean" in markdown(res) and "lower is better" in markdown(res)
     write_tsv(res, tmp_path / "r.tsv")
     assert (tmp_path / "r.tsv").read_text().startswith("method\tlabel\tteacher\tstudent\tperplexity_mean")
+    assert "\trows_per_s" in (tmp_path / "r.tsv").read_text() and "Rows/s" in markdown(res)
+    assert "Teacher top-1" not in markdown(res)   # no teacher accuracy for a language model
     worse = summarize(loaded, runs[:2] + [RunResult("KD", s, "", "done", perplexity=50.0 + s) for s in (0, 1)],
                       "", 1.0, [0, 1])
     assert worse.row("KD").verdict == "below"

@@ -175,31 +175,33 @@ def _f(v: Optional[float], digits: int = 2) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _cells(r: Row) -> list[str]:
+def _cells(r: Row, rate_digits: int = 0) -> list[str]:
     return [r.method, r.label, r.teacher, r.student, _f(r.mean), _f(r.std), str(r.n),
             "" if r.delta is None else f"{r.delta:+.2f}", r.verdict + (f" ({r.failed} failed)" if r.failed and r.n else ""),
-            _f(r.reference_torchdistill), _f(r.reference_paper), _f(r.wall_s, 0), _f(r.images_per_s, 0)]
+            _f(r.reference_torchdistill), _f(r.reference_paper), _f(r.wall_s, 0), _f(r.images_per_s, rate_digits)]
 
 
 def write_tsv(res: BenchResults, path: Path) -> None:
-    cols = [c.replace("top1_", "perplexity_") for c in COLUMNS] if res.metric == "perplexity" else COLUMNS
-    lines = ["\t".join(cols)] + ["\t".join(c.replace("\t", " ") for c in _cells(r)) for r in res.rows]
+    lm = res.metric == "perplexity"  # a language model: rows (sequences) per second, not images
+    cols = [c.replace("top1_", "perplexity_").replace("images_", "rows_") for c in COLUMNS] if lm else COLUMNS
+    lines = ["\t".join(cols)] + ["\t".join(c.replace("\t", " ") for c in _cells(r, 2 if lm else 0))
+                                 for r in res.rows]
     _atomic_text(path, "\n".join(lines) + "\n")
 
 
 def markdown(res: BenchResults) -> str:
-    what = "Perplexity" if res.metric == "perplexity" else "Top-1"
-    head = ["Method", "Label", "Teacher", "Student", f"{what} mean", "Std", "Seeds", "Δ vs baseline", "Verdict",
-            "torchdistill", "Paper", "Wall s / run", "Images/s"]
+    lm = res.metric == "perplexity"
+    head = ["Method", "Label", "Teacher", "Student", f"{'Perplexity' if lm else 'Top-1'} mean", "Std", "Seeds",
+            "Δ vs baseline", "Verdict", "torchdistill", "Paper", "Wall s / run", "Rows/s" if lm else "Images/s"]
     out = [f"# {res.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res.rows:
-        out.append("| " + " | ".join(c.replace("|", "\\|") or "" for c in _cells(r)) + " |")
+        out.append("| " + " | ".join(c.replace("|", "\\|") or "" for c in _cells(r, 2 if lm else 0)) + " |")
     teachers = sorted({f"{r.teacher_top1:.2f}" for r in res.rows if r.teacher_top1 is not None})
     out += ["", (f"Validation perplexity (lower is better), mean and sample std over seeds {res.seeds}. 'beats' = Δ "
                  f"below minus the larger of the row's and the baseline's std." if res.metric == "perplexity" else
                  f"Top-1 in %, mean and sample std over seeds {res.seeds}. 'beats' = Δ larger than the larger of the "
                  f"row's and the baseline's std."),
-            f"Teacher top-1: {', '.join(teachers) or 'n/a'} %.",
+            *([] if lm and not teachers else [f"Teacher top-1: {', '.join(teachers) or 'n/a'} %."]),
             "", f"Command: `{res.command}`", "", f"Machine: {res.machine}", "",
             f"Total wall time of this invocation: {res.total_wall_s:.0f} s (runs reused from earlier invocations "
             f"not counted)."]
