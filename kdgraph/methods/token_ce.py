@@ -39,7 +39,8 @@ class TokenCE(TokenLoss):
 
     def per_token(self, student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``N x V`` logits of the kept tokens and their ``N`` target ids -> ``N`` cross-entropies."""
-        return F.cross_entropy(student / self.temperature, targets, reduction="none")
+        z = student if self.temperature == 1.0 else student / self.temperature  # (no N x V copy at T = 1)
+        return F.cross_entropy(z, targets, reduction="none")
 
     def forward(self, student: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
                 num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -21,8 +21,11 @@ The sparse forward KL (:func:`sparse_forward_kl`) has two treatments of the tail
   ``missing_probability_handling: zero``, arcee-ai/DistillKit). It does not penalise student mass outside the
   support.
 
-The student's log-probabilities are always normalised over the whole vocabulary, and ``m_s`` is computed as a
-log-sum-exp over the tokens outside the support (not as ``1 - sum``), so small tails keep their precision.
+The student's log-probabilities are always normalised over the whole vocabulary. ``m_s`` is computed as
+``1 - sum_k p_s,k`` in float64 from the gathered log-probabilities (no second ``N x V`` pass), except on the rows
+where the student's support mass exceeds ``1 - COMPLEMENT_FLOOR`` (0.95): there the subtraction would lose digits,
+and ``m_s`` is a log-sum-exp over the tokens outside the support, so small tails keep their precision. Both are the
+same function (values and gradients agree to float rounding; ``tests/test_token_cache.py``).
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ from ..errors import KDGraphError
 __all__ = ["SparseTeacher", "sparse_from_logits", "sparse_forward_kl", "SPARSE_TAILS"]
 
 SPARSE_TAILS = ("bucket", "zero")
+
+#: below this student tail mass, ``1 - sum_k p_s,k`` loses digits and the tail is summed outside the support
+COMPLEMENT_FLOOR = 0.05
 
 
 @dataclass
@@ -116,7 +122,9 @@ def sparse_forward_kl(student: torch.Tensor, teacher: SparseTeacher, temperature
     """Per-token forward KL ``KL(p_t || p_s)`` of ``N x V`` student logits against a sparse teacher (``N``)."""
     if tail not in SPARSE_TAILS:
         raise ValueError(f"sparse tail must be one of {SPARSE_TAILS}, got {tail!r}")
-    z = student.float() / temperature
+    z = student.float()
+    if temperature != 1.0:  # (a full N x V copy: skipped at T = 1)
+        z = z / temperature
     log_z = torch.logsumexp(z, dim=-1, keepdim=True)
     ids = teacher.ids.to(z.device).long()
     log_ps = z.gather(-1, ids) - log_z
@@ -125,7 +133,20 @@ def sparse_forward_kl(student: torch.Tensor, teacher: SparseTeacher, temperature
     if tail == "zero" or ids.shape[-1] >= z.shape[-1]:  # K = V: no token outside the support, no tail term
         return loss
     m_t = teacher.tail.to(z.device).float()
-    outside = z.scatter(-1, ids, -1e30)  # the support left out; its gradient there is zero
-    log_ms = torch.logsumexp(outside, dim=-1) - log_z[:, 0]
+    log_ms = _log_outside_mass(z, log_z, ids, log_ps)
     term = m_t * (torch.log(m_t.clamp_min(1e-30)) - log_ms)
     return loss + torch.where(m_t > 0, term, torch.zeros_like(term))
+
+
+def _log_outside_mass(z: torch.Tensor, log_z: torch.Tensor, ids: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
+    """``log m_s``, the student's log-probability of the tokens outside the support, per row: ``log(1 - sum_k
+    p_s,k)`` in float64; rows with ``m_s < COMPLEMENT_FLOOR`` instead take the log-sum-exp of the logits outside the
+    support (the support scattered to -1e30: its gradient there is zero), on those rows only."""
+    m_s = 1.0 - log_ps.double().exp().sum(-1)
+    log_ms = torch.log(m_s.clamp_min(1e-300)).float()
+    close = (m_s < COMPLEMENT_FLOOR).nonzero()[:, 0]
+    if close.numel():
+        outside = z[close].scatter(-1, ids[close], -1e30)
+        exact = torch.logsumexp(outside, dim=-1) - log_z[close, 0]
+        log_ms = log_ms.index_put((close,), exact)
+    return log_ms
