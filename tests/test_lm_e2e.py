@@ -195,3 +195,18 @@ def test_export_hf_of_the_trained_student_gives_its_logits(lm):
         got = loaded(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
         want = student(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eval_of_a_text_spec_reports_perplexity(lm):
+    """kdgraph eval on text: the trained student's held-out perplexity as its run's last evaluation said, and the
+    teacher's (no training rows are built: the tokenizer is never handed an empty batch)."""
+    root, write, _ = lm
+    spec, run = write("chunked"), root / "one"
+    if not (run / "last.pt").exists():
+        _cli("train", spec, "--out", run, "--device", "cpu", "--no-progress")
+    got = json.loads(_cli("eval", spec, "--ckpt", run / "last.pt", "--json"))
+    ev = [r for r in _records(run) if r["event"] == "eval"][-1]
+    assert got["task"] == "lm" and got["perplexity"] == pytest.approx(ev["perplexity"], rel=1e-6)
+    assert "held-out scored tokens" in got["data"]
+    text = _cli("eval", spec, "--model", "teacher")
+    assert text.startswith("teacher ") and "perplexity" in text and " rows of text " in text

@@ -119,6 +119,7 @@ def print_comparison(results: list[dict]) -> None:
 @consent_options
 def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> None:
     """Top-1 / top-5 of SPEC's student (or teacher) on the validation split."""
+    from ..train.evaluation import describe
     from ..train.export import evaluate_checkpoint
     from ..train.overrides import load_with_overrides
 
@@ -129,8 +130,9 @@ def eval_cmd(spec, ckpt, role, data_root, sets, device, batch_size, as_json) -> 
     if as_json:
         click.echo(json.dumps(res, indent=2, default=str))
         return
-    click.echo(f"{role} {res['model']} ({res['weights']}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-               f"on {res['images']} images of {res['data']} ({res['seconds']:.1f} s)")
+    what = "rows" if res.get("task") == "lm" else "images"
+    click.echo(f"{role} {res['model']} ({res['weights']}): {describe(res)}  on {res['images']} {what} of "
+               f"{res['data']} ({res['seconds']:.1f} s)")
 
 
 @click.command("export")

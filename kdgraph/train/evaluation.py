@@ -19,6 +19,13 @@ from .lm_metrics import describe_lm, lm_summary, token_sums
 __all__ = ["topk_counts", "evaluate_model", "evaluate_lm", "autocast", "validation_loader", "batch_size", "describe"]
 
 
+def eval_task(spec: Any) -> Optional[str]:
+    """What :func:`evaluate_model` scores for a spec's data: a GLUE task's name, ``"lm"`` for text, else ``None``."""
+    if spec.data.dataset == "glue":
+        return spec.data.task
+    return "lm" if spec.data.dataset == "text" else None
+
+
 def describe(ev: dict[str, Any]) -> str:
     """``top-1 71.20%  top-5 90.10%``, a GLUE task's metrics (``f1 87.50%  accuracy 82.10%``) or an LM's."""
     if ev.get("task") == "lm":

@@ -144,7 +144,7 @@ def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", 
     from ..models import build_model
     from .data import build_datasets, check_data
     from .distributed import setup, teardown
-    from .evaluation import evaluate_model, validation_loader
+    from .evaluation import eval_task, evaluate_model, validation_loader
 
     if role not in ("student", "teacher"):
         raise KDGraphError(f"--model must be student or teacher, got {role!r}")
@@ -174,8 +174,7 @@ def evaluate_checkpoint(spec: Spec, ckpt: Optional[str], role: str = "student", 
         if spec.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader = validation_loader(spec, bundle.val, env, batch_size)
-        res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last,
-                             task=spec.data.task if spec.data.dataset == "glue" else None)
+        res = evaluate_model(model, loader, env, spec.runtime.amp, spec.runtime.channels_last, task=eval_task(spec))
         res.update(role=role, model=ref.model, weights=source, data=bundle.description, rank=env.rank)
         return res
     finally:

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint
 from .data import DataBundle, build_datasets, check_data, wrap_train_dataset
 from .data.augment import mixing_view
 from .distributed import DistEnv, all_gather_object, setup, teardown
-from .evaluation import describe, evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
+from .evaluation import describe, eval_task, evaluate_model, topk_counts, validation_loader  # noqa: F401 - part of this module's API
 from .fsdp import require_processes
 from .monitor import Monitor
 from .networks import build_distiller, first_stage, load_init_from
@@ -133,9 +133,7 @@ class Trainer:
         return LoopSettings(amp=rt.amp, channels_last=rt.channels_last,
                             flush_every=opts.log_every or (1 if self.env.device.type == "cpu" else 20),
                             ckpt_every=opts.ckpt_every, ckpt_minutes=opts.ckpt_minutes, eval_every=rt.eval_every,
-                            plot=opts.plot, task=self.spec.data.task if self.spec.data.dataset == "glue" else
-                            "lm" if self.spec.data.dataset == "text" else None,
-                            on_eval=opts.on_eval)
+                            plot=opts.plot, task=eval_task(self.spec), on_eval=opts.on_eval)
 
     def _announce(self, bundle: DataBundle, resumed: bool) -> None:
         spec, env = self.spec, self.env

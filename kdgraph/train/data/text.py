@@ -120,6 +120,8 @@ def encode_documents(docs: Sequence[Document], tokenizer: Any, max_length: int,
     if add_eos and eos is None:
         raise DataError("data.text.add_eos: the tokenizer has no EOS token; set add_eos: false or use a tokenizer "
                         "with one")
+    if not docs:  # (a tokenizer refuses an empty batch: kdgraph eval builds no training rows)
+        return []
     texts = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
     prompts = [[] for _ in docs]
     if any(d.prompt for d in docs):
@@ -223,6 +225,8 @@ def text_datasets(spec: Any, need_train: bool = True) -> tuple[Dataset, Dataset,
         out.append(rows)
     train, val = out
     desc = (f"text {kinds}: {len(train_docs)} train / {len(val_docs)} held-out documents ({t.validation.pick} "
-            f"{t.validation.fraction:g} per book), {train.scored_tokens:,} / {val.scored_tokens:,} scored tokens, "
+            f"{t.validation.fraction:g} per book), "
+            + (f"{train.scored_tokens:,} / {val.scored_tokens:,} scored tokens, " if need_train else
+               f"{val.scored_tokens:,} held-out scored tokens, ") +
             f"rows of {d.max_length} tokens{', packed' if t.packing else ''}")
     return (train if need_train else val), val, desc, len(tok)
