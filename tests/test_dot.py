@@ -84,3 +84,20 @@ def test_delta_leaves_other_optimizers_cache_keys_alone():
     k1 = pretrain_key(spec.teacher, spec)
     spec.teacher.pretrain.optimizer.delta = 0.1
     assert k1 != pretrain_key(spec.teacher, spec) != key
+
+
+@pytest.mark.parametrize("change, shown", [({"delta": 0.15}, "momentum 0.9, delta 0.15"),
+                                           ({"momentum": 0.05}, "momentum 0.05, delta 0.075")])
+def test_spec_refuses_momenta_outside_0_1(change, shown):
+    """DOT's task and distillation momenta (momentum -/+ delta) must lie in [0, 1]: refused when the spec loads (one
+    paragraph naming the field), so a tuning space whose range crosses it is refused before any trial runs."""
+    import yaml
+
+    from kdgraph.errors import SpecError
+
+    path = Path(__file__).resolve().parents[1] / "specs" / "fashion_mnist" / "dot.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["stages"][0]["optimizer"].update(change)
+    with pytest.raises(SpecError, match=r"stages\[0\]\.optimizer: sgd_dot \(DOT\) needs 0 <= delta <= momentum") as e:
+        kdgraph.load_spec(data)
+    assert shown in str(e.value)

@@ -100,6 +100,12 @@ class OptimizerSpec(_Strict):
             raise ValueError(f"nesterov applies to optimizer type sgd, not {self.type!r}")
         if self.delta is not None and self.type != "sgd_dot":
             raise ValueError(f"delta applies to optimizer type sgd_dot (DOT), not {self.type!r}")
+        if self.type == "sgd_dot":  # the two momenta momentum -/+ delta must lie in [0, 1]
+            delta = 0.075 if self.delta is None else self.delta
+            if delta > self.momentum or self.momentum + delta > 1:
+                raise ValueError(f"sgd_dot (DOT) needs 0 <= delta <= momentum and momentum + delta <= 1 (the task "
+                                 f"and distillation momenta momentum -/+ delta); got momentum {self.momentum:g}, "
+                                 f"delta {delta:g}")
         grouped = [n for n in ("no_decay", "param_groups", "layer_decay") if getattr(self, n)]
         if self.type == "sgd_dot" and grouped:
             raise ValueError(f"sgd_dot (DOT) steps one parameter group; {', '.join(grouped)} would split the "
