@@ -16,8 +16,8 @@ from kdgraph.compiler.chunked_loss import Dense, Head, chunked_token_loss, chunk
 from kdgraph.methods.token_ce import TokenCE
 from kdgraph.methods.token_kl import TokenKL
 from kdgraph.methods.token_rkl import TokenRKL
-from kdgraph.methods.token_sparse import sparse_from_logits
 from kdgraph.viz.build import stage_view
+from test_chunked_vocab import sparse_case
 
 
 def _sides(seed=0, vocab=40, hidden=12):
@@ -56,13 +56,7 @@ def test_fused_losses_equal_each_alone_and_the_dense_path(chunk):
 
 
 def test_fused_with_a_cached_top_k_teacher_equals_the_dense_forward():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 7, 8, generator=g, requires_grad=True)
-    w = torch.randn(20, 8, generator=g, requires_grad=True)
-    labels = torch.randint(0, 20, (2, 7), generator=g)
-    labels[0, :2] = labels[1, 5:] = -100
-    keep = labels[:, 1:] != -100
-    teacher = sparse_from_logits(torch.randn(2, 7, 20, generator=g)[:, :-1][keep], 5, 2.0)
+    x, w, labels, teacher = sparse_case()
     ce, kl = TokenCE(), TokenKL(temperature=2.0)
     got = chunked_token_losses((ce, kl), labels, (None, None), 3, Head(x, w), (None, Dense(teacher)))
     z = x @ w.T

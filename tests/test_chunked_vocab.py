@@ -235,11 +235,9 @@ def test_a_users_head_with_bias_is_chunked():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 1000])
-def test_token_ce_and_a_sparse_teacher_chunked_equal_their_dense_forward(chunk):
-    """token_ce (the labels as the other side) and token_kl over a top-K cached teacher (issue 25 integration)."""
-    from kdgraph.errors import KDGraphError
-    from kdgraph.methods.token_ce import TokenCE
+def sparse_case():
+    """Hidden states ``x`` (2 x 7 x 8) and a head ``w`` (20 words) that need gradients, labels with a prompt and
+    padding at -100, and a top-5 teacher at T = 2 over the kept tokens (tests/test_chunked_fused.py reuses it)."""
     from kdgraph.methods.token_sparse import sparse_from_logits
 
     g = torch.Generator().manual_seed(3)
@@ -248,7 +246,16 @@ def test_token_ce_and_a_sparse_teacher_chunked_equal_their_dense_forward(chunk):
     labels = torch.randint(0, 20, (2, 7), generator=g)
     labels[0, :2] = labels[1, 5:] = -100
     keep = labels[:, 1:] != -100
-    teacher = sparse_from_logits(torch.randn(2, 7, 20, generator=g)[:, :-1][keep], 5, 2.0)
+    return x, w, labels, sparse_from_logits(torch.randn(2, 7, 20, generator=g)[:, :-1][keep], 5, 2.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_token_ce_and_a_sparse_teacher_chunked_equal_their_dense_forward(chunk):
+    """token_ce (the labels as the other side) and token_kl over a top-K cached teacher (issue 25 integration)."""
+    from kdgraph.errors import KDGraphError
+    from kdgraph.methods.token_ce import TokenCE
+
+    x, w, labels, teacher = sparse_case()
     for loss, other, dense_other in ((TokenCE(), None, None), (TokenKL(temperature=2.0), Dense(teacher), teacher)):
         num = torch.tensor(6.5)
         got = chunked_token_loss(loss, labels, num, chunk, Head(x, w), other)

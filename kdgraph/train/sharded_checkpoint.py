@@ -38,7 +38,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-
 def _state(model: nn.Module, optimizer: Optional[Any]) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

@@ -218,10 +218,10 @@ def text_datasets(spec: Any, need_train: bool = True) -> tuple[Dataset, Dataset,
     tok = load_text_tokenizer(d.tokenizer)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     kinds = "+".join(s.kind for s in t.sources)
-    out = []
+    out, tok_file = [], tokenizer_file(d.tokenizer)
     for name, part in (("train", train_docs if need_train else []), ("validation", val_docs)):
         rows = TextRows(encode_documents(part, tok, d.max_length, t.add_eos), d.max_length, pad, t.packing, keys,
-                        f"{kinds} {name} ({len(part)} documents)", tokenizer_file(d.tokenizer))
+                        f"{kinds} {name} ({len(part)} documents)", tok_file)
         out.append(rows)
     train, val = out
     desc = (f"text {kinds}: {len(train_docs)} train / {len(val_docs)} held-out documents ({t.validation.pick} "

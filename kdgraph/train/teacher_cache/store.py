@@ -90,7 +90,6 @@ def _read_json(path: Path, what: str) -> Optional[dict[str, Any]]:
                                 f"--overwrite).") from None
 
 
-
 def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
     return _read_json(folder / MANIFEST, "the teacher cache manifest")
 
