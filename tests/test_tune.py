@@ -179,6 +179,51 @@ def test_pruning_stops_a_trial_worse_than_the_median(pruned_tune) -> None:
     assert "pruned" in (out / "trials.md").read_text()
 
 
+def test_pruner_from_stage_reports_that_stage_on_counted_from_its_first_epoch(tmp_path: Path) -> None:
+    """A warm-up stage that trains on a random teacher's logits alone (its scores mean nothing) of 2 or 1 epochs,
+    then 2 epochs of CE: only the main stage's epochs reach Optuna, as steps 0 and 1 whatever the warm-up's length,
+    so the second trial (lr 1e-7 in the main stage) is pruned against the first's score at the same main epoch."""
+    spec, _ = _files(tmp_path, epochs=2)
+    text = spec.read_text().replace("stages:\n", """stages:
+  - name: warm
+    epochs: 2
+    batch_size: 32
+    optimizer: {type: sgd, lr: 0.05, momentum: 0.9}
+    losses:
+      - {name: mimic, type: kd, inputs: {student: 'student:@output', teacher: 'teacher:@output'}}
+""")
+    spec.write_text(text)
+    space = tmp_path / "space.yaml"
+    space.write_text("""
+validation: {count: 96, seed: 3}
+sampler: {type: random, seed: 0}
+pruner: {type: median, startup_trials: 1, from_stage: main}
+params:
+  stages.warm.epochs: {type: int, low: 1, high: 2}
+  stages.main.optimizer.lr: {type: categorical, choices: [0.05, 1.0e-07]}
+""")
+    out = tmp_path / "out"
+    out.mkdir()
+    study = optuna.create_study(study_name="tiny_fm", storage=open_storage(str(out / "study.journal"), create=True),
+                                direction="maximize")
+    study.enqueue_trial({"stages.warm.epochs": 2, "stages.main.optimizer.lr": 0.05})
+    study.enqueue_trial({"stages.warm.epochs": 1, "stages.main.optimizer.lr": 1e-7})
+    tune(spec, space, trials=2, out=out, resume=True, device="cpu")
+    t0, t1 = _study(out).trials
+    evals = [[json.loads(x) for x in (out / f"trials/000{i}/metrics.jsonl").read_text().splitlines()] for i in (0, 1)]
+    evals = [[(e["stage"], e["epoch"]) for e in ev if e.get("event") == "eval"] for ev in evals]
+    assert evals[0] == [("warm", 0), ("warm", 1), ("main", 0), ("main", 1)]
+    assert t0.state.name == "COMPLETE" and sorted(t0.intermediate_values) == [0, 1]
+    assert evals[1] == [("warm", 0), ("main", 0)]  # pruned at the main stage's first epoch, before its last
+    assert t1.state.name == "PRUNED" and list(t1.intermediate_values) == [0]
+    assert t1.intermediate_values[0] < t0.intermediate_values[0]
+    # a stage the spec does not have is refused with the spec's stages named
+    sp, origin = load_space({"pruner": {"from_stage": "mian"},
+                             "params": {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}})
+    with pytest.raises(SpecError, match="pruner.from_stage: the spec has no stage 'mian'; its stages are 'warm', 'main'"):
+        check_space(sp, load_spec(spec), origin)
+
+
 def test_best_set_reproduces_its_validation_score(pruned_tune, tmp_path: Path) -> None:
     spec, _, out, res = pruned_tune
     best = json.loads((out / "best.json").read_text())["best"]
@@ -217,6 +262,24 @@ def test_resume_checks_the_study_was_made_for_this_spec_and_space(pruned_tune, t
         tune(spec, other, trials=2, out=out, resume=True)
     assert len(_study(out).trials) == 2  # nothing added
     assert _study(out).user_attrs["kdgraph_spec_fingerprint"] == spec_fingerprint(load_spec(spec))
+
+
+def test_resume_reads_a_study_recorded_before_a_space_field_existed(tmp_path: Path) -> None:
+    """A study made before ``pruner.from_stage`` existed recorded no value for it: it resumes under today's schema
+    (the default keeps its behaviour), while a space that sets it is another tune."""
+    from kdgraph.tune.study import SPACE_ATTR, open_study
+
+    st = open_storage(str(tmp_path / "study.journal"), create=True)
+    params = {"stages.main.optimizer.lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    space, _ = load_space({"params": params})
+    study = open_study(st, "s", "fp", space, [], False, "here")
+    old = space.to_json()
+    del old["pruner"]["from_stage"]
+    study.set_user_attr(SPACE_ATTR, json.dumps(old, sort_keys=True))
+    assert open_study(st, "s", "fp", space, [], True, "here").user_attrs[SPACE_ATTR] == json.dumps(old, sort_keys=True)
+    staged, _ = load_space({"pruner": {"from_stage": "main"}, "params": params})
+    with pytest.raises(KDGraphError, match="the search space differs"):
+        open_study(st, "s", "fp", staged, [], True, "here")
 
 
 # ---------------------------------------------------------------------------------------------- kill -9, workers
@@ -293,6 +356,23 @@ def test_shipped_spaces_fit_their_specs() -> None:
         spec = root / "specs" / "fashion_mnist" / (path.stem.split("fashion_mnist_", 1)[1] + ".yaml")
         space, origin = load_space(path)
         check_space(space, load_spec(spec), origin)
+
+
+def test_a_weight_that_scales_a_whole_adam_stage_is_refused(tmp_path: Path) -> None:
+    """Scaling every loss of a stage trained with Adam(W) changes nothing Adam sees: refused; under SGD, or one
+    weight among several, it is a real search."""
+    spec_path, _ = _files(tmp_path)
+    tied = {"type": "float", "low": 0.1, "high": 10, "log": True, "also": ["stages.main.losses.kd.weight"]}
+    for optimizer, param, refused in (("adamw", tied, True), ("adam", tied, True), ("sgd", tied, False),
+                                      ("adamw", {k: v for k, v in tied.items() if k != "also"}, False)):
+        spec = load_spec(spec_path).model_copy(deep=True)
+        spec.stages[0].optimizer.type = optimizer
+        space, origin = load_space({"params": {"stages.main.losses.ce.weight": param}})
+        if refused:
+            with pytest.raises(SpecError, match=f"scales every loss of stage 'main' at once .*trains with {optimizer},"):
+                check_space(space, spec, origin)
+        else:
+            check_space(space, spec, origin)
 
 
 def test_a_transforms_arguments_are_checked_against_its_args(tmp_path: Path) -> None:

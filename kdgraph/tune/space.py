@@ -12,7 +12,8 @@
 
 Every path is checked against the spec before any trial runs (:func:`check_space`): a path that does not exist
 (with did-you-mean), a range that is empty, a log range that reaches 0, a value the spec (or a loss's ``Args``)
-would refuse at either end of the range. Errors are :class:`~kdgraph.errors.SpecError` paragraphs naming the
+would refuse at either end of the range, a weight that scales every loss of a stage whose optimizer (Adam,
+RMSprop) does not see the loss's scale. Errors are :class:`~kdgraph.errors.SpecError` paragraphs naming the
 space file and the parameter.
 """
 from __future__ import annotations
@@ -118,6 +119,11 @@ class PrunerSpec(_Strict):
         "median", description="median (MedianPruner), successive_halving (SuccessiveHalvingPruner) or none")
     startup_trials: int = Field(2, ge=0, description="median: finished trials before any pruning")
     warmup_epochs: int = Field(0, ge=0, description="median: epochs of a trial never pruned")
+    from_stage: Optional[str] = Field(
+        None, description="report (and prune on) only the epochs of this stage of the spec and the stages after it, "
+                          "counted from its first epoch. An earlier stage that leaves the classifier untrained (FitNet's "
+                          "hint stage) scores near chance, and a searched stage length would misalign the epochs of two "
+                          "trials. Default: every epoch of every stage")
     min_epochs: int = Field(1, ge=1, description="successive_halving: the first rung (epochs)")
     reduction_factor: int = Field(2, ge=2, description="successive_halving: 1 in this many trials go on at a rung")
 
@@ -243,6 +249,29 @@ def check_space(space: Space, spec: Spec, origin: str = "<space>") -> None:
                                 f"each override path takes one value per trial")
             seen[path] = key
             _check_path(spec, data, path, param, where, check_args)
+        _check_not_scale_free(spec, key, param.paths(key), f"{origin}: params.{key!r}")
+    names = [s.name for s in spec.stages]
+    if space.pruner.from_stage is not None and space.pruner.from_stage not in names:
+        raise SpecError(f"{origin}: pruner.from_stage: the spec has no stage {space.pruner.from_stage!r}; its stages "
+                        f"are {', '.join(repr(n) for n in names)}")
+
+
+# optimizers whose step divides the gradient by a running estimate of its own size: a loss scaled by c steps alike
+SCALE_FREE_OPTIMIZERS = ("adam", "adamw", "rmsprop", "rmsprop_tf")
+
+
+def _check_not_scale_free(spec: Spec, key: str, paths: list[str], where: str) -> None:
+    """Refuse a parameter that scales every loss of a stage at once (its only loss's weight, or all of them tied)
+    when the stage's optimizer does not see the loss's scale: every trial would train alike."""
+    for st in spec.stages:
+        weights = {f"stages.{st.name}.losses.{loss.name}.weight" for loss in st.losses}
+        if st.optimizer.type in SCALE_FREE_OPTIMIZERS and weights and weights <= set(paths):
+            raise SpecError(
+                f"{where}: scales every loss of stage {st.name!r} at once ({', '.join(sorted(weights))}), and the "
+                f"stage trains with {st.optimizer.type}, whose step divides the gradient by a running estimate of "
+                f"its own size: every value would train alike (only the optimizer's eps sees it). Search what "
+                f"changes that stage instead: its optimizer.lr, its epochs, a loss's args, or a weight relative to "
+                f"another loss of the stage.")
 
 
 def _check_path(spec: Spec, data: dict, path: str, param: Param, where: str, check_args: Any) -> None:

@@ -84,7 +84,7 @@ def open_study(storage: Any, name: str, fingerprint: str, space: Any, fixed: lis
     problems = []
     if attrs.get(SPEC_ATTR) != fingerprint:
         problems.append(f"the spec differs (study: fingerprint {attrs.get(SPEC_ATTR)}, now {fingerprint})")
-    if attrs.get(SPACE_ATTR) != space_json:
+    if not _same_space(attrs.get(SPACE_ATTR), space):
         problems.append("the search space differs (params, ranges, validation, sampler or pruner)")
     if list(attrs.get(FIXED_ATTR) or []) != list(fixed):
         problems.append(f"the trials' fixed overrides differ (study: {attrs.get(FIXED_ATTR)}, now {fixed})")
@@ -93,6 +93,18 @@ def open_study(storage: Any, name: str, fingerprint: str, space: Any, fixed: lis
                         f"cannot be mixed with these; use a new --study name (or --out folder), or the spec and "
                         f"space it was made with.")
     return study
+
+
+def _same_space(saved: Any, space: Any) -> bool:
+    """The study's recorded space is ``space``: equal as recorded, or equal once read by today's schema (a study
+    made before a field was added to the space's schema has no value for it; the field's default, which keeps the
+    earlier behaviour, fills in)."""
+    if saved == json.dumps(space.to_json(), sort_keys=True):
+        return True
+    try:
+        return type(space).model_validate(json.loads(saved)).to_json() == space.to_json()
+    except (TypeError, ValueError):  # not JSON, or not a space (pydantic's ValidationError is a ValueError)
+        return False
 
 
 def _start_time(pid: int) -> Optional[str]:

@@ -55,10 +55,11 @@ def train_trial(ctx: TrialContext, number: int, sets: list[str], team: Any, tria
     reports = reports if reports is not None else []
     folder = Path(ctx.out) / "trials" / f"{number:04d}"
     final: list[tuple] = []  # (stage, epoch) of the run's last evaluation: a finished trial is never pruned
+    unscored: set = set()  # the stages before the space's pruner.from_stage: their epochs are not reported
 
     def on_eval(ev: dict[str, Any]) -> None:
         verdict = None  # None: go on; "pruned"; or why rank 0 failed the trial
-        if trial is not None:
+        if trial is not None and ev.get("stage") not in unscored:
             try:
                 score = float(ev["top1"])
                 trial.report(score, len(reports))
@@ -77,6 +78,9 @@ def train_trial(ctx: TrialContext, number: int, sets: list[str], team: Any, tria
     try:
         spec: Spec = apply_overrides(Spec.model_validate(ctx.spec), list(ctx.fixed) + list(sets), label="trial")
         final.append((spec.stages[-1].name, spec.stages[-1].epochs - 1))
+        names = [s.name for s in spec.stages]
+        first = (ctx.space.get("pruner") or {}).get("from_stage")
+        unscored.update(names[:names.index(first)] if first in names else [])
         folder.mkdir(parents=True, exist_ok=True)
         opts = TrainOptions(out=folder, data=ctx.data, overwrite=True, device=ctx.device, progress=False,
                             tensorboard=False, plot=False, allow_imports=tuple(ctx.allow_imports), on_eval=on_eval)
