@@ -249,7 +249,7 @@ def check_space(space: Space, spec: Spec, origin: str = "<space>") -> None:
                                 f"each override path takes one value per trial")
             seen[path] = key
             _check_path(spec, data, path, param, where, check_args)
-        _check_not_scale_free(spec, key, param.paths(key), f"{origin}: params.{key!r}")
+        _check_not_scale_free(spec, param.paths(key), f"{origin}: params.{key!r}")
     names = [s.name for s in spec.stages]
     if space.pruner.from_stage is not None and space.pruner.from_stage not in names:
         raise SpecError(f"{origin}: pruner.from_stage: the spec has no stage {space.pruner.from_stage!r}; its stages "
@@ -260,7 +260,7 @@ def check_space(space: Space, spec: Spec, origin: str = "<space>") -> None:
 SCALE_FREE_OPTIMIZERS = ("adam", "adamw", "rmsprop", "rmsprop_tf")
 
 
-def _check_not_scale_free(spec: Spec, key: str, paths: list[str], where: str) -> None:
+def _check_not_scale_free(spec: Spec, paths: list[str], where: str) -> None:
     """Refuse a parameter that scales every loss of a stage at once (its only loss's weight, or all of them tied)
     when the stage's optimizer does not see the loss's scale: every trial would train alike."""
     for st in spec.stages:
