@@ -96,11 +96,8 @@ def open_study(storage: Any, name: str, fingerprint: str, space: Any, fixed: lis
 
 
 def _same_space(saved: Any, space: Any) -> bool:
-    """The study's recorded space is ``space``: equal as recorded, or equal once read by today's schema (a study
-    made before a field was added to the space's schema has no value for it; the field's default, which keeps the
-    earlier behaviour, fills in)."""
-    if saved == json.dumps(space.to_json(), sort_keys=True):
-        return True
+    """The study's recorded space is ``space`` once read by today's schema (a study made before a field was added
+    to the space's schema has no value for it; the field's default, which keeps the earlier behaviour, fills in)."""
     try:
         return type(space).model_validate(json.loads(saved)).to_json() == space.to_json()
     except (TypeError, ValueError):  # not JSON, or not a space (pydantic's ValidationError is a ValueError)
